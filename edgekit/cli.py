@@ -1,0 +1,164 @@
+"""The ``edgekit`` command line: each command parses its options and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgekit.runtimes.errors import EdgekitError, ParityError
+
+
+class _Group(click.Group):
+    """Turns EdgekitError into a one-line message and its exit code; never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgekitError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="edgekit")
+def main() -> None:
+    """Export Hugging Face LMs to self-describing ONNX bundles and run them without torch."""
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32"]))
+@click.option("--max-context", type=int, default=None, help="Context length the bundle supports [model's, max 8192].")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python modeling code to run.")
+@click.option("--parity-tokens", default=64, show_default=True, help="Greedy tokens per prompt in the parity check.")
+@click.option("--no-parity", is_flag=True, help="Skip the parity check against the PyTorch model.")
+def export(source: str, output: Path, precision: str, max_context: int | None, force: bool,
+           trust_remote_code: bool, parity_tokens: int, no_parity: bool) -> None:
+    """Export SOURCE (a built-in name like smollm2-135m-instruct, an HF folder or a .gguf file) to a bundle."""
+    from edgekit.export.pipeline import ExportConfig, export_bundle
+    from edgekit.parity import verifier
+
+    cfg = ExportConfig(source=source, output=output, precision=precision,  # type: ignore[arg-type]
+                       max_context=max_context, force=force, trust_remote_code=trust_remote_code)
+    verify = None if no_parity else verifier(parity_tokens)
+    result = export_bundle(cfg, verify=verify)
+    size = sum(p.stat().st_size for p in result.path.iterdir()) / 2**20
+    click.echo(f"Bundle written to {result.path} ({size:.0f} MB).")
+    if verify is not None:
+        report = verify.last_report  # type: ignore[attr-defined]
+        click.echo(report.table())
+        if not report.passed:
+            raise ParityError(f"the bundle at {result.path} was written but failed parity ({len(report.misses)} misses).")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@click.option("--chat/--no-chat", default=None, help="Wrap the prompt as a user message in the chat template "
+              "[default: chat when the bundle has a template].")
+@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("--max-new-tokens", type=int, default=None)
+@click.option("--temperature", type=float, default=None, help="0 = greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--repetition-penalty", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider (repeatable, in order).")
+@click.option("--threads", type=int, default=None)
+@click.option("--stats", is_flag=True, help="Print token counts, TTFT and decode speed to stderr.")
+def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, providers: tuple[str, ...],
+        threads: int | None, stats: bool, stop: tuple[str, ...], **sampling: Any) -> None:
+    """Stream an answer to PROMPT from BUNDLE."""
+    from edgekit.runtimes import load
+
+    model = load(bundle, providers=providers or None, threads=threads)
+    use_chat = model.tokenizer.has_chat_template if chat is None else chat
+    messages: Any = prompt
+    if use_chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    stream = model.stream(messages, stop=stop or None, **sampling)
+    try:
+        for piece in stream:
+            click.echo(piece, nl=False)
+    finally:
+        stream.close()
+    click.echo()
+    if stats:
+        s = stream.stats
+        click.echo(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, finish={s.finish_reason}, "
+                   f"TTFT {s.ttft_s * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tok/s]", err=True)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, help="The source the bundle was exported from (name, folder or .gguf).")
+@click.option("--tokens", "new_tokens", default=64, show_default=True, help="Greedy tokens compared per prompt.")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report here.")
+def parity(bundle: Path, reference: str, new_tokens: int, trust_remote_code: bool, json_out: Path | None) -> None:
+    """Compare BUNDLE with the full PyTorch model; exit 1 listing every miss."""
+    from edgekit.parity import run_parity
+
+    report = run_parity(bundle, reference, new_tokens=new_tokens, trust_remote_code=trust_remote_code)
+    click.echo(report.table())
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    if not report.passed:
+        raise ParityError(f"parity failed for {bundle}: {len(report.misses)} misses (listed above).")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def info(bundle: Path, as_json: bool) -> None:
+    """Show what is in BUNDLE (and verify its files)."""
+    from edgekit.runtimes.bundle import load_manifest
+
+    m = load_manifest(bundle)
+    if as_json:
+        click.echo(json.dumps(m.to_dict(), indent=2, ensure_ascii=False))
+        return
+    click.echo(describe(bundle, m))
+
+
+def describe(bundle: Path, m: Any) -> str:
+    sizes = {name: (bundle / name).stat().st_size for name in m.files}
+    kv = m.kv_cache
+    lines = [
+        f"bundle       {bundle}  (format v{m.format_version}, files verified)",
+        f"kind         {m.kind}    architecture {m.architecture} ({m.model_type})    precision {m.precision}",
+        f"context      {m.max_context} tokens    vocab {m.vocab_size}",
+    ]
+    if kv:
+        lines.append(f"kv cache     {kv.num_layers} layers x {kv.num_kv_heads} kv heads x {kv.head_dim} dims, "
+                     f"{kv.dtype}, {kv.layout}")
+    t = m.tokens
+    lines.append(f"tokens       bos={t.bos_id} eos={t.eos_id} pad={t.pad_id} turn_end={t.turn_end_id} "
+                 f"stop={list(t.stop_ids)}")
+    lines.append(f"chat         {'template present' if m.tokenizer.chat_template else 'no template'}")
+    lines.append(f"generation   {dict(m.generation)}")
+    lines.append("files        " + ", ".join(f"{k} ({v / 2**20:.1f} MB)" for k, v in sizes.items()))
+    prov = m.provenance
+    lines.append(f"source       {prov.get('source')}  [{prov.get('description')}]  created {prov.get('created')}")
+    if m.parity:
+        s = m.parity.get("summary", {})
+        lines.append(f"parity       {'PASSED' if m.parity.get('passed') else 'FAILED'}: max|Δ| {s.get('max_abs_diff', 0):.2e}, "
+                     f"top-1 {s.get('top1', 0):.1%}, greedy identical {s.get('greedy_identical', 0):.0%} "
+                     f"({m.parity.get('new_tokens')} tokens x {len(m.parity.get('prompts', []))} prompts)")
+    else:
+        lines.append("parity       not run")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The parity harness: the bundle (through the torch-free runtime) against the full PyTorch model.
+
+Per prompt it reports prompt-logits max abs diff, KL(reference || bundle), top-1 agreement over prompt positions,
+and greedy-token agreement over N new tokens. Tolerances come from a table keyed by precision; a report lists
+every miss, and ``passed`` is true only when there is none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.export.progress import Progress, Silent
+from edgekit.runtimes import load
+from edgekit.runtimes.decoder import ARModel
+from edgekit.runtimes.tokenizer import Prompt
+
+# The built-in prompt set: plain text and chat, English, Chinese, emoji, code, a multi-turn conversation.
+PROMPTS: tuple[tuple[str, Prompt], ...] = (
+    ("sky", [{"role": "user", "content": "Why is the sky blue?"}]),
+    ("plain", "The capital of France is"),
+    ("chinese", [{"role": "user", "content": "请用一句话介绍一下长城。"}]),
+    ("emoji", [{"role": "user", "content": "Reply with three emoji that describe summer 🌞"}]),
+    ("code", [{"role": "user", "content": "Write a Python function that reverses a string."}]),
+    ("math", [{"role": "user", "content": "What is 17 times 23? Think step by step."}]),
+    ("multi_turn", [
+        {"role": "user", "content": "My name is Ada and I like tea."},
+        {"role": "assistant", "content": "Nice to meet you, Ada! Tea is lovely."},
+        {"role": "user", "content": "What is my name, and what do I like?"},
+    ]),
+    ("system", [
+        {"role": "system", "content": "You are a terse assistant. Answer in one sentence."},
+        {"role": "user", "content": "Explain what a KV cache is in a transformer."},
+    ]),
+    ("story", "Once upon a time, in a small village by the sea,"),
+)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs_diff: float  # prompt logits
+    kl: float  # mean over prompt positions, nats
+    top1: float  # minimum fraction of prompt positions whose argmax agrees
+    greedy: float  # minimum fraction of the N greedy tokens generated identically (prefix up to first divergence)
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_abs_diff=1e-3, kl=1e-5, top1=1.0, greedy=1.0),
+    "fp16": Tolerance(max_abs_diff=5e-2, kl=1e-3, top1=0.98, greedy=0.5),
+    "int8": Tolerance(max_abs_diff=1.0, kl=5e-2, top1=0.95, greedy=0.25),
+    "int4": Tolerance(max_abs_diff=2.0, kl=1e-1, top1=0.90, greedy=0.1),
+}
+
+
+@dataclass
+class PromptResult:
+    name: str
+    prompt_tokens: int
+    tokenizer_match: bool
+    max_abs_diff: float
+    kl: float
+    top1: float
+    greedy_tokens: int
+    greedy_agree: int  # tokens equal before the first divergence
+    misses: list[str] = field(default_factory=list)
+
+    @property
+    def greedy(self) -> float:
+        return self.greedy_agree / self.greedy_tokens if self.greedy_tokens else 1.0
+
+
+@dataclass
+class ParityReport:
+    precision: str
+    tolerance: Tolerance
+    new_tokens: int
+    prompts: list[PromptResult]
+
+    @property
+    def misses(self) -> list[str]:
+        return [f"{p.name}: {m}" for p in self.prompts for m in p.misses]
+
+    @property
+    def passed(self) -> bool:
+        return not self.misses
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "precision": self.precision,
+            "tolerance": asdict(self.tolerance),
+            "new_tokens": self.new_tokens,
+            "summary": self.summary(),
+            "prompts": [{**asdict(p), "greedy": p.greedy} for p in self.prompts],
+            "misses": self.misses,
+        }
+
+    def summary(self) -> dict[str, float]:
+        ps = self.prompts
+        return {
+            "max_abs_diff": max(p.max_abs_diff for p in ps),
+            "mean_kl": float(np.mean([p.kl for p in ps])),
+            "top1": float(np.mean([p.top1 for p in ps])),
+            "greedy": float(np.mean([p.greedy for p in ps])),
+            "greedy_identical": sum(p.greedy_agree == p.greedy_tokens for p in ps) / len(ps),
+        }
+
+    def table(self) -> str:
+        head = f"{'prompt':<12} {'tokens':>6} {'tok=':>4} {'max|Δ|':>9} {'KL':>9} {'top-1':>7} {'greedy':>9}  ok"
+        lines = [head, "-" * len(head)]
+        for p in self.prompts:
+            lines.append(
+                f"{p.name:<12} {p.prompt_tokens:>6} {'yes' if p.tokenizer_match else 'NO':>4} {p.max_abs_diff:>9.2e} "
+                f"{p.kl:>9.2e} {p.top1:>7.1%} {p.greedy_agree:>4}/{p.greedy_tokens:<4}  {'✓' if not p.misses else '✗'}"
+            )
+        t = self.tolerance
+        s = self.summary()
+        lines.append("-" * len(head))
+        lines.append(
+            f"precision {self.precision}: tolerance max|Δ| <= {t.max_abs_diff:g}, KL <= {t.kl:g}, top-1 >= {t.top1:.0%},"
+            f" greedy >= {t.greedy:.0%} | overall top-1 {s['top1']:.1%}, greedy identical {s['greedy_identical']:.0%}"
+        )
+        lines.append("PASSED" if self.passed else f"FAILED ({len(self.misses)} misses):")
+        lines.extend(f"  ✗ {m}" for m in self.misses)
+        return "\n".join(lines)
+
+
+def _ref_ids(hf_tokenizer: Any, prompt: Prompt) -> list[int]:
+    if isinstance(prompt, str):
+        return list(hf_tokenizer(prompt)["input_ids"])
+    out = hf_tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+    ids = out["input_ids"] if isinstance(out, Mapping) else out
+    return [int(i) for i in ids]
+
+
+def _torch_logits_and_greedy(model: Any, ids: Sequence[int], n: int) -> tuple[np.ndarray, list[int]]:
+    """Reference: full-prompt logits [S, V] and ``n`` greedy tokens from the PyTorch model with its own KV cache."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(torch.tensor([list(ids)]), use_cache=True)
+        logits = out.logits[0].float().numpy()
+        past, nxt, tokens = out.past_key_values, int(out.logits[0, -1].argmax()), []
+        for i in range(n):
+            tokens.append(nxt)
+            if i + 1 < n:
+                out = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+    return logits, tokens
+
+
+def _kl(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(ref) || softmax(got)), in nats."""
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lp, lq = log_softmax(ref), log_softmax(got)
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+
+
+def compare(
+    runtime: ARModel,
+    torch_model: Any,
+    hf_tokenizer: Any,
+    new_tokens: int = 64,
+    prompts: Sequence[tuple[str, Prompt]] = PROMPTS,
+    progress: Progress | None = None,
+) -> ParityReport:
+    """Run every prompt through both models and build the report (tolerances from the bundle's precision)."""
+    progress = progress or Silent()
+    precision = runtime.manifest.precision
+    tol = TOLERANCES.get(precision, TOLERANCES["int4"])
+    has_template = runtime.tokenizer.has_chat_template
+    results = []
+    for k, (name, prompt) in enumerate(prompts):
+        progress.tick(k, len(prompts))
+        if not isinstance(prompt, str) and not has_template:
+            prompt = "\n".join(m["content"] for m in prompt)
+        ids = _ref_ids(hf_tokenizer, prompt)
+        ours = runtime.tokenizer.encode_prompt(prompt)
+        ref_logits, ref_greedy = _torch_logits_and_greedy(torch_model, ids, new_tokens)
+        got = runtime.forward(ids, runtime.new_cache(), logits_to_keep=len(ids))
+        got_greedy = runtime.greedy_ids(ids, new_tokens)
+        agree = next((i for i, (a, b) in enumerate(zip(ref_greedy, got_greedy)) if a != b), new_tokens)
+        r = PromptResult(
+            name=name,
+            prompt_tokens=len(ids),
+            tokenizer_match=ours == ids,
+            max_abs_diff=float(np.abs(ref_logits - got).max()),
+            kl=max(_kl(ref_logits, got), 0.0),
+            top1=float(np.mean(ref_logits.argmax(-1) == got.argmax(-1))),
+            greedy_tokens=new_tokens,
+            greedy_agree=agree,
+        )
+        if not r.tokenizer_match:
+            r.misses.append(f"runtime tokenizer gives {len(ours)} ids, reference {len(ids)} (first differ at "
+                            f"{next((i for i, (a, b) in enumerate(zip(ours, ids)) if a != b), min(len(ours), len(ids)))})")
+        if r.max_abs_diff > tol.max_abs_diff:
+            r.misses.append(f"prompt logits max|Δ| {r.max_abs_diff:.3g} > {tol.max_abs_diff:g}")
+        if r.kl > tol.kl:
+            r.misses.append(f"KL {r.kl:.3g} > {tol.kl:g}")
+        if r.top1 < tol.top1:
+            r.misses.append(f"top-1 agreement {r.top1:.1%} < {tol.top1:.0%}")
+        if r.greedy < tol.greedy:
+            r.misses.append(f"greedy tokens agree {agree}/{new_tokens} (first divergence at token {agree}) "
+                            f"< {tol.greedy:.0%}")
+        results.append(r)
+    progress.tick(len(prompts), len(prompts))
+    return ParityReport(precision, tol, new_tokens, results)
+
+
+def verifier(new_tokens: int = 64):
+    """A ``Verifier`` for ``export_bundle``: runs ``compare`` on the freshly written bundle."""
+
+    def verify(bundle_dir: Path, torch_model: Any, hf_tokenizer: Any, progress: Progress) -> dict[str, Any]:
+        report = compare(load(bundle_dir), torch_model, hf_tokenizer, new_tokens=new_tokens, progress=progress)
+        verify.last_report = report  # type: ignore[attr-defined]
+        return report.to_dict()
+
+    return verify
+
+
+def run_parity(bundle_dir: Path, reference: str, new_tokens: int = 64, trust_remote_code: bool = False,
+               progress: Progress | None = None) -> ParityReport:
+    """``edgekit parity``: load the bundle and the reference source, compare them."""
+    from edgekit.export import source
+
+    progress = progress or Progress(total=2)
+    runtime = load(bundle_dir)
+    ref = source.resolve(reference)
+    with progress.stage(f"Loading the reference {ref.label}"):
+        model = source.load_model(ref, trust_remote_code)
+        tokenizer = source.load_tokenizer(ref, trust_remote_code)
+    with progress.stage(f"Comparing on {len(PROMPTS)} prompts x {new_tokens} greedy tokens"):
+        return compare(runtime, model, tokenizer, new_tokens=new_tokens, progress=progress)

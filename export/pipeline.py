@@ -1,0 +1,212 @@
+"""``export_bundle``: source -> PyTorch model -> fused ONNX graph -> bundle folder, checked before it is published.
+
+Configuration flows one way: the CLI builds an ``ExportConfig`` and calls this function; nothing here reads argv or
+the environment. The bundle is assembled in a staging folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from edgekit.export import onnx_graph, source
+from edgekit.export.progress import Progress
+from edgekit.export.registry import ArchSpec, lookup
+from edgekit.runtimes import bundle as bdl
+from edgekit.runtimes.errors import ConfigError, UnsupportedModelError
+
+Precision = Literal["fp32"]
+PRECISIONS: tuple[str, ...] = ("fp32",)
+DEFAULT_MAX_CONTEXT = 8192
+# Tokens that end a chat turn in common templates, most specific first.
+TURN_END_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+# (bundle_dir, torch_model, hf_tokenizer, progress) -> parity report (a JSON-able mapping with a "passed" key)
+Verifier = Callable[[Path, Any, Any, Progress], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    source: str
+    output: Path
+    precision: Precision = "fp32"
+    max_context: int | None = None
+    force: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    manifest: bdl.Manifest
+
+
+def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: Progress | None = None) -> ExportResult:
+    """Export ``cfg.source`` to a bundle at ``cfg.output``; run ``verify`` (parity) on it before publishing."""
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}.")
+    progress = progress or Progress(total=5 if verify else 4)
+    ref = source.resolve(cfg.source)
+    arch, config = source.read_architecture(ref, cfg.trust_remote_code)
+    spec = lookup(arch)
+    max_context = _max_context(config, cfg.max_context)
+    with bdl.staging_dir(cfg.output, force=cfg.force) as stage:
+        with progress.stage(f"Loading {ref.label}"):
+            model = source.load_model(ref, cfg.trust_remote_code)
+            tokenizer = source.load_tokenizer(ref, cfg.trust_remote_code)
+        with progress.stage(f"Building the ONNX graph ({arch}, {cfg.precision})"):
+            dims, weights = _decoder_parts(model, spec, max_context)
+            graph = onnx_graph.build_decoder(dims, weights, on_layer=lambda i: progress.tick(i + 1, dims.num_layers))
+        with progress.stage("Writing the bundle"):
+            onnx_graph.save_model(graph, stage / "model.onnx")
+            del graph
+            tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
+            manifest = _manifest(cfg, ref, arch, spec, model, tokenizer, dims, max_context)
+            manifest = replace(manifest, files=bdl.hash_payload(stage))
+            bdl.write_manifest(stage, manifest)
+        with progress.stage("Checking the bundle loads"):
+            bdl.load_manifest(stage)
+        if verify is not None:
+            with progress.stage("Parity against the PyTorch model"):
+                report = verify(stage, model, tokenizer, progress)
+            manifest = replace(manifest, parity=dict(report))
+            bdl.write_manifest(stage, manifest)
+    return ExportResult(cfg.output, manifest)
+
+
+def _max_context(config: Any, requested: int | None) -> int:
+    limit = int(getattr(config, "max_position_embeddings", DEFAULT_MAX_CONTEXT) or DEFAULT_MAX_CONTEXT)
+    if requested is None:
+        return min(limit, DEFAULT_MAX_CONTEXT)
+    if not 16 <= requested <= limit:
+        raise ConfigError(f"max_context must be between 16 and the model's limit {limit}, got {requested}.")
+    return requested
+
+
+def _decoder_parts(model: Any, spec: ArchSpec, max_context: int) -> tuple[onnx_graph.DecoderDims, onnx_graph.DecoderWeights]:
+    cfg = model.config
+    if getattr(cfg, "hidden_act", "silu") != spec.activation:
+        raise UnsupportedModelError(f"{spec.architecture} with hidden_act={cfg.hidden_act!r} is not supported "
+                                    f"(edgekit supports {spec.activation!r} for this family).")
+    rotary = model.model.rotary_emb
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise UnsupportedModelError(
+            f"RoPE type '{rope_type}' changes with sequence length and is not supported yet. "
+            "Supported: default, linear, llama3, yarn (static frequencies)."
+        )
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = rotary.inv_freq.detach().float().numpy()
+    if inv_freq.shape[0] * 2 != head_dim:
+        raise UnsupportedModelError(
+            f"Partial rotary embedding (rotary dim {inv_freq.shape[0] * 2} of head dim {head_dim}) is not supported yet."
+        )
+    window = -1
+    if spec.sliding_window_attr and getattr(cfg, spec.sliding_window_attr, None):
+        if spec.sliding_window_flag is None or getattr(cfg, spec.sliding_window_flag, False):
+            window = int(getattr(cfg, spec.sliding_window_attr))
+    sd = model.state_dict()
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) or "lm_head.weight" not in sd
+    dims = onnx_graph.DecoderDims(
+        num_layers=cfg.num_hidden_layers,
+        hidden=cfg.hidden_size,
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=head_dim,
+        vocab_size=cfg.vocab_size,
+        rms_eps=float(cfg.rms_norm_eps),
+        max_positions=max_context,
+        local_window=window if window < max_context else -1,
+    )
+    weights = onnx_graph.DecoderWeights(
+        embed=sd["model.embed_tokens.weight"].float().numpy(),
+        lm_head=None if tied else sd["lm_head.weight"].float().numpy(),
+        final_norm=sd["model.norm.weight"].float().numpy(),
+        inv_freq=inv_freq,
+        rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+        layers=lambda i: spec.layer_weights(sd, i),
+    )
+    return dims, weights
+
+
+def _special_tokens(model: Any, tokenizer: Any) -> bdl.SpecialTokens:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.append(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    template = tokenizer.chat_template or ""
+    turn_end = next((vocab[t] for t in TURN_END_TOKENS if t in vocab and t in template), None)
+    stop = sorted({*eos_ids, *([turn_end] if turn_end is not None else [])})
+    return bdl.SpecialTokens(
+        bos_id=tokenizer.bos_token_id,
+        eos_id=eos_ids[0] if eos_ids else None,
+        pad_id=tokenizer.pad_token_id,
+        turn_end_id=turn_end,
+        stop_ids=tuple(stop),
+    )
+
+
+def _generation_defaults(model: Any) -> dict[str, Any]:
+    gen = getattr(model, "generation_config", None)
+    out: dict[str, Any] = {"max_new_tokens": 256, "temperature": 0.0}
+    if gen is not None and getattr(gen, "do_sample", False):
+        out["temperature"] = float(gen.temperature or 1.0)
+        out["top_p"] = float(gen.top_p if gen.top_p is not None else 1.0)
+        out["top_k"] = int(gen.top_k or 0)
+    if gen is not None and getattr(gen, "repetition_penalty", None) not in (None, 1.0):
+        out["repetition_penalty"] = float(gen.repetition_penalty)
+    return out
+
+
+def _manifest(cfg: ExportConfig, ref: source.SourceRef, arch: str, spec: ArchSpec, model: Any, tokenizer: Any,
+              dims: onnx_graph.DecoderDims, max_context: int) -> bdl.Manifest:
+    kv = bdl.KVCacheLayout(dims.num_layers, dims.num_kv_heads, dims.head_dim, dtype="float32")
+    specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return bdl.Manifest(
+        kind="ar",
+        architecture=arch,
+        model_type=str(model.config.model_type),
+        precision=cfg.precision,
+        max_context=max_context,
+        vocab_size=dims.vocab_size,
+        graphs={"decoder": bdl.GraphSpec("model.onnx", onnx_graph.input_names(dims.num_layers),
+                                         onnx_graph.output_names(dims.num_layers))},
+        tokens=_special_tokens(model, tokenizer),
+        tokenizer=bdl.TokenizerSpec(
+            file="tokenizer.json",
+            chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+            add_special_tokens=True,
+            special_token_strings={k: (str(v) if v is not None else None) for k, v in specials.items()},
+        ),
+        kv_cache=kv,
+        generation=_generation_defaults(model),
+        provenance=_provenance(ref, spec),
+        extra={"attention": {"num_heads": dims.num_heads, "local_window": dims.local_window}},
+    )
+
+
+def _provenance(ref: source.SourceRef, spec: ArchSpec) -> dict[str, Any]:
+    versions = {}
+    for dist in ("edgekit", "torch", "transformers", "onnx", "onnxruntime", "gguf", "tokenizers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    src = ref.folder / ref.gguf_file if ref.gguf_file else ref.folder
+    return {
+        "source": ref.spec,
+        "source_path": str(src),
+        "source_sha256": bdl.sha256_file(src) if src.is_file() else None,
+        "description": ref.label,
+        "family": spec.family,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "versions": versions,
+    }

@@ -1,0 +1,108 @@
+"""Architecture registry: one frozen record per supported Hugging Face architecture.
+
+Architecture knowledge lives here as data; code that truly differs between families is a small hook
+(how to pull one layer's weights out of a state dict) referenced from the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from edgekit.runtimes.errors import UnsupportedModelError, did_you_mean
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer in the layout the graph builder wants; matrices are [out, in] like torch Linear."""
+
+    input_norm: np.ndarray  # [H]
+    qkv: np.ndarray  # [(n_heads + 2 * kv_heads) * head_dim, H], rows ordered q, k, v
+    qkv_bias: np.ndarray | None
+    o: np.ndarray  # [H, n_heads * head_dim]
+    post_norm: np.ndarray  # [H]
+    gate_up: np.ndarray  # [2 * I, H], rows ordered gate, up
+    down: np.ndarray  # [H, I]
+
+
+StateDict = Mapping[str, Any]
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy()
+
+
+def _opt(sd: StateDict, key: str) -> np.ndarray | None:
+    return _np(sd[key]) if key in sd else None
+
+
+def llama_layer(sd: StateDict, i: int) -> LayerWeights:
+    """Llama / Mistral / Qwen2: separate q, k, v (Qwen2 with biases), separate gate and up."""
+    p = f"model.layers.{i}."
+    qkv = np.concatenate([_np(sd[p + f"self_attn.{n}_proj.weight"]) for n in "qkv"])
+    biases = [_opt(sd, p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+    qkv_bias = np.concatenate(biases) if all(b is not None for b in biases) else None
+    return LayerWeights(
+        input_norm=_np(sd[p + "input_layernorm.weight"]),
+        qkv=qkv,
+        qkv_bias=qkv_bias,
+        o=_np(sd[p + "self_attn.o_proj.weight"]),
+        post_norm=_np(sd[p + "post_attention_layernorm.weight"]),
+        gate_up=np.concatenate([_np(sd[p + "mlp.gate_proj.weight"]), _np(sd[p + "mlp.up_proj.weight"])]),
+        down=_np(sd[p + "mlp.down_proj.weight"]),
+    )
+
+
+def phi3_layer(sd: StateDict, i: int) -> LayerWeights:
+    """Phi-3: q, k, v already packed in ``qkv_proj``; gate and up packed in ``gate_up_proj``."""
+    p = f"model.layers.{i}."
+    return LayerWeights(
+        input_norm=_np(sd[p + "input_layernorm.weight"]),
+        qkv=_np(sd[p + "self_attn.qkv_proj.weight"]),
+        qkv_bias=None,
+        o=_np(sd[p + "self_attn.o_proj.weight"]),
+        post_norm=_np(sd[p + "post_attention_layernorm.weight"]),
+        gate_up=_np(sd[p + "mlp.gate_up_proj.weight"]),
+        down=_np(sd[p + "mlp.down_proj.weight"]),
+    )
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What edgekit knows about one architecture."""
+
+    architecture: str  # Hugging Face class name, as in config.json "architectures"
+    kind: Literal["ar", "diffusion"]
+    family: str
+    layer_weights: Callable[[StateDict, int], LayerWeights]
+    activation: str = "silu"
+    sliding_window_attr: str | None = None  # config attribute holding a local attention window, if any
+    sliding_window_flag: str | None = None  # config attribute that switches the window on (Qwen2)
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.architecture: spec
+    for spec in (
+        ArchSpec("LlamaForCausalLM", "ar", "llama", llama_layer),
+        ArchSpec("MistralForCausalLM", "ar", "mistral", llama_layer, sliding_window_attr="sliding_window"),
+        ArchSpec(
+            "Qwen2ForCausalLM", "ar", "qwen2", llama_layer,
+            sliding_window_attr="sliding_window", sliding_window_flag="use_sliding_window",
+        ),
+        ArchSpec("Phi3ForCausalLM", "ar", "phi3", phi3_layer, sliding_window_attr="sliding_window"),
+    )
+}
+
+
+def lookup(architecture: str) -> ArchSpec:
+    """Return the registry record, or raise an error listing what is supported."""
+    try:
+        return ARCHITECTURES[architecture]
+    except KeyError:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedModelError(
+            f"Unsupported architecture '{architecture}'. Supported: {supported}."
+            f"{did_you_mean(architecture, ARCHITECTURES)}"
+        ) from None

@@ -1,0 +1,54 @@
+"""Per-layer KV cache of one sequence: the past tensors fed to the decoder graph and updated from its outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+from edgekit.runtimes.bundle import KVCacheLayout
+
+
+class KVCache:
+    """Holds past key/value arrays, each [1, kv_heads, length, head_dim], and the token ids they encode."""
+
+    def __init__(self, layout: KVCacheLayout) -> None:
+        self.layout = layout
+        self.past_names = [
+            name.format(layer=i) for i in range(layout.num_layers) for name in (layout.past_key, layout.past_value)
+        ]
+        self.present_names = [
+            name.format(layer=i) for i in range(layout.num_layers) for name in (layout.present_key, layout.present_value)
+        ]
+        self.tokens: list[int] = []
+        self._arrays: list[np.ndarray] = []
+        self.reset()
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self.layout.num_kv_heads, 0, self.layout.head_dim), dtype=np.dtype(self.layout.dtype))
+        self._arrays = [empty] * len(self.past_names)
+        self.tokens = []
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.past_names, self._arrays))
+
+    def update(self, presents: list[np.ndarray], new_tokens: list[int]) -> None:
+        """Replace the past with the graph's present outputs, which already include ``new_tokens``."""
+        self._arrays = presents
+        self.tokens.extend(new_tokens)
+
+    def rewind_to(self, length: int) -> None:
+        """Drop every position from ``length`` on (e.g. to reuse a shared prompt prefix)."""
+        if length >= len(self.tokens):
+            return
+        self._arrays = [np.ascontiguousarray(a[:, :, :length, :]) for a in self._arrays]
+        self.tokens = self.tokens[:length]
+
+    def common_prefix(self, tokens: list[int]) -> int:
+        """Length of the longest prefix shared by the cached tokens and ``tokens``."""
+        n = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            n += 1
+        return n
