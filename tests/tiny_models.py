@@ -1,0 +1,70 @@
+"""Builds tiny random-weight Hugging Face models of the real architectures, saved with save_pretrained.
+
+A byte-level BPE tokenizer is trained on a few lines (English, Chinese, emoji) so multi-byte characters span
+several tokens, and it carries a ChatML chat template, like SmolLM2's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Why is the sky blue? Rayleigh scattering.",
+    "def reverse(s): return s[::-1]  # Python code with numbers 12345 and symbols !?",
+    "请用一句话介绍一下长城。长城是中国古代的军事防御工程。你好，世界！",
+    "Summer emoji: 🌞🌊🍉😀 and hearts ❤️ 👍🏽 — café naïve résumé.",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman.",
+]
+
+
+def make_tokenizer(vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tk.train_from_iterator(CORPUS * 4, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML
+    return tok
+
+
+def make_model(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random ``arch`` model plus tokenizer into ``folder`` and return it."""
+    import torch
+    import transformers
+
+    tok = make_tokenizer()
+    common = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.2,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    per_arch = {
+        "LlamaForCausalLM": ("LlamaConfig", dict(tie_word_embeddings=True)),
+        "Qwen2ForCausalLM": ("Qwen2Config", dict(tie_word_embeddings=False)),
+        "MistralForCausalLM": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
+        "Phi3ForCausalLM": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=tok.pad_token_id)),
+        "GPT2LMHeadModel": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4)),
+    }
+    config_cls, extra = per_arch[arch]
+    config = getattr(transformers, config_cls)(**{**common, **extra, **overrides})
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
