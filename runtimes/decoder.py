@@ -148,11 +148,17 @@ class ARModel:
         room = self.max_context - prompt_len
         if overrides.get("max_new_tokens") is None and params.max_new_tokens > room > 0:
             params = params.with_overrides(max_new_tokens=room)  # default length: fill the context, no more
+        if room < 1:
+            raise ContextLengthError(
+                f"Prompt of {prompt_len} tokens does not fit the bundle's max context of {self.max_context} tokens "
+                f"(room is needed for at least one new token). HINT: shorten the prompt by {1 - room} tokens or "
+                "re-export with a larger --max-context."
+            )
         if prompt_len + params.max_new_tokens > self.max_context:
             raise ContextLengthError(
                 f"Prompt of {prompt_len} tokens + max_new_tokens {params.max_new_tokens} = "
                 f"{prompt_len + params.max_new_tokens} exceeds the bundle's max context of {self.max_context} tokens. "
-                f"HINT: shorten the prompt or set max_new_tokens <= {max(room, 0)}."
+                f"HINT: shorten the prompt or set max_new_tokens <= {room}."
             )
         return params
 
