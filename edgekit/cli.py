@@ -57,7 +57,8 @@ def export(source: str, output: Path, precision: str, max_context: int | None, f
         report = verify.last_report  # type: ignore[attr-defined]
         click.echo(report.table())
         if not report.passed:
-            raise ParityError(f"the bundle at {result.path} was written but failed parity ({len(report.misses)} misses).")
+            raise ParityError(f"the bundle at {result.path} was written but failed parity "
+                              f"({len(report.misses)} misses).")
 
 
 @main.command()
@@ -152,7 +153,8 @@ def describe(bundle: Path, m: Any) -> str:
     lines.append(f"source       {prov.get('source')}  [{prov.get('description')}]  created {prov.get('created')}")
     if m.parity:
         s = m.parity.get("summary", {})
-        lines.append(f"parity       {'PASSED' if m.parity.get('passed') else 'FAILED'}: max|Δ| {s.get('max_abs_diff', 0):.2e}, "
+        verdict = "PASSED" if m.parity.get("passed") else "FAILED"
+        lines.append(f"parity       {verdict}: max|Δ| {s.get('max_abs_diff', 0):.2e}, "
                      f"top-1 {s.get('top1', 0):.1%}, greedy identical {s.get('greedy_identical', 0):.0%} "
                      f"({m.parity.get('new_tokens')} tokens x {len(m.parity.get('prompts', []))} prompts)")
     else:

@@ -121,8 +121,9 @@ class ParityReport:
         s = self.summary()
         lines.append("-" * len(head))
         lines.append(
-            f"precision {self.precision}: tolerance max|Δ| <= {t.max_abs_diff:g}, KL <= {t.kl:g}, top-1 >= {t.top1:.0%},"
-            f" greedy >= {t.greedy:.0%} | overall top-1 {s['top1']:.1%}, greedy identical {s['greedy_identical']:.0%}"
+            f"precision {self.precision}: tolerance max|Δ| <= {t.max_abs_diff:g}, KL <= {t.kl:g}, "
+            f"top-1 >= {t.top1:.0%}, greedy >= {t.greedy:.0%} | overall top-1 {s['top1']:.1%}, "
+            f"greedy identical {s['greedy_identical']:.0%}"
         )
         lines.append("PASSED" if self.passed else f"FAILED ({len(self.misses)} misses):")
         lines.extend(f"  ✗ {m}" for m in self.misses)
@@ -199,8 +200,8 @@ def compare(
             greedy_agree=agree,
         )
         if not r.tokenizer_match:
-            r.misses.append(f"runtime tokenizer gives {len(ours)} ids, reference {len(ids)} (first differ at "
-                            f"{next((i for i, (a, b) in enumerate(zip(ours, ids)) if a != b), min(len(ours), len(ids)))})")
+            first = next((i for i, (a, b) in enumerate(zip(ours, ids)) if a != b), min(len(ours), len(ids)))
+            r.misses.append(f"runtime tokenizer gives {len(ours)} ids, reference {len(ids)} (first differ at {first})")
         if r.max_abs_diff > tol.max_abs_diff:
             r.misses.append(f"prompt logits max|Δ| {r.max_abs_diff:.3g} > {tol.max_abs_diff:g}")
         if r.kl > tol.kl:

@@ -134,8 +134,9 @@ def build_decoder(
         g.op_named("Identity", [attn[1]], [kv.present_key.format(layer=i)])
         g.op_named("Identity", [attn[2]], [kv.present_value.format(layer=i)])
         o = g.op("MatMul", [attn[0], g.init(f"{p}.attn.o.weight", lw.o.T)], name=f"{p}/o")
+        post_norm = g.init(f"{p}.post_attention_layernorm.weight", lw.post_norm)
         x, _, _, residual = g.op(
-            "SkipSimplifiedLayerNormalization", [o, residual, g.init(f"{p}.post_attention_layernorm.weight", lw.post_norm)],
+            "SkipSimplifiedLayerNormalization", [o, residual, post_norm],
             n_out=4, domain=MS_DOMAIN, epsilon=dims.rms_eps,
         )
         gate_up = g.op("MatMul", [x, g.init(f"{p}.mlp.gate_up.weight", lw.gate_up.T)], name=f"{p}/gate_up")

@@ -88,7 +88,9 @@ def _max_context(config: Any, requested: int | None) -> int:
     return requested
 
 
-def _decoder_parts(model: Any, spec: ArchSpec, max_context: int) -> tuple[onnx_graph.DecoderDims, onnx_graph.DecoderWeights]:
+def _decoder_parts(
+    model: Any, spec: ArchSpec, max_context: int
+) -> tuple[onnx_graph.DecoderDims, onnx_graph.DecoderWeights]:
     cfg = model.config
     if getattr(cfg, "hidden_act", "silu") != spec.activation:
         raise UnsupportedModelError(f"{spec.architecture} with hidden_act={cfg.hidden_act!r} is not supported "
@@ -104,7 +106,8 @@ def _decoder_parts(model: Any, spec: ArchSpec, max_context: int) -> tuple[onnx_g
     inv_freq = rotary.inv_freq.detach().float().numpy()
     if inv_freq.shape[0] * 2 != head_dim:
         raise UnsupportedModelError(
-            f"Partial rotary embedding (rotary dim {inv_freq.shape[0] * 2} of head dim {head_dim}) is not supported yet."
+            f"Partial rotary embedding (rotary dim {inv_freq.shape[0] * 2} of head dim {head_dim}) "
+            "is not supported yet."
         )
     window = -1
     if spec.sliding_window_attr and getattr(cfg, spec.sliding_window_attr, None):

@@ -132,7 +132,9 @@ def load_tokenizer(ref: SourceRef, trust_remote_code: bool = False) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(str(ref.folder), trust_remote_code=trust_remote_code, **ref.hf_kwargs())
     except (OSError, ValueError, KeyError) as e:
-        raise SourceError(f"Cannot load the tokenizer of '{ref.spec}': {e}. HINT: the folder needs tokenizer files.")
+        raise SourceError(
+            f"Cannot load the tokenizer of '{ref.spec}': {e}. HINT: the folder needs tokenizer files."
+        ) from None
     if not getattr(tok, "is_fast", False):
         raise UnsupportedModelError(
             f"The tokenizer of '{ref.spec}' is a slow (Python) tokenizer; bundles need a fast tokenizer.json."

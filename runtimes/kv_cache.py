@@ -11,12 +11,9 @@ class KVCache:
 
     def __init__(self, layout: KVCacheLayout) -> None:
         self.layout = layout
-        self.past_names = [
-            name.format(layer=i) for i in range(layout.num_layers) for name in (layout.past_key, layout.past_value)
-        ]
-        self.present_names = [
-            name.format(layer=i) for i in range(layout.num_layers) for name in (layout.present_key, layout.present_value)
-        ]
+        layers = range(layout.num_layers)
+        self.past_names = [n.format(layer=i) for i in layers for n in (layout.past_key, layout.past_value)]
+        self.present_names = [n.format(layer=i) for i in layers for n in (layout.present_key, layout.present_value)]
         self.tokens: list[int] = []
         self._arrays: list[np.ndarray] = []
         self.reset()

@@ -18,7 +18,7 @@ def load(
     threads: int | None = None,
     verify_hashes: bool = True,
 ) -> ARModel:
-    """Load a bundle for inference. ``providers`` overrides the execution-provider choice (e.g. ["CPUExecutionProvider"]).
+    """Load a bundle for inference; ``providers`` overrides the provider choice (e.g. ["CPUExecutionProvider"]).
 
     The manifest's format version and every file's SHA-256 are checked first (``verify_hashes=False`` skips hashing,
     for fast restarts of a bundle already verified).

@@ -16,7 +16,7 @@ from edgekit.runtimes.errors import BundleError, ConfigError
 from tokenizers import Tokenizer as _HFTokenizer
 
 Message = Mapping[str, Any]
-Prompt = Union[str, Sequence[Message]]
+Prompt = Union[str, Sequence[Message]]  # noqa: UP007 (a runtime alias; | needs 3.10+ objects)
 
 
 class Tokenizer:

@@ -6,7 +6,6 @@ import json
 
 import pytest
 from conftest import ARCHS
-
 from edgekit.export.pipeline import ExportConfig, export_bundle
 from edgekit.export.progress import Silent
 from edgekit.runtimes import load

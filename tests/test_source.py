@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import make_model
-
 from edgekit.export.pipeline import ExportConfig, export_bundle
 from edgekit.export.progress import Silent
 from edgekit.export.registry import lookup
 from edgekit.export.source import resolve
 from edgekit.runtimes.errors import ConfigError, SourceError, UnsupportedModelError
+from tiny_models import make_model
 
 
 def test_unknown_source_suggests_the_builtin_name():

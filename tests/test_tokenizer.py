@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from edgekit.runtimes import load
 from edgekit.runtimes.errors import ConfigError
 from edgekit.runtimes.tokenizer import StreamingDetokenizer
