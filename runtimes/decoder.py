@@ -14,7 +14,7 @@ from edgekit.runtimes.bundle import Manifest
 from edgekit.runtimes.errors import BundleError, ConfigError, ContextLengthError
 from edgekit.runtimes.kv_cache import KVCache
 from edgekit.runtimes.sampling import SamplingParams, sample_next
-from edgekit.runtimes.tokenizer import Prompt, StreamingDetokenizer, Tokenizer
+from edgekit.runtimes.tokenizer import Prompt, StopStrings, StreamingDetokenizer, Tokenizer
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -54,37 +54,6 @@ class TextStream:
         self._gen.close()  # type: ignore[attr-defined]
         if self.stats.finish_reason is None:
             self.stats.finish_reason = "cancelled"
-
-
-class _StopStrings:
-    """Holds back text that could be the start of a stop string; reports where a stop string matched."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(stops)
-        self.pending = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop string was hit)."""
-        if not self.stops:
-            return piece, False
-        self.pending += piece
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out) :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 class ARModel:
@@ -206,7 +175,7 @@ class ARModel:
         self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats, cache: KVCache | None
     ) -> Iterator[str]:
         detok = StreamingDetokenizer(self.tokenizer)
-        stops = _StopStrings(params.stop)
+        stops = StopStrings(params.stop)
         ids = self.generate_ids(prompt_ids, params, stats, cache)
         try:
             for token in ids:

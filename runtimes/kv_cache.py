@@ -49,3 +49,52 @@ class KVCache:
                 break
             n += 1
         return n
+
+    @classmethod
+    def from_arrays(cls, layout: KVCacheLayout, arrays: list[np.ndarray], tokens: list[int]) -> KVCache:
+        """A cache holding ``arrays`` (each [1, kv_heads, len(tokens), head_dim]) for ``tokens``."""
+        cache = cls(layout)
+        cache._arrays, cache.tokens = arrays, list(tokens)
+        return cache
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        return self._arrays
+
+
+class PrefixCache:
+    """A few finished sequences' KV caches, so a request that starts with one of them skips re-encoding it.
+
+    A chat's next turn repeats the previous turn's prompt and answer: only the new tokens need a prefill.
+    """
+
+    def __init__(self, layout: KVCacheLayout, capacity: int = 8) -> None:
+        self.layout = layout
+        self.capacity = capacity
+        self._entries: list[tuple[list[int], list[np.ndarray]]] = []  # most recent last
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, tokens: list[int], arrays: list[np.ndarray]) -> None:
+        if self.capacity <= 0 or not tokens:
+            return
+        self._entries = [e for e in self._entries if e[0] != tokens][-(self.capacity - 1) :] if self.capacity > 1 else []
+        self._entries.append((list(tokens), arrays))
+
+    def lookup(self, prompt: list[int]) -> KVCache:
+        """A cache for the longest stored prefix of ``prompt`` (always leaving one prompt token to prefill)."""
+        best, best_len = None, 0
+        for entry in self._entries:
+            n = 0
+            for a, b in zip(entry[0], prompt):
+                if a != b:
+                    break
+                n += 1
+            if n > best_len:
+                best, best_len = entry, n
+        keep = min(best_len, len(prompt) - 1)
+        if best is None or keep <= 0:
+            return KVCache(self.layout)
+        arrays = [np.ascontiguousarray(a[:, :, :keep, :]) for a in best[1]]
+        return KVCache.from_arrays(self.layout, arrays, prompt[:keep])
