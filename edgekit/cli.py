@@ -162,5 +162,26 @@ def describe(bundle: Path, m: Any) -> str:
     return "\n".join(lines)
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback unless told).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1 endpoints.")
+@click.option("--max-batch", default=8, show_default=True, help="Requests decoded together.")
+@click.option("--max-queue", default=32, show_default=True, help="Requests allowed to wait; more get 429.")
+@click.option("--request-timeout", default=60.0, show_default=True, help="Seconds before a request is ended.")
+@click.option("--max-tokens-cap", default=2048, show_default=True, help="Largest max_tokens a request may ask.")
+@click.option("--max-body-bytes", default=1_000_000, show_default=True)
+@click.option("--model-name", default=None, help="Model id clients use [bundle folder name].")
+@click.option("--threads", type=int, default=None)
+@click.option("--provider", "providers", multiple=True)
+def serve(bundle: Path, providers: tuple[str, ...], **opts: Any) -> None:
+    """Serve BUNDLE over an OpenAI-compatible HTTP API with streaming."""
+    from edgekit.serve import ServeConfig
+    from edgekit.serve import serve as run_server
+
+    run_server(ServeConfig(bundle=bundle, providers=providers or None, **opts))
+
+
 if __name__ == "__main__":
     main()

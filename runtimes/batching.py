@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-
 from edgekit.runtimes.decoder import ARModel, GenerationStats
 from edgekit.runtimes.errors import EdgekitError
 from edgekit.runtimes.kv_cache import KVCache, PrefixCache
@@ -205,7 +204,7 @@ class BatchEngine:
         feeds["attention_mask"] = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)  # [B, T + 1]
         feeds["logits_to_keep"] = np.array([1], dtype=np.int64)
         logits, *self._past = self.model.session.run(self._outputs, feeds)  # logits: [B, 1, V]
-        for i, slot in enumerate(slots):
+        for slot in slots:
             slot.tokens.append(slot.last_token)
         for i, slot in enumerate(list(slots)):
             self._take(slot, sample_next(logits[i, -1], slot.req.params, slot.rng, self._hist(slot)))

@@ -79,8 +79,8 @@ class PrefixCache:
     def put(self, tokens: list[int], arrays: list[np.ndarray]) -> None:
         if self.capacity <= 0 or not tokens:
             return
-        self._entries = [e for e in self._entries if e[0] != tokens][-(self.capacity - 1) :] if self.capacity > 1 else []
-        self._entries.append((list(tokens), arrays))
+        others = [e for e in self._entries if e[0] != tokens]
+        self._entries = [*others[len(others) - self.capacity + 1 :], (list(tokens), arrays)]
 
     def lookup(self, prompt: list[int]) -> KVCache:
         """A cache for the longest stored prefix of ``prompt`` (always leaving one prompt token to prefill)."""

@@ -1,0 +1,203 @@
+"""OpenAI wire format: validate chat/completions request bodies, build responses, stream chunks and error bodies.
+
+Accepted fields: model, messages | prompt, stream, stream_options.include_usage, max_tokens | max_completion_tokens,
+temperature, top_p, top_k, seed, stop, n (must be 1), repetition_penalty. Rejected with 400 (never silently
+ignored because they would change the answer): n > 1, logprobs, tools / tool_choice / functions, response_format
+other than text, non-zero presence/frequency penalties, and the diffusion fields (diffusion_steps, block_length,
+remasking, threshold, gen_length) on an AR bundle. Other fields (user, metadata, ...) are ignored.
+Unset sampling fields take the bundle's generation defaults (greedy for SmolLM2), not OpenAI's temperature 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Endpoint = Literal["chat", "completions"]
+DIFFUSION_FIELDS = ("diffusion_steps", "block_length", "remasking", "threshold", "gen_length")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    endpoint: Endpoint
+    model: str
+    prompt: Any  # a string (completions) or a list of {role, content} (chat)
+    stream: bool
+    include_usage: bool
+    options: dict[str, Any]  # max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty
+
+
+def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _number(body: dict[str, Any], key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _bad(f"'{key}' must be a number, got {v!r}.", key, "invalid_type")
+    if v < lo or v > hi or (lo_open and v == lo):
+        raise _bad(f"'{key}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v!r}.", key)
+    return float(v)
+
+
+def _integer(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(f"'{key}' must be an integer, got {v!r}.", key, "invalid_type")
+    if not lo <= v <= hi:
+        raise _bad(f"'{key}' must be between {lo} and {hi}, got {v}.", key)
+    return v
+
+
+def _text_content(content: Any, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only text is supported
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _bad(f"messages[{i}].content parts must be {{'type': 'text', 'text': str}}; got {part!r}.",
+                           f"messages[{i}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise _bad(f"messages[{i}].content must be a string or a list of text parts, got {type(content).__name__}.",
+               f"messages[{i}].content", "invalid_type")
+
+
+def parse(body: Any, endpoint: Endpoint, served_model: str, kind: str, max_tokens_cap: int) -> GenerationRequest:
+    """Validate a request body; raise APIError(400) naming the field, the value and what is allowed."""
+    if not isinstance(body, dict):
+        raise _bad(f"The request body must be a JSON object, got {type(body).__name__}.", None, "invalid_type")
+    model = body.get("model", served_model)
+    if model != served_model:
+        raise APIError(400, f"The model '{model}' does not exist here. This server serves '{served_model}'.",
+                       "model", "model_not_found")
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("'messages' must be a non-empty list of {role, content}.", "messages", "invalid_type")
+        prompt: Any = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+                raise _bad(f"messages[{i}] needs a role of system, user, assistant or developer; got {m!r}.",
+                           f"messages[{i}].role")
+            role = "system" if m["role"] == "developer" else m["role"]
+            prompt.append({"role": role, "content": _text_content(m.get("content"), i)})
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise _bad("'prompt' must be a non-empty string (batches of prompts are not supported).", "prompt",
+                       "invalid_type")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad(f"'stream' must be a boolean, got {stream!r}.", "stream", "invalid_type")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
+    include_usage = bool(stream_options.get("include_usage", False))
+
+    if _integer(body, "n", 1, 1) not in (None, 1):
+        raise _bad("Only n=1 is supported.", "n")
+    for key in ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call"):
+        if body.get(key) not in (None, False, [], "none"):
+            raise _bad(f"'{key}' is not supported by this server.", key, "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt not in (None, {"type": "text"}):
+        raise _bad("Only response_format {'type': 'text'} is supported.", "response_format", "unsupported_parameter")
+    for key in ("presence_penalty", "frequency_penalty"):
+        if _number(body, key, -2, 2) not in (None, 0.0):
+            raise _bad(f"'{key}' is not supported; use 'repetition_penalty' (1 = off).", key, "unsupported_parameter")
+    if kind == "ar":
+        for key in DIFFUSION_FIELDS:
+            if key in body:
+                raise _bad(f"'{key}' applies to diffusion bundles only; '{served_model}' is autoregressive.", key,
+                           "unsupported_parameter")
+
+    max_tokens = _integer(body, "max_completion_tokens", 1, 10**9)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", 1, 10**9)
+    if max_tokens is not None and max_tokens > max_tokens_cap:
+        raise _bad(f"'max_tokens' is {max_tokens}, above this server's cap of {max_tokens_cap}.", "max_tokens")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
+                             or not all(isinstance(s, str) and s for s in stop)):
+        raise _bad(f"'stop' must be a non-empty string or a list of up to 4 of them, got {stop!r}.", "stop")
+    options: dict[str, Any] = {
+        "max_new_tokens": max_tokens,
+        "temperature": _number(body, "temperature", 0, 2),
+        "top_p": _number(body, "top_p", 0, 1, lo_open=True),
+        "top_k": _integer(body, "top_k", 0, 10**6),
+        "seed": _integer(body, "seed", 0, 2**63 - 1),
+        "repetition_penalty": _number(body, "repetition_penalty", 0, 10, lo_open=True),
+        "stop": tuple(stop) if stop else None,
+    }
+    return GenerationRequest(endpoint, served_model, prompt, stream, include_usage,
+                             {k: v for k, v in options.items() if v is not None})
+
+
+class ResponseBuilder:
+    """Builds the response objects and stream chunks of one request."""
+
+    def __init__(self, req: GenerationRequest) -> None:
+        self.req = req
+        self.created = int(time.time())
+        prefix = "chatcmpl" if req.endpoint == "chat" else "cmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self.object = "chat.completion" if req.endpoint == "chat" else "text_completion"
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.req.model}
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict[str, Any]:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def full(self, text: str, finish_reason: str, usage: dict[str, Any]) -> dict[str, Any]:
+        if self.req.endpoint == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        return {**self._base(self.object), "choices": [choice], "usage": usage}
+
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False) -> dict[str, Any]:
+        if self.req.endpoint == "chat":
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+        return {**self._base("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.req.endpoint == "chat" else "text_completion"
+        return {**self._base(obj), "choices": [], "usage": usage}

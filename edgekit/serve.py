@@ -1,0 +1,401 @@
+"""``edgekit serve``: an OpenAI-compatible HTTP + WebSocket server for a bundle, with continuous batching.
+
+Endpoints: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/chat/completions, POST /v1/completions
+(SSE streaming with ``stream: true``), WS /v1/ws (send one request object with "type": "chat.completions" or
+"completions"; receive the same chunks as SSE, then "[DONE]"; send {"type": "stop"} to end early).
+The model loads in the background: /health answers 503 until it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from edgekit.metrics import ServerMetrics
+from edgekit.openai_api import APIError, GenerationRequest, ResponseBuilder, parse
+from edgekit.runtimes import load
+from edgekit.runtimes.batching import BatchEngine, Event, QueueFullError, Request
+from edgekit.runtimes.bundle import read_manifest
+from edgekit.runtimes.errors import ConfigError, EdgekitError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    bundle: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 32
+    request_timeout: float = 60.0
+    max_tokens_cap: int = 2048
+    max_body_bytes: int = 1_000_000
+    model_name: str | None = None
+    threads: int | None = None
+    providers: tuple[str, ...] | None = None
+    prefix_cache_entries: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_tokens_cap", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_queue < 0 or self.request_timeout <= 0:
+            raise ConfigError(f"max_queue must be >= 0 and request_timeout > 0, got {self.max_queue} and "
+                              f"{self.request_timeout}.")
+
+
+class ServerState:
+    """The loaded model and engine (None while loading), metrics, and a load error if any."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.model_name or cfg.bundle.resolve().name
+        self.kind = read_manifest(cfg.bundle).kind  # fail fast on a path that is not a bundle
+        self.model: Any = None
+        self.engine: BatchEngine | None = None
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(lambda: self.engine.running if self.engine else 0,
+                                     lambda: self.engine.waiting if self.engine else 0)
+
+    def load(self) -> None:
+        try:
+            model = load(self.cfg.bundle, providers=self.cfg.providers, threads=self.cfg.threads)
+            self.engine = BatchEngine(model, self.cfg.max_batch, self.cfg.max_queue,
+                                      self.cfg.prefix_cache_entries).start()
+            self.model = model
+        except EdgekitError as e:
+            self.error = str(e)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+
+    def require_ready(self) -> BatchEngine:
+        if self.error:
+            raise APIError(500, f"The model failed to load: {self.error}", code="model_load_failed",
+                           type_="server_error")
+        if self.engine is None:
+            raise APIError(503, "The model is still loading; retry shortly.", code="model_loading",
+                           type_="server_error", headers={"Retry-After": "1"})
+        return self.engine
+
+
+# --- helpers -------------------------------------------------------------------------------------------------------
+def _state(conn: HTTPRequest | WebSocket) -> ServerState:
+    return conn.app.state.edgekit
+
+
+def _check_auth(state: ServerState, headers: Any, query: Any) -> None:
+    key = state.cfg.api_key
+    if key is None:
+        return
+    given = headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else query.get("api_key", "")
+    if not hmac.compare_digest(token.encode(), key.encode()):
+        raise APIError(401, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
+
+
+async def _read_json(request: HTTPRequest, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"Request body of {declared} bytes exceeds the limit of {limit} bytes.",
+                       code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="body_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}.", code="invalid_json") from None
+
+
+class _Job:
+    """One submitted request: its event queue on the event loop, and metrics bookkeeping."""
+
+    def __init__(self, state: ServerState, greq: GenerationRequest) -> None:
+        self.state = state
+        engine = state.require_ready()
+        model = state.model
+        try:
+            ids = model.tokenizer.encode_prompt(greq.prompt)
+            params = model.sampling_params(len(ids), **greq.options)
+        except ConfigError as e:
+            code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
+            raise APIError(400, str(e), code=code) from None
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.req = Request(ids, params, lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
+                           timeout_s=state.cfg.request_timeout)
+        self.finished = False
+        self._last_token_at: float | None = None
+        try:
+            engine.submit(self.req)
+        except QueueFullError as e:
+            state.metrics.count(state.metrics.rejected, reason="queue_full")
+            raise APIError(429, str(e), code="rate_limit_exceeded", type_="rate_limit_error",
+                           headers={"Retry-After": "1"}) from None
+
+    def cancel(self) -> None:
+        if not self.finished and self.state.engine is not None:
+            self.state.engine.cancel(self.req)
+
+    async def events(self) -> AsyncIterator[Event]:
+        try:
+            while True:
+                ev = await self.queue.get()
+                self._track(ev)
+                if ev.kind != "token":
+                    self.finished = True
+                yield ev
+                if self.finished:
+                    return
+        finally:
+            self.cancel()
+
+    def _track(self, ev: Event) -> None:
+        m, req = self.state.metrics, self.req
+        if ev.kind == "token":
+            if self._last_token_at is None:
+                m.observe(m.ttft, ev.at - req.enqueued_at)
+                if req.admitted_at is not None:
+                    m.observe(m.queue, req.admitted_at - req.enqueued_at)
+            else:
+                m.observe(m.itl, ev.at - self._last_token_at)
+            self._last_token_at = ev.at
+        elif ev.kind == "done" and ev.stats is not None:
+            m.observe(m.e2e, ev.at - req.enqueued_at)
+            m.count(m.prompt_tokens, ev.stats.prompt_tokens)
+            m.count(m.cached_tokens, ev.stats.reused_prompt_tokens)
+            m.count(m.generation_tokens, ev.stats.generated_tokens)
+            m.count(m.requests, finish_reason=str(ev.finish_reason))
+        elif ev.kind == "error":
+            m.count(m.requests, finish_reason="error")
+
+    def usage(self, ev: Event) -> dict[str, Any]:
+        st = ev.stats
+        gen = st.generated_tokens if st else 0
+        if st is not None and st.finish_reason == "stop" and gen and len(st.token_ids) < gen:
+            gen = len(st.token_ids)  # the stop token itself is not part of the completion
+        return ResponseBuilder.usage(len(self.req.prompt_ids), gen, st.reused_prompt_tokens if st else 0)
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# --- HTTP handlers -------------------------------------------------------------------------------------------------
+async def health(request: HTTPRequest) -> Response:
+    state = _state(request)
+    if state.error:
+        return JSONResponse({"status": "error", "error": state.error}, status_code=500)
+    if state.engine is None:
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"status": "ok", "model": state.name, "running": state.engine.running,
+                         "waiting": state.engine.waiting})
+
+
+async def metrics(request: HTTPRequest) -> Response:
+    return PlainTextResponse(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+async def models(request: HTTPRequest) -> Response:
+    state = _state(request)
+    _check_auth(state, request.headers, request.query_params)
+    return JSONResponse({"object": "list", "data": [
+        {"id": state.name, "object": "model", "created": state.created, "owned_by": "edgekit"}]})
+
+
+async def chat_completions(request: HTTPRequest) -> Response:
+    return await _generate(request, "chat")
+
+
+async def completions(request: HTTPRequest) -> Response:
+    return await _generate(request, "completions")
+
+
+async def _generate(request: HTTPRequest, endpoint: Any) -> Response:
+    state = _state(request)
+    _check_auth(state, request.headers, request.query_params)
+    state.require_ready()
+    body = await _read_json(request, state.cfg.max_body_bytes)
+    greq = parse(body, endpoint, state.name, state.kind, state.cfg.max_tokens_cap)
+    job = _Job(state, greq)
+    builder = ResponseBuilder(greq)
+    if greq.stream:
+        return StreamingResponse(_stream(job, greq, builder), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _collect(request, job, builder)
+
+
+async def _stream(job: _Job, greq: GenerationRequest, builder: ResponseBuilder) -> AsyncIterator[str]:
+    first = True
+    async for ev in job.events():
+        if ev.kind == "token":
+            if ev.text or (first and greq.endpoint == "chat"):
+                yield _sse(builder.chunk(ev.text, first=first))
+                first = False
+        elif ev.kind == "done" and ev.finish_reason == "timeout":
+            yield _sse(APIError(408, f"The request exceeded the server's timeout of {job.state.cfg.request_timeout} "
+                                     "s.", code="request_timeout", type_="timeout_error").body())
+        elif ev.kind == "done":
+            yield _sse(builder.chunk(finish_reason=ev.finish_reason or "stop", first=first))
+            if greq.include_usage:
+                yield _sse(builder.usage_chunk(job.usage(ev)))
+        else:
+            yield _sse(APIError(500, f"Generation failed: {ev.error}", code="generation_failed",
+                                type_="server_error").body())
+    yield "data: [DONE]\n\n"
+
+
+async def _collect(request: HTTPRequest, job: _Job, builder: ResponseBuilder) -> Response:
+    parts: list[str] = []
+    events = job.events()
+    nxt: asyncio.Task[Event] | None = None
+    try:
+        while True:
+            nxt = nxt or asyncio.ensure_future(events.__anext__())
+            done, _ = await asyncio.wait({nxt}, timeout=0.25)
+            if not done:
+                if await request.is_disconnected():
+                    job.cancel()
+                continue
+            ev, nxt = nxt.result(), None
+            if ev.kind == "token":
+                parts.append(ev.text)
+            elif ev.kind == "error":
+                raise APIError(500, f"Generation failed: {ev.error}", code="generation_failed", type_="server_error")
+            elif ev.finish_reason == "timeout":
+                raise APIError(408, f"The request exceeded the server's timeout of {job.state.cfg.request_timeout} s.",
+                               code="request_timeout", type_="timeout_error")
+            else:
+                return JSONResponse(builder.full("".join(parts), ev.finish_reason or "stop", job.usage(ev)))
+    finally:
+        if nxt is not None:
+            nxt.cancel()
+        await events.aclose()
+
+
+# --- WebSocket ---------------------------------------------------------------------------------------------------
+async def websocket(ws: WebSocket) -> None:
+    state = _state(ws)
+    try:
+        _check_auth(state, ws.headers, ws.query_params)
+    except APIError:
+        await ws.close(code=1008, reason="invalid API key")
+        return
+    await ws.accept()
+    try:
+        msg = await ws.receive_json()
+        kind = msg.pop("type", "chat.completions") if isinstance(msg, dict) else None
+        if kind not in ("chat.completions", "completions"):
+            raise APIError(400, f"'type' must be 'chat.completions' or 'completions', got {kind!r}.", "type")
+        state.require_ready()
+        greq = parse({**msg, "stream": True}, "chat" if kind == "chat.completions" else "completions", state.name,
+                     state.kind, state.cfg.max_tokens_cap)
+        job = _Job(state, greq)
+    except APIError as e:
+        await ws.send_json(e.body())
+        await ws.close(code=1008 if e.status < 500 else 1011)
+        return
+    except (json.JSONDecodeError, ValueError, KeyError) as e:
+        await ws.send_json(APIError(400, f"The first message must be a JSON request object: {e}").body())
+        await ws.close(code=1003)
+        return
+
+    stopped_by_client = False
+
+    async def listen() -> None:
+        nonlocal stopped_by_client
+        with contextlib.suppress(WebSocketDisconnect, json.JSONDecodeError, RuntimeError):
+            while True:
+                m = await ws.receive_json()
+                if isinstance(m, dict) and m.get("type") == "stop":
+                    stopped_by_client = True
+                    job.cancel()
+        job.cancel()  # the client went away
+
+    listener = asyncio.ensure_future(listen())
+    builder = ResponseBuilder(greq)
+    try:
+        async for chunk in _stream(job, greq, builder):
+            payload = chunk[len("data: "):].strip()
+            if payload == "[DONE]":
+                await ws.send_text("[DONE]")
+            else:
+                obj = json.loads(payload)
+                if stopped_by_client and obj.get("choices") and obj["choices"][0].get("finish_reason") == "cancelled":
+                    obj["choices"][0]["finish_reason"] = "stop"
+                await ws.send_json(obj)
+        await ws.close()
+    except (WebSocketDisconnect, RuntimeError):
+        job.cancel()
+    finally:
+        listener.cancel()
+
+
+async def _api_error(request: HTTPRequest, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _internal_error(request: HTTPRequest, exc: Exception) -> Response:
+    body = APIError(500, f"Internal error: {type(exc).__name__}", code="internal_error", type_="server_error").body()
+    return JSONResponse(body, status_code=500)
+
+
+def create_app(cfg: ServeConfig) -> Starlette:
+    """The ASGI app; the model starts loading in a background thread when the app starts."""
+    state = ServerState(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        threading.Thread(target=state.load, name="edgekit-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/metrics", metrics),
+            Route("/v1/models", models),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            WebSocketRoute("/v1/ws", websocket),
+        ],
+        exception_handlers={APIError: _api_error, Exception: _internal_error},
+        lifespan=lifespan,
+    )
+    app.state.edgekit = state
+    return app
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    app = create_app(cfg)
+    state: ServerState = app.state.edgekit
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and cfg.api_key is None:
+        print(f"warning: serving on {cfg.host} without --api-key: anyone who can reach this port can use it.",
+              file=sys.stderr)
+    print(f"edgekit: serving '{state.name}' ({state.kind}) on http://{cfg.host}:{cfg.port}  (OpenAI API under /v1)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", ws="websockets-sansio", lifespan="on",
+                timeout_graceful_shutdown=5)
