@@ -48,8 +48,9 @@ def worker_edgekit(args: argparse.Namespace) -> None:
 
 def worker_hf(args: argparse.Namespace) -> None:
     import torch
-    from edgekit.export import source
     from transformers.generation.streamers import BaseStreamer
+
+    from edgekit.export import source
 
     torch.set_num_threads(args.threads)
     ref = source.resolve(args.reference)

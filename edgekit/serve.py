@@ -140,8 +140,11 @@ class _Job:
             raise APIError(400, str(e), code=code) from None
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.req = Request(ids, params, lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, ev),
-                           timeout_s=state.cfg.request_timeout)
+        def on_event(ev: Event) -> None:  # engine thread: metrics here, so ended-by-disconnect requests count too
+            self._track(ev)
+            loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+        self.req = Request(ids, params, on_event, timeout_s=state.cfg.request_timeout)
         self.finished = False
         self._last_token_at: float | None = None
         try:
@@ -159,7 +162,6 @@ class _Job:
         try:
             while True:
                 ev = await self.queue.get()
-                self._track(ev)
                 if ev.kind != "token":
                     self.finished = True
                 yield ev

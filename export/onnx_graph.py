@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
+
 from edgekit.export.registry import LayerWeights
 from edgekit.runtimes.bundle import KVCacheLayout
-from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"

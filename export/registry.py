@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+
 from edgekit.runtimes.errors import UnsupportedModelError, did_you_mean
 
 

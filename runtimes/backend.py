@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
+
 from edgekit.runtimes.errors import BundleError, ConfigError, did_you_mean
 
 # Preferred order when the caller does not choose: the first one onnxruntime offers wins.

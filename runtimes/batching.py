@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
 from edgekit.runtimes.decoder import ARModel, GenerationStats
 from edgekit.runtimes.errors import EdgekitError
 from edgekit.runtimes.kv_cache import KVCache, PrefixCache

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
 from edgekit.runtimes.backend import BackendOptions, create_session
 from edgekit.runtimes.bundle import Manifest
 from edgekit.runtimes.errors import BundleError, ConfigError, ContextLengthError

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
 from edgekit.runtimes.errors import ConfigError
 
 _NUCLEUS_PROBE = 1024  # candidates examined before falling back to a full sort for top-p

@@ -11,9 +11,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Union
 
+from tokenizers import Tokenizer as _HFTokenizer
+
 from edgekit.runtimes.bundle import TokenizerSpec
 from edgekit.runtimes.errors import BundleError, ConfigError
-from tokenizers import Tokenizer as _HFTokenizer
 
 Message = Mapping[str, Any]
 Prompt = Union[str, Sequence[Message]]  # noqa: UP007 (a runtime alias; | needs 3.10+ objects)

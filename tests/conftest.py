@@ -11,9 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # for tiny_models
 
 from edgekit.export.pipeline import ExportConfig, export_bundle  # noqa: E402
 from edgekit.export.progress import Silent  # noqa: E402
-from tiny_models import make_model  # noqa: E402
-
 from edgekit.parity import verifier  # noqa: E402
+from tiny_models import make_model  # noqa: E402
 
 ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM"]
 

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+
 from edgekit.export.pipeline import ExportConfig, export_bundle
 from edgekit.export.progress import Silent
 from edgekit.runtimes import load

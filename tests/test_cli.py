@@ -6,9 +6,9 @@ import json
 import shutil
 
 from click.testing import CliRunner
-from edgekit.runtimes.bundle import MANIFEST_FILE
 
 from edgekit.cli import main
+from edgekit.runtimes.bundle import MANIFEST_FILE
 
 
 def invoke(*args):

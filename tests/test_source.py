@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from edgekit.export.pipeline import ExportConfig, export_bundle
 from edgekit.export.progress import Silent
 from edgekit.export.registry import lookup

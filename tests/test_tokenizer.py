@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from edgekit.runtimes import load
 from edgekit.runtimes.errors import ConfigError
 from edgekit.runtimes.tokenizer import StreamingDetokenizer
