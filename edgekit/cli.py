@@ -173,6 +173,8 @@ def describe(bundle: Path, m: Any) -> str:
 @click.option("--max-tokens-cap", default=2048, show_default=True, help="Largest max_tokens a request may ask.")
 @click.option("--max-body-bytes", default=1_000_000, show_default=True)
 @click.option("--model-name", default=None, help="Model id clients use [bundle folder name].")
+@click.option("--prefix-cache-entries", default=8, show_default=True,
+              help="Finished conversations whose KV cache is kept for reuse by the next turn (0 = off).")
 @click.option("--threads", type=int, default=None)
 @click.option("--provider", "providers", multiple=True)
 def serve(bundle: Path, providers: tuple[str, ...], **opts: Any) -> None:

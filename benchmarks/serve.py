@@ -1,0 +1,236 @@
+"""Serving benchmark: aggregate tok/s and TTFT p50/p95 at 1, 2, 4, 8 concurrent streams; server overhead vs the
+in-process runtime at 1 stream; TTFT of a chat's second turn with and without prefix KV reuse.
+
+Runs the real ``edgekit serve`` (subprocess, loopback only) on a bundle; everything is measured in one run.
+Writes benchmarks/results/serve.{json,md,png}.
+
+    python benchmarks/serve.py --bundle bundles/smollm2 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import machine  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+TOPICS = ["the ocean", "a robot learning to paint", "a city on Mars", "an old lighthouse", "a lost cat",
+          "the first snow of winter", "a chess tournament", "a mountain village"]
+
+
+def prompt(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]}."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, bundle: Path, threads: int, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", str(bundle), "--port",
+                                      str(self.port), "--threads", str(threads), "--model-name", "m", *extra],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+def stream_once(url: str, messages: list[dict], max_tokens: int) -> dict:
+    """One streamed chat request; client-side timings."""
+    start = time.perf_counter()
+    times: list[float] = []
+    usage = {}
+    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    text = []
+    with httpx.Client(timeout=300) as c, c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if obj.get("usage"):
+                usage = obj["usage"]
+            elif obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                times.append(time.perf_counter())
+                text.append(obj["choices"][0]["delta"]["content"])
+    end = time.perf_counter()
+    n = usage.get("completion_tokens", len(times))
+    return {"ttft_s": times[0] - start, "end_s": end, "start_s": start, "tokens": n, "text": "".join(text),
+            "decode_tok_s": (n - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0,
+            "cached": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)}
+
+
+def concurrent(url: str, c: int, max_tokens: int, offset: int) -> dict:
+    results: list[dict] = [{}] * c
+
+    def run(i: int) -> None:
+        results[i] = stream_once(url, prompt(offset + i), max_tokens)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(c)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = max(r["end_s"] for r in results) - min(r["start_s"] for r in results)
+    return {"aggregate_tok_s": sum(r["tokens"] for r in results) / wall, "ttfts": [r["ttft_s"] for r in results]}
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", type=Path, default=Path("bundles/smollm2"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", default="1,2,4,8")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.concurrency.split(",")]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import edgekit.runtimes as rt
+
+    print("starting servers and loading the in-process runtime ...", file=sys.stderr)
+    server = Server(args.bundle, args.threads)
+    cold = Server(args.bundle, args.threads, "--prefix-cache-entries", "0")
+    model = rt.load(args.bundle, threads=args.threads)
+
+    per_level: dict[int, list[dict]] = {c: [] for c in levels}
+    inproc: list[float] = []
+    served: list[float] = []
+    warm_t2: list[float] = []
+    cold_t2: list[float] = []
+    cached_tokens = 0
+    stream_once(server.url, prompt(0), 8)  # warm-up
+    stream_once(cold.url, prompt(0), 8)
+    for r in range(args.rounds):
+        # 1 stream: in-process runtime vs server, back to back
+        s = model.stream(prompt(r), max_new_tokens=args.max_tokens, temperature=0)
+        for _ in s:
+            pass
+        inproc.append(s.stats.decode_tokens_per_s)
+        served.append(stream_once(server.url, prompt(r), args.max_tokens)["decode_tok_s"])
+        for c in levels:
+            per_level[c].append(concurrent(server.url, c, args.max_tokens, offset=r * 8))
+        # a chat's second turn: with prefix reuse (server) vs without (cold server), same request
+        turn1 = [{"role": "user", "content": f"Tell me about {TOPICS[(r + 3) % len(TOPICS)]} in three sentences."}]
+        for srv, out in ((server, warm_t2), (cold, cold_t2)):
+            a1 = stream_once(srv.url, turn1, 48)
+            turn2 = turn1 + [{"role": "assistant", "content": a1["text"]},
+                             {"role": "user", "content": "Now summarise that in one sentence."}]
+            t2 = stream_once(srv.url, turn2, 16)
+            out.append(t2["ttft_s"])
+            if srv is server:
+                cached_tokens = t2["cached"]
+        print(f"round {r + 1}/{args.rounds}: in-process {inproc[-1]:.1f} tok/s, served {served[-1]:.1f} tok/s; "
+              + ", ".join(f"{c}x {per_level[c][-1]['aggregate_tok_s']:.1f}" for c in levels), file=sys.stderr)
+    server.stop()
+    cold.stop()
+
+    rows = []
+    for c in levels:
+        ttfts = [t for run in per_level[c] for t in run["ttfts"]]
+        rows.append({"concurrency": c, "aggregate_tok_s": statistics.median(x["aggregate_tok_s"] for x in per_level[c]),
+                     "ttft_p50_ms": pct(ttfts, 0.5) * 1000, "ttft_p95_ms": pct(ttfts, 0.95) * 1000})
+    base = rows[0]["aggregate_tok_s"]
+    for row in rows:
+        row["scaling"] = row["aggregate_tok_s"] / base
+    result = {
+        "benchmark": "serve", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+        "settings": {"bundle": str(args.bundle), "threads": args.threads, "rounds": args.rounds,
+                     "max_tokens": args.max_tokens, "decoding": "greedy"},
+        "concurrency": rows,
+        "single_stream": {"in_process_decode_tok_s": statistics.median(inproc),
+                          "server_decode_tok_s": statistics.median(served),
+                          "server_overhead": 1 - statistics.median(served) / statistics.median(inproc)},
+        "prefix_reuse": {"turn2_ttft_ms_with_reuse": statistics.median(warm_t2) * 1000,
+                         "turn2_ttft_ms_without": statistics.median(cold_t2) * 1000,
+                         "cached_prompt_tokens": cached_tokens},
+        "raw": {"inproc": inproc, "served": served, "warm_t2": warm_t2, "cold_t2": cold_t2},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve.json").write_text(json.dumps(result, indent=2))
+    md = render(result)
+    (RESULTS / "serve.md").write_text(md)
+    plot(result)
+    print(md)
+
+
+def render(r: dict) -> str:
+    s, ss, pr = r["settings"], r["single_stream"], r["prefix_reuse"]
+    lines = [f"# Serving benchmark ({r['date']})", "",
+             f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; server threads={s['threads']}; bundle "
+             f"{s['bundle']}; {s['rounds']} rounds, medians; {s['max_tokens']} max tokens per request, greedy.",
+             f"Versions: {', '.join(f'{k} {v}' for k, v in r['machine']['versions'].items())}", "",
+             "| concurrent streams | aggregate tok/s | vs 1 stream | TTFT p50 (ms) | TTFT p95 (ms) |",
+             "|---:|---:|---:|---:|---:|"]
+    for row in r["concurrency"]:
+        lines.append(f"| {row['concurrency']} | {row['aggregate_tok_s']:.1f} | {row['scaling']:.2f}x | "
+                     f"{row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} |")
+    lines += ["", f"Single stream decode: in-process runtime {ss['in_process_decode_tok_s']:.1f} tok/s, through the "
+              f"server {ss['server_decode_tok_s']:.1f} tok/s: server overhead **{ss['server_overhead'] * 100:.1f}%**.",
+              "", f"Second chat turn TTFT: {pr['turn2_ttft_ms_with_reuse']:.0f} ms with prefix KV reuse "
+              f"({pr['cached_prompt_tokens']} prompt tokens from cache) vs {pr['turn2_ttft_ms_without']:.0f} ms "
+              "without (same request, server with --prefix-cache-entries 0).", ""]
+    return "\n".join(lines)
+
+
+def plot(r: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = r["concurrency"]
+    c = [x["concurrency"] for x in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(c, [x["aggregate_tok_s"] for x in rows], "o-", color="#2b7bba")
+    a.set_xlabel("concurrent streams")
+    a.set_ylabel("aggregate tok/s")
+    a.set_xticks(c)
+    a.set_title("throughput (continuous batching)", fontsize=10)
+    b.plot(c, [x["ttft_p50_ms"] for x in rows], "o-", label="p50")
+    b.plot(c, [x["ttft_p95_ms"] for x in rows], "s--", label="p95")
+    b.set_xlabel("concurrent streams")
+    b.set_ylabel("TTFT ms")
+    b.set_xticks(c)
+    b.legend()
+    b.set_title("time to first token", fontsize=10)
+    fig.suptitle(f"edgekit serve, {r['settings']['bundle']}, {r['machine']['cpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "serve.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
