@@ -34,3 +34,29 @@ def test_smollm2_fp32_bundle_is_token_identical_to_pytorch(tmp_path):
     assert "scatter" in answer.lower()
     # the GGUF source path is the same model
     assert m.provenance["source_path"].endswith(".gguf")
+    _serve_checks(res.path)
+
+
+def _serve_checks(bundle):
+    """`edgekit serve` on the SmolLM2 bundle: the official OpenAI client and `curl -N` both stream an answer."""
+    import shutil
+    import subprocess
+
+    from openai import OpenAI
+    from test_serve import Server
+
+    server = Server(bundle)
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+        stream = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Why is the sky blue?"}], stream=True, max_tokens=40)
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert len([p for p in pieces if p]) > 10 and "scatter" in "".join(pieces).lower()
+        if shutil.which("curl"):
+            out = subprocess.run(
+                ["curl", "-sN", server.url + "/v1/chat/completions", "-H", "content-type: application/json", "-d",
+                 '{"model":"tiny","stream":true,"max_tokens":8,"messages":[{"role":"user","content":"Hi"}]}'],
+                capture_output=True, text=True, timeout=60).stdout
+            assert out.count("data: ") >= 3 and out.rstrip().endswith("data: [DONE]")
+    finally:
+        server.stop()
