@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgekit.export.gguf import BLOCK, BlockQuantLinear
 from edgekit.export.registry import LayerWeights
 from edgekit.runtimes.bundle import KVCacheLayout
 
@@ -41,6 +42,22 @@ class DecoderDims:
     rms_eps: float
     max_positions: int
     local_window: int = -1  # -1: full causal attention
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How weights are laid out in the graph.
+
+    ``lm_head_matmul``: emit lm_head as a MatMul on its own [H, V] copy (the form onnxruntime's weight-only
+    quantizers rewrite) instead of a Gemm sharing the tied embedding. ``embed_quant`` / ``lm_head_quant``: carry
+    block-quantized embedding / output weights (GatherBlockQuantized / MatMulNBits). ``accuracy_level``: the
+    MatMulNBits compute mode (0: float activations, 4: int8 activations, faster on CPUs with int8 dot products).
+    """
+
+    lm_head_matmul: bool = False
+    embed_quant: BlockQuantLinear | None = None
+    lm_head_quant: BlockQuantLinear | None = None
+    accuracy_level: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,12 +85,43 @@ def output_names(n_layers: int) -> tuple[str, ...]:
 class _Graph:
     """A tiny node/initializer accumulator with unique names."""
 
-    def __init__(self) -> None:
+    def __init__(self, accuracy_level: int = 0) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self._n = 0
+        self.accuracy_level = accuracy_level
+        self._names: set[str] = set()
+        self._block_sums: dict[str, str] = {}  # input name -> its per-32-block sums, shared by the matmuls reading it
+
+    def linear(self, x: str, w: np.ndarray | BlockQuantLinear, name: str, bias: np.ndarray | None = None) -> str:
+        """y = x @ w^T (+ bias) for a dense [N, K] array or a block-quantized weight."""
+        if isinstance(w, np.ndarray):
+            y = self.op("MatMul", [x, self.init(f"{name}.weight", w.T.astype(np.float32))], name=name)
+        else:
+            n, k = w.shape
+            inputs = [x, self.init(f"{name}.qweight", w.packed), self.init(f"{name}.scales", w.scales.reshape(-1))]
+            y = self.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=w.bits,
+                        block_size=BLOCK, accuracy_level=self.accuracy_level)
+            if w.offsets is not None:  # Q4_1's per-block constant: y += block_sums(x) @ offsets^T
+                corr = self.op("MatMul", [self.block_sums(x, k), self.init(f"{name}.block_offsets", w.offsets.T)])
+                y = self.op("Add", [y, corr])  # (measured faster than one Gemm with C=y on onnxruntime 1.31 CPU)
+        if bias is not None:
+            y = self.op("Add", [y, self.init(f"{name}.bias", bias.astype(np.float32))])
+        return y
+
+    def block_sums(self, x: str, k: int) -> str:
+        """[M, K] -> [M, K / 32]: sums of x over each block of 32 input features, shared by matmuls reading x."""
+        if x not in self._block_sums:
+            shape = self.init(f"const.blocks{k}", np.array([0, k // BLOCK, BLOCK], np.int64))
+            last = self.init("const.axis_last", np.array([-1], np.int64))
+            self._block_sums[x] = self.op("ReduceSum", [self.op("Reshape", [x, shape]), last], keepdims=0)
+        return self._block_sums[x]
 
     def init(self, name: str, arr: np.ndarray) -> str:
+        if name in self._names:
+            assert name.startswith("const."), f"duplicate initializer {name}"  # shared constants are reused
+            return name
+        self._names.add(name)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
@@ -92,10 +140,14 @@ class _Graph:
 
 
 def build_decoder(
-    dims: DecoderDims, weights: DecoderWeights, on_layer: Callable[[int], None] | None = None
+    dims: DecoderDims,
+    weights: DecoderWeights,
+    on_layer: Callable[[int], None] | None = None,
+    options: BuildOptions | None = None,
 ) -> onnx.ModelProto:
     """Return the decoder ModelProto (weights inline; save with ``save_model`` to split them out)."""
-    g = _Graph()
+    opt = options or BuildOptions()
+    g = _Graph(opt.accuracy_level)
     n, H, hd = dims.num_layers, dims.hidden, dims.head_dim
     f32 = TensorProto.FLOAT
 
@@ -104,7 +156,6 @@ def build_decoder(
     freqs = pos * weights.inv_freq.astype(np.float32)[None, :]
     cos = g.init("rotary.cos_cache", (np.cos(freqs) * weights.rope_scaling).astype(np.float32))
     sin = g.init("rotary.sin_cache", (np.sin(freqs) * weights.rope_scaling).astype(np.float32))
-    embed = g.init("model.embed_tokens.weight", weights.embed.astype(np.float32))
 
     # seqlens_k: [B] int32 = valid tokens - 1; total_sequence_length: scalar int32
     mask_sum = g.op("ReduceSum", ["attention_mask", g.init("const.axis1", np.array([1], np.int64))], keepdims=0)
@@ -112,7 +163,22 @@ def build_decoder(
     total = g.op("Shape", ["attention_mask"], start=1, end=2)
     total = g.op("Cast", [g.op("Squeeze", [total])], to=TensorProto.INT32)
 
-    hidden = g.op("Gather", [embed, "input_ids"], name="embed")  # [B, S, H]
+    if opt.embed_quant is not None:  # [V, H] as 8-bit blocks along H
+        eq = opt.embed_quant
+        hidden = g.op("GatherBlockQuantized", [
+            g.init("model.embed_tokens.qweight", eq.codes()), "input_ids",
+            g.init("model.embed_tokens.scales", eq.scales)],
+            domain=MS_DOMAIN, name="embed", bits=eq.bits, block_size=BLOCK, gather_axis=0, quantize_axis=1)
+        embed = ""
+    else:
+        embed = g.init("model.embed_tokens.weight", weights.embed.astype(np.float32))
+        hidden = g.op("Gather", [embed, "input_ids"], name="embed")  # [B, S, H]
+    # The layer bodies run on [B*S, H] (2-D) so that Gemm can fuse a matmul with an add; GroupQueryAttention
+    # and the final slice need [B, S, ...], reshaped with the runtime batch and sequence sizes.
+    bs = g.op("Shape", ["input_ids"])
+    shape_bs_any = g.op("Concat", [bs, g.init("const.minus1", np.array([-1], np.int64))], axis=0)
+    flat_shape = g.init("const.flat", np.array([-1, H], np.int64))
+    hidden = g.op("Reshape", [hidden, flat_shape])  # [B*S, H]
     lw = weights.layers(0)
     norm_w = g.init("model.layers.0.input_layernorm.weight", lw.input_norm)
     x = g.op("SimplifiedLayerNormalization", [hidden, norm_w], axis=-1, epsilon=dims.rms_eps, stash_type=1)
@@ -122,9 +188,8 @@ def build_decoder(
     for i in range(n):
         lw_next = weights.layers(i + 1) if i + 1 < n else None
         p = f"model.layers.{i}"
-        qkv = g.op("MatMul", [x, g.init(f"{p}.attn.qkv.weight", lw.qkv.T)], name=f"{p}/qkv")
-        if lw.qkv_bias is not None:
-            qkv = g.op("Add", [qkv, g.init(f"{p}.attn.qkv.bias", lw.qkv_bias)])
+        qkv = g.linear(x, lw.qkv, f"{p}/qkv", bias=lw.qkv_bias)
+        qkv = g.op("Reshape", [qkv, shape_bs_any])  # [B, S, (heads + 2 kv_heads) * head_dim]
         attn = g.op(
             "GroupQueryAttention",
             [qkv, "", "", kv.past_key.format(layer=i), kv.past_value.format(layer=i), seqlens, total, cos, sin],
@@ -134,16 +199,17 @@ def build_decoder(
         )
         g.op_named("Identity", [attn[1]], [kv.present_key.format(layer=i)])
         g.op_named("Identity", [attn[2]], [kv.present_value.format(layer=i)])
-        o = g.op("MatMul", [attn[0], g.init(f"{p}.attn.o.weight", lw.o.T)], name=f"{p}/o")
+        attn_flat = g.op("Reshape", [attn[0], g.init("const.flat_attn", np.array([-1, dims.num_heads * hd], np.int64))])
+        o = g.linear(attn_flat, lw.o, f"{p}/o")
         post_norm = g.init(f"{p}.post_attention_layernorm.weight", lw.post_norm)
         x, _, _, residual = g.op(
             "SkipSimplifiedLayerNormalization", [o, residual, post_norm],
             n_out=4, domain=MS_DOMAIN, epsilon=dims.rms_eps,
         )
-        gate_up = g.op("MatMul", [x, g.init(f"{p}.mlp.gate_up.weight", lw.gate_up.T)], name=f"{p}/gate_up")
+        gate_up = g.linear(x, lw.gate_up, f"{p}/gate_up")
         gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2)
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])  # SiLU
-        down = g.op("MatMul", [g.op("Mul", [act, up]), g.init(f"{p}.mlp.down.weight", lw.down.T)], name=f"{p}/down")
+        down = g.linear(g.op("Mul", [act, up]), lw.down, f"{p}/down")
         next_norm = weights.final_norm if lw_next is None else lw_next.input_norm
         next_name = "model.norm.weight" if lw_next is None else f"model.layers.{i + 1}.input_layernorm.weight"
         x, _, _, residual = g.op(
@@ -155,11 +221,18 @@ def build_decoder(
         lw = lw_next  # type: ignore[assignment]
 
     # logits only for the last `logits_to_keep` positions: [B, K, H] -> [B*K, H] -> Gemm(W^T) -> [B, K, V]
-    kept = g.op("Slice", [x, g.op("Neg", ["logits_to_keep"]), g.init("const.int64max", np.array([2**62], np.int64)),
+    x3 = g.op("Reshape", [x, g.op("Concat", [bs, g.init("const.hidden", np.array([H], np.int64))], axis=0)])
+    kept = g.op("Slice", [x3, g.op("Neg", ["logits_to_keep"]), g.init("const.int64max", np.array([2**62], np.int64)),
                           "const.axis1"])
-    flat = g.op("Reshape", [kept, g.init("const.flat", np.array([-1, H], np.int64))])
-    head = embed if weights.lm_head is None else g.init("lm_head.weight", weights.lm_head.astype(np.float32))
-    logits2d = g.op("Gemm", [flat, head], transB=1)
+    flat = g.op("Reshape", [kept, flat_shape])
+    head_w = weights.embed if weights.lm_head is None else weights.lm_head
+    if opt.lm_head_quant is not None:
+        logits2d = g.linear(flat, opt.lm_head_quant, "lm_head")
+    elif opt.lm_head_matmul or not embed:  # a MatMul on its own [H, V] copy: what weight-only quantizers rewrite
+        logits2d = g.linear(flat, head_w, "lm_head")
+    else:  # Gemm with transB shares the (tied) embedding: no second copy of the largest matrix
+        head = embed if weights.lm_head is None else g.init("lm_head.weight", weights.lm_head.astype(np.float32))
+        logits2d = g.op("Gemm", [flat, head], transB=1, name="lm_head")
     out_shape = g.op("Concat", [g.op("Shape", [kept], start=0, end=2),
                                 g.init("const.vocab", np.array([dims.vocab_size], np.int64))], axis=0)
     g.op_named("Reshape", [logits2d, out_shape], ["logits"])

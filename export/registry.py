@@ -8,24 +8,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import numpy as np
 
+from edgekit.export.gguf import BlockQuantLinear
 from edgekit.runtimes.errors import UnsupportedModelError, did_you_mean
+
+Matrix = Union[np.ndarray, BlockQuantLinear]  # noqa: UP007 (runtime alias)
 
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer in the layout the graph builder wants; matrices are [out, in] like torch Linear."""
+    """One decoder layer in the layout the graph builder wants; matrices are [out, in] like torch Linear,
+    either dense float arrays or block-quantized weights carried over from a GGUF file."""
 
     input_norm: np.ndarray  # [H]
-    qkv: np.ndarray  # [(n_heads + 2 * kv_heads) * head_dim, H], rows ordered q, k, v
+    qkv: Matrix  # [(n_heads + 2 * kv_heads) * head_dim, H], rows ordered q, k, v
     qkv_bias: np.ndarray | None
-    o: np.ndarray  # [H, n_heads * head_dim]
+    o: Matrix  # [H, n_heads * head_dim]
     post_norm: np.ndarray  # [H]
-    gate_up: np.ndarray  # [2 * I, H], rows ordered gate, up
-    down: np.ndarray  # [H, I]
+    gate_up: Matrix  # [2 * I, H], rows ordered gate, up
+    down: Matrix  # [H, I]
 
 
 StateDict = Mapping[str, Any]
