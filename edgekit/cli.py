@@ -35,20 +35,32 @@ def main() -> None:
 @main.command()
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32"]))
-@click.option("--max-context", type=int, default=None, help="Context length the bundle supports [model's, max 8192].")
+@click.option("--precision", default=None, help="fp32, int8 or int4 [the device's default, else fp32].")
+@click.option("--algo", default=None, help="int8/int4 method: gguf (carry GGUF blocks over unchanged), rtn or hqq "
+              "[gguf when the source allows, else rtn].")
+@click.option("--block-size", default=32, show_default=True, help="Quantization block size (16..256).")
+@click.option("--accuracy-level", type=int, default=None,
+              help="MatMulNBits compute: 0 = float activations (exact), 4 = int8 activations (faster) "
+                   "[0 for gguf, 4 for rtn/hqq].")
+@click.option("--device", default=None, help="Device profile (see 'edgekit devices') or a .toml file: picks "
+              "defaults and checks the memory fit before any heavy work.")
+@click.option("--max-context", type=int, default=None,
+              help="Context length the bundle supports [device default or the model's, max 8192].")
+@click.option("--batch", default=1, show_default=True, help="Concurrent sequences to budget KV cache for.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python modeling code to run.")
 @click.option("--parity-tokens", default=64, show_default=True, help="Greedy tokens per prompt in the parity check.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the PyTorch model.")
-def export(source: str, output: Path, precision: str, max_context: int | None, force: bool,
+def export(source: str, output: Path, precision: str | None, algo: str | None, block_size: int,
+           accuracy_level: int | None, device: str | None, max_context: int | None, batch: int, force: bool,
            trust_remote_code: bool, parity_tokens: int, no_parity: bool) -> None:
     """Export SOURCE (a built-in name like smollm2-135m-instruct, an HF folder or a .gguf file) to a bundle."""
     from edgekit.export.pipeline import ExportConfig, export_bundle
     from edgekit.parity import verifier
 
-    cfg = ExportConfig(source=source, output=output, precision=precision,  # type: ignore[arg-type]
-                       max_context=max_context, force=force, trust_remote_code=trust_remote_code)
+    cfg = ExportConfig(source=source, output=output, precision=precision, algo=algo, block_size=block_size,
+                       accuracy_level=accuracy_level, device=device, max_context=max_context, batch=batch,
+                       force=force, trust_remote_code=trust_remote_code)
     verify = None if no_parity else verifier(parity_tokens)
     result = export_bundle(cfg, verify=verify)
     size = sum(p.stat().st_size for p in result.path.iterdir()) / 2**20
@@ -119,6 +131,21 @@ def parity(bundle: Path, reference: str, new_tokens: int, trust_remote_code: boo
 
 
 @main.command()
+def devices() -> None:
+    """List the known device profiles."""
+    from edgekit.devices import list_profiles, load_profile
+
+    head = f"{'device':<28} {'memory':>7} {'budget':>7} {'cc':>4}  {'precisions':<18} {'context':>7}  providers"
+    click.echo(head)
+    click.echo("-" * len(head))
+    for name in list_profiles():
+        p = load_profile(name)
+        eps = ", ".join(e.replace("ExecutionProvider", "") for e in p.execution_providers)
+        click.echo(f"{p.name:<28} {p.memory_gb:>5.0f}GB {p.memory_budget_gb:>5.1f}GB {p.compute_capability or '-':>4}  "
+                   f"{','.join(p.precisions):<18} {p.default_max_context:>7}  {eps}")
+
+
+@main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(bundle: Path, as_json: bool) -> None:
@@ -138,6 +165,9 @@ def describe(bundle: Path, m: Any) -> str:
     lines = [
         f"bundle       {bundle}  (format v{m.format_version}, files verified)",
         f"kind         {m.kind}    architecture {m.architecture} ({m.model_type})    precision {m.precision}",
+        *([f"quantization {m.extra['quantization']}"] if m.extra.get("quantization") else []),
+        *([f"device       {m.extra['device']} (fits: {m.extra['fit']['total_mb']:.0f} of "
+           f"{m.extra['fit']['budget_mb']:.0f} MB)"] if m.extra.get("fit") else []),
         f"context      {m.max_context} tokens    vocab {m.vocab_size}",
     ]
     if kv:

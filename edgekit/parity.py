@@ -48,12 +48,28 @@ class Tolerance:
     greedy: float  # minimum fraction of the N greedy tokens generated identically (prefix up to first divergence)
 
 
+# Keyed by precision, or precision/method for quantization methods with their own promise: a GGUF carry-over at
+# accuracy level 0 computes the same weights as the dequantized reference, so it is held to near-fp32 tolerances.
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(max_abs_diff=1e-3, kl=1e-5, top1=1.0, greedy=1.0),
     "fp16": Tolerance(max_abs_diff=5e-2, kl=1e-3, top1=0.98, greedy=0.5),
-    "int8": Tolerance(max_abs_diff=1.0, kl=5e-2, top1=0.95, greedy=0.25),
-    "int4": Tolerance(max_abs_diff=2.0, kl=1e-1, top1=0.90, greedy=0.1),
+    "int8": Tolerance(max_abs_diff=2.0, kl=5e-2, top1=0.95, greedy=0.25),
+    "int4": Tolerance(max_abs_diff=10.0, kl=0.5, top1=0.85, greedy=0.1),
+    "int4/gguf": Tolerance(max_abs_diff=1e-2, kl=1e-5, top1=0.99, greedy=0.9),
+    "int8/gguf": Tolerance(max_abs_diff=1e-2, kl=1e-5, top1=0.99, greedy=0.9),
+    "int4/gguf-int8act": Tolerance(max_abs_diff=5.0, kl=5e-2, top1=0.97, greedy=0.25),
+    "int8/gguf-int8act": Tolerance(max_abs_diff=5.0, kl=5e-2, top1=0.97, greedy=0.25),
 }
+
+
+def tolerance_key(manifest: Any) -> str:
+    """'fp32', 'int4', 'int4/gguf', 'int4/gguf-int8act', ...: the TOLERANCES row that applies to a bundle."""
+    q = (manifest.extra or {}).get("quantization") or {}
+    if q.get("method") == "gguf":
+        key = f"{manifest.precision}/gguf" + ("-int8act" if q.get("accuracy_level", 0) >= 4 else "")
+        if key in TOLERANCES:
+            return key
+    return manifest.precision if manifest.precision in TOLERANCES else "int4"
 
 
 @dataclass
@@ -175,8 +191,8 @@ def compare(
 ) -> ParityReport:
     """Run every prompt through both models and build the report (tolerances from the bundle's precision)."""
     progress = progress or Silent()
-    precision = runtime.manifest.precision
-    tol = TOLERANCES.get(precision, TOLERANCES["int4"])
+    precision = tolerance_key(runtime.manifest)
+    tol = TOLERANCES[precision]
     has_template = runtime.tokenizer.has_chat_template
     results = []
     for k, (name, prompt) in enumerate(prompts):

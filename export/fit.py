@@ -39,7 +39,8 @@ class FitReport:
         return self.total_mb <= self.budget_mb
 
     def line(self) -> str:
-        return (f"{self.total_mb / 1024:.2f} GB = weights {self.weights_mb:.0f} MB + KV cache {self.kv_cache_mb:.0f} MB "
+        return (f"{self.total_mb / 1024:.2f} GB = weights {self.weights_mb:.0f} MB + KV cache "
+                f"{self.kv_cache_mb:.0f} MB "
                 f"(context {self.max_context}, batch {self.batch}) + workspace {self.workspace_mb:.0f} MB + runtime "
                 f"{self.overhead_mb:.0f} MB")
 

@@ -14,15 +14,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from edgekit.export import onnx_graph, source
+from edgekit.devices import DeviceProfile, load_profile
+from edgekit.export import fit, gguf, onnx_graph, quantize, source
+from edgekit.export.fit import FitReport
 from edgekit.export.progress import Progress
+from edgekit.export.quantize import ALGOS
 from edgekit.export.registry import ArchSpec, lookup
 from edgekit.runtimes import bundle as bdl
-from edgekit.runtimes.errors import ConfigError, UnsupportedModelError
+from edgekit.runtimes.errors import ConfigError, UnsupportedModelError, did_you_mean
 
-Precision = Literal["fp32"]
-PRECISIONS: tuple[str, ...] = ("fp32",)
+Precision = Literal["fp32", "int8", "int4"]
+PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int4")
+BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 DEFAULT_MAX_CONTEXT = 8192
+GGUF_FAMILIES = ("llama", "mistral")  # GGUF layouts whose q/k permutation export.gguf undoes
 # Tokens that end a chat turn in common templates, most specific first.
 TURN_END_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
@@ -32,12 +37,34 @@ Verifier = Callable[[Path, Any, Any, Progress], Mapping[str, Any]]
 
 @dataclass(frozen=True)
 class ExportConfig:
+    """What to export and how. ``None`` means: the device profile's default if a device is given, else the
+    built-in default (fp32; gguf carry-over when the source's blocks fit the precision, else rtn; accuracy level
+    0 for gguf, 4 for rtn/hqq; the model's context up to 8192)."""
+
     source: str
     output: Path
-    precision: Precision = "fp32"
+    precision: str | None = None
+    algo: str | None = None
+    block_size: int = 32
+    accuracy_level: int | None = None
     max_context: int | None = None
+    batch: int = 1
+    device: str | None = None
     force: bool = False
     trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """ExportConfig merged with the device profile and the source: every choice made, nothing None."""
+
+    precision: str
+    algo: str | None  # None for fp32
+    block_size: int
+    accuracy_level: int
+    max_context: int
+    device: DeviceProfile | None
+    fit: FitReport | None
 
 
 @dataclass(frozen=True)
@@ -48,25 +75,26 @@ class ExportResult:
 
 def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: Progress | None = None) -> ExportResult:
     """Export ``cfg.source`` to a bundle at ``cfg.output``; run ``verify`` (parity) on it before publishing."""
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}.")
     progress = progress or Progress(total=5 if verify else 4)
     ref = source.resolve(cfg.source)
     arch, config = source.read_architecture(ref, cfg.trust_remote_code)
     spec = lookup(arch)
-    max_context = _max_context(config, cfg.max_context)
+    plan = make_plan(cfg, ref, config)  # validates every option and checks the memory fit before heavy work
+    if plan.fit is not None:
+        progress.note(f"fits {plan.device.name}: {plan.fit.line()} of {plan.fit.budget_mb / 1024:.2f} GB")  # type: ignore[union-attr]
+    label = plan.precision + (f" {plan.algo}, accuracy level {plan.accuracy_level}" if plan.algo else "")
     with bdl.staging_dir(cfg.output, force=cfg.force) as stage:
         with progress.stage(f"Loading {ref.label}"):
             model = source.load_model(ref, cfg.trust_remote_code)
             tokenizer = source.load_tokenizer(ref, cfg.trust_remote_code)
-        with progress.stage(f"Building the ONNX graph ({arch}, {cfg.precision})"):
-            dims, weights = _decoder_parts(model, spec, max_context)
-            graph = onnx_graph.build_decoder(dims, weights, on_layer=lambda i: progress.tick(i + 1, dims.num_layers))
+        with progress.stage(f"Building the ONNX graph ({arch}, {label})"):
+            dims, weights = _decoder_parts(model, spec, plan.max_context)
+            graph, quant = _build(plan, ref, model, spec, dims, weights, progress)
         with progress.stage("Writing the bundle"):
             onnx_graph.save_model(graph, stage / "model.onnx")
             del graph
             tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
-            manifest = _manifest(cfg, ref, arch, spec, model, tokenizer, dims, max_context)
+            manifest = _manifest(plan, ref, arch, spec, model, tokenizer, dims, quant)
             manifest = replace(manifest, files=bdl.hash_payload(stage))
             bdl.write_manifest(stage, manifest)
         with progress.stage("Checking the bundle loads"):
@@ -79,13 +107,101 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
     return ExportResult(cfg.output, manifest)
 
 
-def _max_context(config: Any, requested: int | None) -> int:
+def _max_context(config: Any, requested: int | None, default: int = DEFAULT_MAX_CONTEXT) -> int:
     limit = int(getattr(config, "max_position_embeddings", DEFAULT_MAX_CONTEXT) or DEFAULT_MAX_CONTEXT)
     if requested is None:
-        return min(limit, DEFAULT_MAX_CONTEXT)
+        return min(limit, default)
     if not 16 <= requested <= limit:
         raise ConfigError(f"max_context must be between 16 and the model's limit {limit}, got {requested}.")
     return requested
+
+
+def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        near = did_you_mean(str(value), [str(a) for a in allowed])
+        raise ConfigError(f"Unknown {name} {value!r}. Choose one of: {', '.join(map(str, allowed))}.{near}")
+
+
+def _gguf_linear_types(ref: source.SourceRef) -> set[str]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(ref.folder / ref.gguf_file))
+    return {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+
+
+def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
+    """Merge the options with the device profile; validate them; check the memory fit."""
+    profile = load_profile(cfg.device) if cfg.device else None
+    precision = cfg.precision or (profile.default_precision if profile else "fp32")
+    _choice("precision", precision, PRECISIONS)
+    _choice("block size", cfg.block_size, BLOCK_SIZES)
+    if cfg.batch < 1:
+        raise ConfigError(f"batch must be >= 1, got {cfg.batch}.")
+    if cfg.accuracy_level is not None:
+        _choice("accuracy level", cfg.accuracy_level, (0, 1, 2, 3, 4))
+    algo = cfg.algo
+    if precision == "fp32":
+        if algo is not None:
+            raise ConfigError(f"--algo {algo} applies to int8/int4 exports; this export is fp32. "
+                              "HINT: add --precision int4 (or int8).")
+    else:
+        if algo is not None:
+            _choice("quantization algorithm", algo, ALGOS)
+        bits = 4 if precision == "int4" else 8
+        fits_gguf = False
+        if ref.gguf_file is not None and config.model_type in GGUF_FAMILIES:
+            wanted = {"Q4_0", "Q4_1"} if bits == 4 else {"Q8_0"}
+            fits_gguf = _gguf_linear_types(ref) <= wanted | ({"Q8_0"} if bits == 4 else set())
+        if algo == "gguf" and not fits_gguf:
+            raise ConfigError(
+                f"--algo gguf carries GGUF blocks over unchanged, which needs a Llama/Mistral GGUF source whose "
+                f"linear weights are {'Q4_0/Q4_1' if bits == 4 else 'Q8_0'}; '{ref.spec}' is not. "
+                "HINT: use --algo rtn or --algo hqq."
+            )
+        algo = algo or ("gguf" if fits_gguf else "rtn")
+        if algo == "gguf" and cfg.block_size != 32:
+            raise ConfigError(f"GGUF blocks are 32 wide; --block-size {cfg.block_size} cannot apply to --algo gguf.")
+    accuracy = cfg.accuracy_level if cfg.accuracy_level is not None else (0 if algo in (None, "gguf") else 4)
+    limit_default = profile.default_max_context if profile else DEFAULT_MAX_CONTEXT
+    max_context = _max_context(config, cfg.max_context, limit_default)
+    report = fit.check(config, precision, max_context, cfg.batch, profile, cfg.block_size) if profile else None
+    return Plan(precision, algo, cfg.block_size, accuracy, max_context, profile, report)
+
+
+def _build(plan: Plan, ref: source.SourceRef, model: Any, spec: ArchSpec, dims: onnx_graph.DecoderDims,
+           weights: onnx_graph.DecoderWeights, progress: Progress) -> tuple[Any, dict[str, Any] | None]:
+    """The graph for the plan's precision, and the manifest's description of its quantization."""
+    tick = lambda i: progress.tick(i + 1, dims.num_layers)  # noqa: E731
+    if plan.precision == "fp32":
+        return onnx_graph.build_decoder(dims, weights, on_layer=tick), None
+    bits = 4 if plan.precision == "int4" else 8
+    if plan.algo == "gguf":
+        carried = gguf.read(ref.folder / ref.gguf_file, model.config)  # type: ignore[operator]
+        sd = model.state_dict()
+        reference = [{k: getattr(spec.layer_weights(sd, i), k) for k in ("qkv", "o", "gate_up", "down")}
+                     for i in range(dims.num_layers)]
+        worst = gguf.verify_against(carried, reference)
+        progress.note(f"GGUF blocks carried over unchanged ({carried.types}); dequantized max |Δ| vs "
+                      f"transformers' weights: {worst:.1e}")
+        layers = lambda i: replace(spec.layer_weights(sd, i), **carried.layers[i])  # noqa: E731
+        fast_head = plan.accuracy_level > 0 and carried.embed is not None and carried.embed.bits == 8
+        opts = onnx_graph.BuildOptions(
+            accuracy_level=plan.accuracy_level,
+            embed_quant=carried.embed if fast_head else None,
+            lm_head_quant=(carried.lm_head or carried.embed) if fast_head else None,
+        )
+        graph = onnx_graph.build_decoder(dims, replace(weights, layers=layers), on_layer=tick, options=opts)
+        quant = {"method": "gguf", "bits": bits, "block_size": 32, "accuracy_level": plan.accuracy_level,
+                 "source_types": carried.types,
+                 "embedding": "8-bit blocks (GGUF Q8_0)" if fast_head else "float32 (dequantized exactly)",
+                 "lm_head": "8-bit blocks (GGUF Q8_0)" if fast_head else "float32 (dequantized exactly)"}
+        return graph, quant
+    graph = onnx_graph.build_decoder(dims, weights, on_layer=tick, options=onnx_graph.BuildOptions(lm_head_matmul=True))
+    graph = quantize.quantize_weights(graph, bits, plan.algo or "rtn", plan.block_size, plan.accuracy_level,
+                                      on_step=progress.note)
+    quant = {"method": plan.algo, "bits": bits, "block_size": plan.block_size, "accuracy_level": plan.accuracy_level,
+             "embedding": "float32", "lm_head": "8-bit"}
+    return graph, quant
 
 
 def _decoder_parts(
@@ -168,16 +284,16 @@ def _generation_defaults(model: Any) -> dict[str, Any]:
     return out
 
 
-def _manifest(cfg: ExportConfig, ref: source.SourceRef, arch: str, spec: ArchSpec, model: Any, tokenizer: Any,
-              dims: onnx_graph.DecoderDims, max_context: int) -> bdl.Manifest:
+def _manifest(plan: Plan, ref: source.SourceRef, arch: str, spec: ArchSpec, model: Any, tokenizer: Any,
+              dims: onnx_graph.DecoderDims, quant: dict[str, Any] | None) -> bdl.Manifest:
     kv = bdl.KVCacheLayout(dims.num_layers, dims.num_kv_heads, dims.head_dim, dtype="float32")
     specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     return bdl.Manifest(
         kind="ar",
         architecture=arch,
         model_type=str(model.config.model_type),
-        precision=cfg.precision,
-        max_context=max_context,
+        precision=plan.precision,
+        max_context=plan.max_context,
         vocab_size=dims.vocab_size,
         graphs={"decoder": bdl.GraphSpec("model.onnx", onnx_graph.input_names(dims.num_layers),
                                          onnx_graph.output_names(dims.num_layers))},
@@ -191,7 +307,12 @@ def _manifest(cfg: ExportConfig, ref: source.SourceRef, arch: str, spec: ArchSpe
         kv_cache=kv,
         generation=_generation_defaults(model),
         provenance=_provenance(ref, spec),
-        extra={"attention": {"num_heads": dims.num_heads, "local_window": dims.local_window}},
+        extra={
+            "attention": {"num_heads": dims.num_heads, "local_window": dims.local_window},
+            "quantization": quant,
+            "device": plan.device.name if plan.device else None,
+            "fit": plan.fit.to_dict() if plan.fit else None,
+        },
     )
 
 
