@@ -66,9 +66,12 @@ def estimate(config: Any, precision: str, max_context: int, batch: int, device: 
         "int8" if precision == "int4" else precision, block_size)
     weights = body * bytes_per_weight(precision, block_size) + embed_bytes + head_bytes
     kv = 2 * n_layers * kv_heads * head_dim * max_context * batch * kv_bytes
-    # a full-context prefill: MLP and attention activations for max_context tokens, attention probabilities per head
+    # a full-context prefill: MLP and attention activations for max_context tokens; on CPUs onnxruntime's attention
+    # also materialises the [heads, S, T] probabilities, where GPU kernels (flash attention) do not
     act_bytes = 4 if precision != "fp16" else 2
-    workspace = batch * max_context * (3 * inter + 6 * h) * act_bytes + batch * heads * max_context * max_context * 4
+    workspace = batch * max_context * (3 * inter + 6 * h) * act_bytes
+    if device.kind == "cpu":
+        workspace += batch * heads * max_context * max_context * 4
     mb = 1024 * 1024
     return FitReport(device.name, precision, max_context, batch, weights / mb, kv / mb, workspace / mb,
                      float(device.runtime_overhead_mb), device.memory_budget_gb * 1024)

@@ -60,3 +60,15 @@ def _serve_checks(bundle):
             assert out.count("data: ") >= 3 and out.rstrip().endswith("data: [DONE]")
     finally:
         server.stop()
+
+
+def test_smollm2_int4_carries_the_gguf_blocks_over_losslessly(tmp_path):
+    res = export_bundle(ExportConfig(source="smollm2-135m-instruct", output=tmp_path / "int4", precision="int4"),
+                        verify=verifier(new_tokens=32), progress=Silent())
+    q = res.manifest.extra["quantization"]
+    assert q["method"] == "gguf" and q["source_types"]["Q4_1"] == 210
+    report = res.manifest.parity
+    assert report["passed"], report["misses"]
+    assert report["summary"]["top1"] >= 0.99  # the bar for the lossless carry-over
+    size = sum(p.stat().st_size for p in res.path.iterdir())
+    assert size < 0.4 * 538e6  # vs ~540 MB at fp32
