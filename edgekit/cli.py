@@ -47,12 +47,17 @@ def main() -> None:
 @click.option("--max-context", type=int, default=None,
               help="Context length the bundle supports [device default or the model's, max 8192].")
 @click.option("--batch", default=1, show_default=True, help="Concurrent sequences to budget KV cache for.")
+@click.option("--prune", default=None, help="depth=N (drop N layers), width=F (drop a fraction F of FFN channels) "
+              "or sparsity=2:4, ranked by importance on calibration text.")
+@click.option("--calibration", default=None, type=click.Path(), help="Text file for pruning importance "
+              "[a built-in text].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python modeling code to run.")
 @click.option("--parity-tokens", default=64, show_default=True, help="Greedy tokens per prompt in the parity check.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the PyTorch model.")
 def export(source: str, output: Path, precision: str | None, algo: str | None, block_size: int,
-           accuracy_level: int | None, device: str | None, max_context: int | None, batch: int, force: bool,
+           accuracy_level: int | None, device: str | None, max_context: int | None, batch: int,
+           prune: str | None, calibration: str | None, force: bool,
            trust_remote_code: bool, parity_tokens: int, no_parity: bool) -> None:
     """Export SOURCE (a built-in name like smollm2-135m-instruct, an HF folder or a .gguf file) to a bundle."""
     from edgekit.export.pipeline import ExportConfig, export_bundle
@@ -60,6 +65,7 @@ def export(source: str, output: Path, precision: str | None, algo: str | None, b
 
     cfg = ExportConfig(source=source, output=output, precision=precision, algo=algo, block_size=block_size,
                        accuracy_level=accuracy_level, device=device, max_context=max_context, batch=batch,
+                       prune=prune, calibration=calibration,
                        force=force, trust_remote_code=trust_remote_code)
     verify = None if no_parity else verifier(parity_tokens)
     result = export_bundle(cfg, verify=verify)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgekit.devices import DeviceProfile, load_profile
-from edgekit.export import fit, gguf, onnx_graph, quantize, source
+from edgekit.export import fit, gguf, onnx_graph, prune, quantize, source
 from edgekit.export.fit import FitReport
 from edgekit.export.progress import Progress
 from edgekit.export.quantize import ALGOS
@@ -50,6 +50,8 @@ class ExportConfig:
     max_context: int | None = None
     batch: int = 1
     device: str | None = None
+    prune: str | None = None  # depth=N | width=F | sparsity=2:4
+    calibration: str | None = None  # a text file for pruning importance (a built-in text otherwise)
     force: bool = False
     trust_remote_code: bool = False
 
@@ -65,6 +67,8 @@ class Plan:
     max_context: int
     device: DeviceProfile | None
     fit: FitReport | None
+    prune: prune.PruneSpec | None = None
+    calibration_text: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class ExportResult:
 
 def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: Progress | None = None) -> ExportResult:
     """Export ``cfg.source`` to a bundle at ``cfg.output``; run ``verify`` (parity) on it before publishing."""
-    progress = progress or Progress(total=5 if verify else 4)
+    progress = progress or Progress(total=(5 if verify else 4) + (1 if cfg.prune else 0))
     ref = source.resolve(cfg.source)
     arch, config = source.read_architecture(ref, cfg.trust_remote_code)
     spec = lookup(arch)
@@ -87,6 +91,11 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
         with progress.stage(f"Loading {ref.label}"):
             model = source.load_model(ref, cfg.trust_remote_code)
             tokenizer = source.load_tokenizer(ref, cfg.trust_remote_code)
+        pruning = None
+        if plan.prune is not None:
+            with progress.stage(f"Pruning ({plan.prune.label()}, importance from calibration text)"):
+                pruning = prune.apply(model, tokenizer, plan.prune, plan.calibration_text)
+                progress.note(", ".join(f"{k}: {v}" for k, v in pruning.items() if k != "block_influence"))
         with progress.stage(f"Building the ONNX graph ({arch}, {label})"):
             dims, weights = _decoder_parts(model, spec, plan.max_context)
             graph, quant = _build(plan, ref, model, spec, dims, weights, progress)
@@ -94,7 +103,7 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
             onnx_graph.save_model(graph, stage / "model.onnx")
             del graph
             tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
-            manifest = _manifest(plan, ref, arch, spec, model, tokenizer, dims, quant)
+            manifest = _manifest(plan, ref, arch, spec, model, tokenizer, dims, quant, pruning)
             manifest = replace(manifest, files=bdl.hash_payload(stage))
             bdl.write_manifest(stage, manifest)
         with progress.stage("Checking the bundle loads"):
@@ -139,7 +148,14 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
         raise ConfigError(f"batch must be >= 1, got {cfg.batch}.")
     if cfg.accuracy_level is not None:
         _choice("accuracy level", cfg.accuracy_level, (0, 1, 2, 3, 4))
+    spec = prune.parse(cfg.prune) if cfg.prune else None
+    if spec is not None:
+        prune.check_amount(spec, config)
+    calibration = prune.read_calibration(cfg.calibration)
     algo = cfg.algo
+    if spec is not None and algo == "gguf":
+        raise ConfigError("--prune changes the weights, so GGUF blocks cannot be carried over unchanged. "
+                          "HINT: use --algo rtn or --algo hqq with --prune.")
     if precision == "fp32":
         if algo is not None:
             raise ConfigError(f"--algo {algo} applies to int8/int4 exports; this export is fp32. "
@@ -149,7 +165,7 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
             _choice("quantization algorithm", algo, ALGOS)
         bits = 4 if precision == "int4" else 8
         fits_gguf = False
-        if ref.gguf_file is not None and config.model_type in GGUF_FAMILIES:
+        if ref.gguf_file is not None and config.model_type in GGUF_FAMILIES and spec is None:
             wanted = {"Q4_0", "Q4_1"} if bits == 4 else {"Q8_0"}
             fits_gguf = _gguf_linear_types(ref) <= wanted | ({"Q8_0"} if bits == 4 else set())
         if algo == "gguf" and not fits_gguf:
@@ -165,7 +181,7 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
     limit_default = profile.default_max_context if profile else DEFAULT_MAX_CONTEXT
     max_context = _max_context(config, cfg.max_context, limit_default)
     report = fit.check(config, precision, max_context, cfg.batch, profile, cfg.block_size) if profile else None
-    return Plan(precision, algo, cfg.block_size, accuracy, max_context, profile, report)
+    return Plan(precision, algo, cfg.block_size, accuracy, max_context, profile, report, spec, calibration)
 
 
 def _build(plan: Plan, ref: source.SourceRef, model: Any, spec: ArchSpec, dims: onnx_graph.DecoderDims,
@@ -285,7 +301,8 @@ def _generation_defaults(model: Any) -> dict[str, Any]:
 
 
 def _manifest(plan: Plan, ref: source.SourceRef, arch: str, spec: ArchSpec, model: Any, tokenizer: Any,
-              dims: onnx_graph.DecoderDims, quant: dict[str, Any] | None) -> bdl.Manifest:
+              dims: onnx_graph.DecoderDims, quant: dict[str, Any] | None,
+              pruning: dict[str, Any] | None = None) -> bdl.Manifest:
     kv = bdl.KVCacheLayout(dims.num_layers, dims.num_kv_heads, dims.head_dim, dtype="float32")
     specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     return bdl.Manifest(
@@ -310,6 +327,8 @@ def _manifest(plan: Plan, ref: source.SourceRef, arch: str, spec: ArchSpec, mode
         extra={
             "attention": {"num_heads": dims.num_heads, "local_window": dims.local_window},
             "quantization": quant,
+            "pruning": pruning,
+            "sparse_2_4": bool(pruning and pruning.get("pattern") == "2:4"),
             "device": plan.device.name if plan.device else None,
             "fit": plan.fit.to_dict() if plan.fit else None,
         },
