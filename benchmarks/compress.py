@@ -161,11 +161,11 @@ def reference(source: str, prompts: list[Any]) -> tuple[Any, list[list[int]], li
     import torch
 
     from edgekit.export import source as src
-    from edgekit.parity import _ref_ids
+    from edgekit.export.prompts import reference_ids
 
     ref = src.resolve(source)
     model, tok = src.load_model(ref), src.load_tokenizer(ref)
-    ids = [_ref_ids(tok, p) for p in prompts]
+    ids = [reference_ids(tok, p) for p in prompts]
     with torch.inference_mode():
         logits = [model(torch.tensor([i])).logits[0].float().numpy() for i in ids]
         eval_ids = tok(EVAL_TEXT)["input_ids"]

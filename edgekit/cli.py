@@ -35,7 +35,8 @@ def main() -> None:
 @main.command()
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
-@click.option("--precision", default=None, help="fp32, int8 or int4 [the device's default, else fp32].")
+@click.option("--precision", default=None, help="fp32, fp16 (GPU targets), int8 or int4 "
+              "[the device's default, else fp32].")
 @click.option("--algo", default=None, help="int8/int4 method: gguf (carry GGUF blocks over unchanged), rtn or hqq "
               "[gguf when the source allows, else rtn].")
 @click.option("--block-size", default=32, show_default=True, help="Quantization block size (16..256).")
@@ -51,13 +52,15 @@ def main() -> None:
               "or sparsity=2:4, ranked by importance on calibration text.")
 @click.option("--calibration", default=None, type=click.Path(), help="Text file for pruning importance "
               "[a built-in text].")
+@click.option("--eval-text", default=None, type=click.Path(), help="Text file for the perplexity in the quality "
+              "report [a built-in text].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python modeling code to run.")
 @click.option("--parity-tokens", default=64, show_default=True, help="Greedy tokens per prompt in the parity check.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the PyTorch model.")
 def export(source: str, output: Path, precision: str | None, algo: str | None, block_size: int,
            accuracy_level: int | None, device: str | None, max_context: int | None, batch: int,
-           prune: str | None, calibration: str | None, force: bool,
+           prune: str | None, calibration: str | None, eval_text: str | None, force: bool,
            trust_remote_code: bool, parity_tokens: int, no_parity: bool) -> None:
     """Export SOURCE (a built-in name like smollm2-135m-instruct, an HF folder or a .gguf file) to a bundle."""
     from edgekit.export.pipeline import ExportConfig, export_bundle
@@ -65,7 +68,7 @@ def export(source: str, output: Path, precision: str | None, algo: str | None, b
 
     cfg = ExportConfig(source=source, output=output, precision=precision, algo=algo, block_size=block_size,
                        accuracy_level=accuracy_level, device=device, max_context=max_context, batch=batch,
-                       prune=prune, calibration=calibration,
+                       prune=prune, calibration=calibration, eval_text=eval_text,
                        force=force, trust_remote_code=trust_remote_code)
     verify = None if no_parity else verifier(parity_tokens)
     result = export_bundle(cfg, verify=verify)
@@ -134,6 +137,31 @@ def parity(bundle: Path, reference: str, new_tokens: int, trust_remote_code: boo
         json_out.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     if not report.passed:
         raise ParityError(f"parity failed for {bundle}: {len(report.misses)} misses (listed above).")
+
+
+@main.command("quality")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--reference", required=True, help="The uncompressed source (name, folder or .gguf).")
+@click.option("--text", "text_file", default=None, type=click.Path(), help="Evaluation text [built-in].")
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=Path), help="Also save a PNG chart.")
+@click.option("--trust-remote-code", is_flag=True)
+def quality_cmd(bundle: Path, reference: str, text_file: str | None, plot_path: Path | None,
+                trust_remote_code: bool) -> None:
+    """Perplexity, agreement with the uncompressed model, size and speed of BUNDLE."""
+    from edgekit.export import prompts, quality, source
+    from edgekit.runtimes import load
+
+    text = quality.read_text(text_file)
+    runtime = load(bundle)
+    ref = source.resolve(reference)
+    model, tok = source.load_model(ref, trust_remote_code), source.load_tokenizer(ref, trust_remote_code)
+    baseline = quality.reference(model, prompts.prompt_ids(tok, runtime.tokenizer.has_chat_template),
+                                 tok(text)["input_ids"], max_tokens=runtime.max_context)
+    report = quality.evaluate(runtime, baseline, bundle)
+    click.echo(report.table())
+    if plot_path:
+        quality.plot(report, plot_path)
+        click.echo(f"plot written to {plot_path}")
 
 
 @main.command()

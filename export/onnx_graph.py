@@ -55,6 +55,7 @@ class BuildOptions:
     """
 
     lm_head_matmul: bool = False
+    dtype: str = "float32"  # float weights, activations and KV cache; "float16" for GPU targets (logits stay fp32)
     embed_quant: BlockQuantLinear | None = None
     lm_head_quant: BlockQuantLinear | None = None
     accuracy_level: int = 0
@@ -85,7 +86,8 @@ def output_names(n_layers: int) -> tuple[str, ...]:
 class _Graph:
     """A tiny node/initializer accumulator with unique names."""
 
-    def __init__(self, accuracy_level: int = 0) -> None:
+    def __init__(self, accuracy_level: int = 0, dtype: str = "float32") -> None:
+        self.float_dtype = np.dtype(dtype)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self._n = 0
@@ -122,6 +124,8 @@ class _Graph:
             assert name.startswith("const."), f"duplicate initializer {name}"  # shared constants are reused
             return name
         self._names.add(name)
+        if arr.dtype == np.float32 and not name.startswith("const."):
+            arr = arr.astype(self.float_dtype)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
@@ -147,9 +151,10 @@ def build_decoder(
 ) -> onnx.ModelProto:
     """Return the decoder ModelProto (weights inline; save with ``save_model`` to split them out)."""
     opt = options or BuildOptions()
-    g = _Graph(opt.accuracy_level)
+    g = _Graph(opt.accuracy_level, opt.dtype)
     n, H, hd = dims.num_layers, dims.hidden, dims.head_dim
     f32 = TensorProto.FLOAT
+    fkv = TensorProto.FLOAT16 if opt.dtype == "float16" else TensorProto.FLOAT
 
     # rotary caches: [max_positions, head_dim / 2]
     pos = np.arange(dims.max_positions, dtype=np.float32)[:, None]
@@ -235,7 +240,10 @@ def build_decoder(
         logits2d = g.op("Gemm", [flat, head], transB=1, name="lm_head")
     out_shape = g.op("Concat", [g.op("Shape", [kept], start=0, end=2),
                                 g.init("const.vocab", np.array([dims.vocab_size], np.int64))], axis=0)
-    g.op_named("Reshape", [logits2d, out_shape], ["logits"])
+    if opt.dtype == "float32":
+        g.op_named("Reshape", [logits2d, out_shape], ["logits"])
+    else:  # logits leave the graph in fp32 whatever the compute dtype
+        g.op_named("Cast", [g.op("Reshape", [logits2d, out_shape])], ["logits"], to=TensorProto.FLOAT)
 
     B, S, P, T, K = "batch", "sequence", "past_sequence", "total_sequence", "kept"
     inputs = [
@@ -246,9 +254,9 @@ def build_decoder(
     outputs = [helper.make_tensor_value_info("logits", f32, [B, K, dims.vocab_size])]
     for i in range(n):
         for name in (kv.past_key, kv.past_value):
-            inputs.append(helper.make_tensor_value_info(name.format(layer=i), f32, [B, dims.num_kv_heads, P, hd]))
+            inputs.append(helper.make_tensor_value_info(name.format(layer=i), fkv, [B, dims.num_kv_heads, P, hd]))
         for name in (kv.present_key, kv.present_value):
-            outputs.append(helper.make_tensor_value_info(name.format(layer=i), f32, [B, dims.num_kv_heads, T, hd]))
+            outputs.append(helper.make_tensor_value_info(name.format(layer=i), fkv, [B, dims.num_kv_heads, T, hd]))
     graph = helper.make_graph(g.nodes, "edgekit_decoder", inputs, outputs, initializer=g.inits)
     model = helper.make_model(
         graph,

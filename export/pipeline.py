@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgekit.devices import DeviceProfile, load_profile
-from edgekit.export import fit, gguf, onnx_graph, prune, quantize, source
+from edgekit.export import fit, gguf, onnx_graph, prompts, prune, quality, quantize, source
 from edgekit.export.fit import FitReport
 from edgekit.export.progress import Progress
 from edgekit.export.quantize import ALGOS
 from edgekit.export.registry import ArchSpec, lookup
 from edgekit.runtimes import bundle as bdl
+from edgekit.runtimes import load
 from edgekit.runtimes.errors import ConfigError, UnsupportedModelError, did_you_mean
 
-Precision = Literal["fp32", "int8", "int4"]
-PRECISIONS: tuple[str, ...] = ("fp32", "int8", "int4")
+Precision = Literal["fp32", "fp16", "int8", "int4"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 DEFAULT_MAX_CONTEXT = 8192
 GGUF_FAMILIES = ("llama", "mistral")  # GGUF layouts whose q/k permutation export.gguf undoes
@@ -52,6 +53,7 @@ class ExportConfig:
     device: str | None = None
     prune: str | None = None  # depth=N | width=F | sparsity=2:4
     calibration: str | None = None  # a text file for pruning importance (a built-in text otherwise)
+    eval_text: str | None = None  # a text file for the perplexity in the quality report (a built-in text otherwise)
     force: bool = False
     trust_remote_code: bool = False
 
@@ -69,6 +71,7 @@ class Plan:
     fit: FitReport | None
     prune: prune.PruneSpec | None = None
     calibration_text: str = ""
+    eval_text: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,9 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
         with progress.stage(f"Loading {ref.label}"):
             model = source.load_model(ref, cfg.trust_remote_code)
             tokenizer = source.load_tokenizer(ref, cfg.trust_remote_code)
+            # the uncompressed model's outputs, taken before pruning so the quality report shows its cost
+            baseline = quality.reference(model, prompts.prompt_ids(tokenizer, bool(tokenizer.chat_template)),
+                                         tokenizer(plan.eval_text)["input_ids"], max_tokens=plan.max_context)
         pruning = None
         if plan.prune is not None:
             with progress.stage(f"Pruning ({plan.prune.label()}, importance from calibration text)"):
@@ -106,8 +112,13 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
             manifest = _manifest(plan, ref, arch, spec, model, tokenizer, dims, quant, pruning)
             manifest = replace(manifest, files=bdl.hash_payload(stage))
             bdl.write_manifest(stage, manifest)
-        with progress.stage("Checking the bundle loads"):
+        with progress.stage("Checking the bundle loads; quality vs the uncompressed model"):
             bdl.load_manifest(stage)
+            report = quality.evaluate(load(stage), baseline, stage)
+            progress.note(f"perplexity {report.perplexity:.3f} (reference {report.reference_perplexity:.3f}), "
+                          f"top-1 {report.top1:.2%}, KL {report.kl:.2e}, {report.decode_tok_s:.1f} tok/s")
+            manifest = replace(manifest, extra={**manifest.extra, "quality": report.to_dict()})
+            bdl.write_manifest(stage, manifest)
         if verify is not None:
             with progress.stage("Parity against the PyTorch model"):
                 report = verify(stage, model, tokenizer, progress)
@@ -152,13 +163,14 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
     if spec is not None:
         prune.check_amount(spec, config)
     calibration = prune.read_calibration(cfg.calibration)
+    eval_text = quality.read_text(cfg.eval_text)
     algo = cfg.algo
     if spec is not None and algo == "gguf":
         raise ConfigError("--prune changes the weights, so GGUF blocks cannot be carried over unchanged. "
                           "HINT: use --algo rtn or --algo hqq with --prune.")
-    if precision == "fp32":
+    if precision in ("fp32", "fp16"):
         if algo is not None:
-            raise ConfigError(f"--algo {algo} applies to int8/int4 exports; this export is fp32. "
+            raise ConfigError(f"--algo {algo} applies to int8/int4 exports; this export is {precision}. "
                               "HINT: add --precision int4 (or int8).")
     else:
         if algo is not None:
@@ -181,15 +193,16 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
     limit_default = profile.default_max_context if profile else DEFAULT_MAX_CONTEXT
     max_context = _max_context(config, cfg.max_context, limit_default)
     report = fit.check(config, precision, max_context, cfg.batch, profile, cfg.block_size) if profile else None
-    return Plan(precision, algo, cfg.block_size, accuracy, max_context, profile, report, spec, calibration)
+    return Plan(precision, algo, cfg.block_size, accuracy, max_context, profile, report, spec, calibration, eval_text)
 
 
 def _build(plan: Plan, ref: source.SourceRef, model: Any, spec: ArchSpec, dims: onnx_graph.DecoderDims,
            weights: onnx_graph.DecoderWeights, progress: Progress) -> tuple[Any, dict[str, Any] | None]:
     """The graph for the plan's precision, and the manifest's description of its quantization."""
     tick = lambda i: progress.tick(i + 1, dims.num_layers)  # noqa: E731
-    if plan.precision == "fp32":
-        return onnx_graph.build_decoder(dims, weights, on_layer=tick), None
+    if plan.precision in ("fp32", "fp16"):
+        opts = onnx_graph.BuildOptions(dtype="float16" if plan.precision == "fp16" else "float32")
+        return onnx_graph.build_decoder(dims, weights, on_layer=tick, options=opts), None
     bits = 4 if plan.precision == "int4" else 8
     if plan.algo == "gguf":
         carried = gguf.read(ref.folder / ref.gguf_file, model.config)  # type: ignore[operator]
@@ -303,7 +316,8 @@ def _generation_defaults(model: Any) -> dict[str, Any]:
 def _manifest(plan: Plan, ref: source.SourceRef, arch: str, spec: ArchSpec, model: Any, tokenizer: Any,
               dims: onnx_graph.DecoderDims, quant: dict[str, Any] | None,
               pruning: dict[str, Any] | None = None) -> bdl.Manifest:
-    kv = bdl.KVCacheLayout(dims.num_layers, dims.num_kv_heads, dims.head_dim, dtype="float32")
+    kv = bdl.KVCacheLayout(dims.num_layers, dims.num_kv_heads, dims.head_dim,
+                           dtype="float16" if plan.precision == "fp16" else "float32")
     specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     return bdl.Manifest(
         kind="ar",

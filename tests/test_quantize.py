@@ -191,3 +191,15 @@ def test_manifest_records_quantization(tiny_model, tmp_path):
     res = _export(tiny_model(), tmp_path / "b", precision="int4", block_size=64)
     m = json.loads((res.path / "edgekit.json").read_text())
     assert m["extra"]["quantization"]["block_size"] == 64 and m["precision"] == "int4"
+
+
+def test_fp16_bundle_runs_on_cpu_with_fp16_kv_cache(tiny_model, tmp_path):
+    from edgekit.parity import verifier
+
+    res = export_bundle(ExportConfig(source=str(tiny_model()), output=tmp_path / "b", precision="fp16"),
+                        verify=verifier(new_tokens=8), progress=Silent())
+    assert res.manifest.kv_cache.dtype == "float16"
+    assert res.manifest.parity["summary"]["top1"] >= 0.95
+    model = load(res.path)
+    assert model.new_cache().feeds()["past_key_values.0.key"].dtype == np.float16
+    assert isinstance(model.generate("Hello", max_new_tokens=4), str)

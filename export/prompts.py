@@ -1,0 +1,47 @@
+"""The built-in prompt set shared by parity and quality reports."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from edgekit.runtimes.tokenizer import Prompt
+
+# The built-in prompt set: plain text and chat, English, Chinese, emoji, code, a multi-turn conversation.
+PROMPTS: tuple[tuple[str, Prompt], ...] = (
+    ("sky", [{"role": "user", "content": "Why is the sky blue?"}]),
+    ("plain", "The capital of France is"),
+    ("chinese", [{"role": "user", "content": "请用一句话介绍一下长城。"}]),
+    ("emoji", [{"role": "user", "content": "Reply with three emoji that describe summer 🌞"}]),
+    ("code", [{"role": "user", "content": "Write a Python function that reverses a string."}]),
+    ("math", [{"role": "user", "content": "What is 17 times 23? Think step by step."}]),
+    ("multi_turn", [
+        {"role": "user", "content": "My name is Ada and I like tea."},
+        {"role": "assistant", "content": "Nice to meet you, Ada! Tea is lovely."},
+        {"role": "user", "content": "What is my name, and what do I like?"},
+    ]),
+    ("system", [
+        {"role": "system", "content": "You are a terse assistant. Answer in one sentence."},
+        {"role": "user", "content": "Explain what a KV cache is in a transformer."},
+    ]),
+    ("story", "Once upon a time, in a small village by the sea,"),
+)
+
+
+def reference_ids(hf_tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt through transformers' tokenizer (chat template for message lists)."""
+    if isinstance(prompt, str):
+        return list(hf_tokenizer(prompt)["input_ids"])
+    out = hf_tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+    ids = out["input_ids"] if isinstance(out, Mapping) else out
+    return [int(i) for i in ids]
+
+
+def prompt_ids(hf_tokenizer: Any, has_template: bool = True) -> list[list[int]]:
+    """Ids of every built-in prompt (chats flattened to text for tokenizers without a chat template)."""
+    out = []
+    for _, prompt in PROMPTS:
+        if not isinstance(prompt, str) and not has_template:
+            prompt = "\n".join(m["content"] for m in prompt)
+        out.append(reference_ids(hf_tokenizer, prompt))
+    return out
