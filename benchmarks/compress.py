@@ -45,6 +45,10 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("int4 rtn (acc 4)", ["--precision", "int4", "--algo", "rtn", "--accuracy-level", "4"]),
     ("int4 hqq (acc 4)", ["--precision", "int4", "--algo", "hqq", "--accuracy-level", "4"]),
     ("int8 rtn (acc 4)", ["--precision", "int8", "--algo", "rtn", "--accuracy-level", "4"]),
+    ("fp16", ["--precision", "fp16"]),
+    ("fp32 pruned depth=4", ["--precision", "fp32", "--prune", "depth=4"]),
+    ("fp32 pruned width=0.25", ["--precision", "fp32", "--prune", "width=0.25"]),
+    ("fp32 sparsity 2:4", ["--precision", "fp32", "--prune", "sparsity=2:4"]),
 ]
 
 
