@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import machine  # noqa: E402
+from decode import machine, pyplot  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(".cache/benchmarks")
@@ -301,12 +301,8 @@ def render(r: dict) -> str:
 
 
 def plot(r: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name, row in r["rows"].items():

@@ -207,7 +207,8 @@ def render(r: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict) -> None:
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -215,6 +216,13 @@ def plot(r: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed; skipping the plot", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(r: dict) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     m = r["median"]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import machine  # noqa: E402
+from decode import machine, pyplot  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOPICS = ["the ocean", "a robot learning to paint", "a city on Mars", "an old lighthouse", "a lost cat",
@@ -205,12 +205,8 @@ def render(r: dict) -> str:
 
 
 def plot(r: dict) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     rows = r["concurrency"]
     c = [x["concurrency"] for x in rows]

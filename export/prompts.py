@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from edgekit.runtimes.errors import ConfigError
 from edgekit.runtimes.tokenizer import Prompt
 
 # The built-in prompt set: plain text and chat, English, Chinese, emoji, code, a multi-turn conversation.
@@ -26,6 +28,19 @@ PROMPTS: tuple[tuple[str, Prompt], ...] = (
     ]),
     ("story", "Once upon a time, in a small village by the sea,"),
 )
+
+
+def read_user_text(path: str | None, default: str, what: str, min_words: int = 10) -> str:
+    """A user's UTF-8 text file (calibration or evaluation text), or ``default`` when no path is given."""
+    if path is None:
+        return default
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"Cannot read the {what} '{path}': {e}. HINT: pass a UTF-8 text file.") from None
+    if len(text.split()) < min_words:
+        raise ConfigError(f"The {what} '{path}' is too short ({len(text.split())} words); give it a paragraph.")
+    return text
 
 
 def reference_ids(hf_tokenizer: Any, prompt: Prompt) -> list[int]:

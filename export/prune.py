@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from edgekit.export.prompts import read_user_text
 from edgekit.runtimes.errors import ConfigError, UnsupportedModelError
 
 CALIBRATION_TEXT = (
@@ -67,15 +67,7 @@ def parse(text: str) -> PruneSpec:
 
 
 def read_calibration(path: str | None) -> str:
-    if path is None:
-        return CALIBRATION_TEXT
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Cannot read the calibration file '{path}': {e}. HINT: pass a UTF-8 text file.") from None
-    if len(text.strip()) < 20:
-        raise ConfigError(f"The calibration file '{path}' holds almost no text ({len(text.strip())} characters).")
-    return text
+    return read_user_text(path, CALIBRATION_TEXT, "calibration file")
 
 
 def check_amount(spec: PruneSpec, config: Any) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.export.prompts import read_user_text
 from edgekit.runtimes.errors import ConfigError
 
 EVAL_TEXT = (
@@ -30,16 +31,7 @@ EVAL_TEXT = (
 
 
 def read_text(path: str | None) -> str:
-    if path is None:
-        return EVAL_TEXT
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Cannot read the evaluation text '{path}': {e}. HINT: pass a UTF-8 text file.") from None
-    if len(text.split()) < 10:
-        raise ConfigError(f"The evaluation text '{path}' is too short ({len(text.split())} words); "
-                          "give it a paragraph.")
-    return text
+    return read_user_text(path, EVAL_TEXT, "evaluation text")
 
 
 @dataclass(frozen=True)
