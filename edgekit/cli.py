@@ -95,6 +95,13 @@ def export(source: str, output: Path, precision: str | None, algo: str | None, b
 @click.option("--repetition-penalty", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--gen-length", type=int, default=None, help="Diffusion: tokens to generate.")
+@click.option("--block-length", type=int, default=None, help="Diffusion: tokens per semi-autoregressive block.")
+@click.option("--diffusion-steps", type=int, default=None, help="Diffusion: denoising steps in total.")
+@click.option("--remasking", type=click.Choice(["low_confidence", "random", "margin", "entropy"]), default=None,
+              help="Diffusion: which masked positions each step commits.")
+@click.option("--threshold", type=float, default=None,
+              help="Diffusion: commit every position whose confidence exceeds this (parallel decoding).")
 @click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider (repeatable, in order).")
 @click.option("--threads", type=int, default=None)
 @click.option("--stats", is_flag=True, help="Print token counts, TTFT and decode speed to stderr.")
@@ -108,7 +115,10 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, provid
     messages: Any = prompt
     if use_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    stream = model.stream(messages, stop=stop or None, **sampling)
+    options = {k: v for k, v in sampling.items() if v is not None}
+    if stop:
+        options["stop"] = stop
+    stream = model.stream(messages, **options)
     try:
         for piece in stream:
             click.echo(piece, nl=False)
@@ -117,8 +127,14 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, provid
     click.echo()
     if stats:
         s = stream.stats
-        click.echo(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, finish={s.finish_reason}, "
-                   f"TTFT {s.ttft_s * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tok/s]", err=True)
+        if model.kind == "diffusion":
+            click.echo(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated in {s.blocks} blocks, "
+                       f"{s.forward_passes} forward passes ({s.tokens_per_forward:.2f} tokens/forward), first block "
+                       f"{s.first_block_s * 1000:.0f} ms, total {s.latency_s * 1000:.0f} ms, "
+                       f"finish={s.finish_reason}]", err=True)
+        else:
+            click.echo(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, finish={s.finish_reason}, "
+                       f"TTFT {s.ttft_s * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tok/s]", err=True)
 
 
 @main.command()

@@ -222,7 +222,11 @@ def verifier(new_tokens: int = 64):
     """A ``Verifier`` for ``export_bundle``: runs ``compare`` on the freshly written bundle."""
 
     def verify(bundle_dir: Path, torch_model: Any, hf_tokenizer: Any, progress: Progress) -> dict[str, Any]:
-        report = compare(load(bundle_dir), torch_model, hf_tokenizer, new_tokens=new_tokens, progress=progress)
+        runtime = load(bundle_dir)
+        if runtime.kind == "diffusion":
+            report: Any = compare_diffusion(runtime, torch_model, hf_tokenizer, progress=progress)
+        else:
+            report = compare(runtime, torch_model, hf_tokenizer, new_tokens=new_tokens, progress=progress)
         verify.last_report = report  # type: ignore[attr-defined]
         return report.to_dict()
 
@@ -238,7 +242,104 @@ def run_parity(bundle_dir: Path, reference: str, new_tokens: int = 64, trust_rem
     runtime = load(bundle_dir)
     ref = source.resolve(reference)
     with progress.stage(f"Loading the reference {ref.label}"):
-        model = source.load_model(ref, trust_remote_code)
+        model = source.load_model(ref, trust_remote_code, kind=runtime.kind)
         tokenizer = source.load_tokenizer(ref, trust_remote_code)
+    if runtime.kind == "diffusion":
+        with progress.stage("Comparing the denoiser with the PyTorch reference sampler"):
+            return compare_diffusion(runtime, model, tokenizer, progress=progress)  # type: ignore[return-value]
     with progress.stage(f"Comparing on {len(PROMPTS)} prompts x {new_tokens} greedy tokens"):
         return compare(runtime, model, tokenizer, new_tokens=new_tokens, progress=progress)
+
+
+# --- diffusion bundles -----------------------------------------------------------------------------------------------
+DIFFUSION_SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("low_confidence", {"remasking": "low_confidence"}),
+    ("threshold_0.9", {"remasking": "low_confidence", "threshold": 0.9}),
+    ("margin", {"remasking": "margin"}),
+    ("entropy", {"remasking": "entropy"}),
+    ("random_seed3", {"remasking": "random", "seed": 3}),
+    ("sampled_T0.7", {"temperature": 0.7, "top_k": 50, "top_p": 0.95, "seed": 5}),
+)
+
+
+@dataclass
+class DiffusionRow:
+    prompt: str
+    setting: str
+    steps: int
+    max_abs_diff: float
+    tokens_identical: bool
+    misses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DiffusionParityReport:
+    """Runtime denoiser vs the PyTorch reference sampler, no-cache mode: per-step logits and final tokens."""
+
+    tolerance: float
+    rows: list[DiffusionRow]
+
+    @property
+    def misses(self) -> list[str]:
+        return [f"{r.prompt}/{r.setting}: {m}" for r in self.rows for m in r.misses]
+
+    @property
+    def passed(self) -> bool:
+        return not self.misses
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "kind": "diffusion", "precision": "fp32", "tolerance": self.tolerance,
+                "summary": {"max_abs_diff": max(r.max_abs_diff for r in self.rows),
+                            "tokens_identical": sum(r.tokens_identical for r in self.rows) / len(self.rows),
+                            "steps": sum(r.steps for r in self.rows)},
+                "rows": [asdict(r) for r in self.rows], "misses": self.misses}
+
+    def table(self) -> str:
+        head = f"{'prompt':<10} {'setting':<16} {'steps':>5} {'max|Δ| per step':>16} {'tokens':>9}  ok"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(f"{r.prompt:<10} {r.setting:<16} {r.steps:>5} {r.max_abs_diff:>16.2e} "
+                         f"{'identical' if r.tokens_identical else 'DIFFER':>9}  {'✓' if not r.misses else '✗'}")
+        lines.append("-" * len(head))
+        lines.append(f"fp32 no-cache: per-step logits max|Δ| <= {self.tolerance:g} and identical tokens required")
+        lines.append("PASSED" if self.passed else f"FAILED ({len(self.misses)} misses):")
+        lines.extend(f"  ✗ {m}" for m in self.misses)
+        return "\n".join(lines)
+
+
+def compare_diffusion(runtime: Any, torch_model: Any, hf_tokenizer: Any, gen_length: int = 16,
+                      block_length: int = 8, prompts: Sequence[tuple[str, Prompt]] = PROMPTS[:3],
+                      progress: Progress | None = None, tolerance: float = 1e-3) -> DiffusionParityReport:
+    """Run every (prompt, setting) through the runtime denoiser and the PyTorch reference sampler."""
+    from edgekit.export.diffusion import reference_generate
+    from edgekit.runtimes.denoiser import DenoiseStats
+
+    progress = progress or Silent()
+    rows = []
+    jobs = [(name, prompt, setting, opts) for name, prompt in prompts for setting, opts in DIFFUSION_SETTINGS]
+    for j, (name, prompt, setting, opts) in enumerate(jobs):
+        progress.tick(j, len(jobs))
+        if not isinstance(prompt, str) and not runtime.tokenizer.has_chat_template:
+            prompt = "\n".join(m["content"] for m in prompt)
+        ids = runtime.tokenizer.encode_prompt(prompt)
+        params = runtime.params(len(ids), gen_length=gen_length, block_length=block_length,
+                                diffusion_steps=gen_length, **opts)
+        ours: list[np.ndarray] = []
+        ref: list[np.ndarray] = []
+        stats = DenoiseStats()
+        got = [t for block in runtime.generate_blocks(ids, params, stats, on_step=lambda i, lg, o=ours: o.append(lg))
+               for t in block]
+        want = reference_generate(torch_model, ids, params, runtime.mask_id, set(runtime.stop_ids),
+                                  on_step=lambda i, lg, r=ref: r.append(lg))
+        diffs = [float(np.abs(a - b).max()) for a, b in zip(ours, ref)]
+        row = DiffusionRow(name, setting, len(ours), max(diffs) if diffs else 0.0, got == want)
+        if len(ours) != len(ref):
+            row.misses.append(f"{len(ours)} denoising steps vs the reference's {len(ref)}")
+        if row.max_abs_diff > tolerance:
+            row.misses.append(f"step logits max|Δ| {row.max_abs_diff:.3g} > {tolerance:g}")
+        if not row.tokens_identical:
+            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            row.misses.append(f"generated tokens differ from the reference at position {first}")
+        rows.append(row)
+    progress.tick(len(jobs), len(jobs))
+    return DiffusionParityReport(tolerance, rows)

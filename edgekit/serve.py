@@ -66,6 +66,9 @@ class ServerState:
         self.cfg = cfg
         self.name = cfg.model_name or cfg.bundle.resolve().name
         self.kind = read_manifest(cfg.bundle).kind  # fail fast on a path that is not a bundle
+        if self.kind != "ar":
+            raise ConfigError(f"Serving {self.kind} bundles is not implemented yet; '{cfg.bundle}' can be run with "
+                              "'edgekit run' or edgekit.runtimes.load(...).stream().")
         self.model: Any = None
         self.engine: BatchEngine | None = None
         self.error: str | None = None

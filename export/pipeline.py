@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgekit.devices import DeviceProfile, load_profile
-from edgekit.export import fit, gguf, onnx_graph, prompts, prune, quality, quantize, source
+from edgekit.export import diffusion, fit, gguf, onnx_graph, prompts, prune, quality, quantize, source
 from edgekit.export.fit import FitReport
 from edgekit.export.progress import Progress
 from edgekit.export.quantize import ALGOS
 from edgekit.export.registry import ArchSpec, lookup
 from edgekit.runtimes import bundle as bdl
 from edgekit.runtimes import load
+from edgekit.runtimes.denoiser import Remasking
 from edgekit.runtimes.errors import ConfigError, UnsupportedModelError, did_you_mean
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
@@ -86,6 +87,8 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
     ref = source.resolve(cfg.source)
     arch, config = source.read_architecture(ref, cfg.trust_remote_code)
     spec = lookup(arch)
+    if spec.kind == "diffusion":
+        return _export_diffusion(cfg, ref, arch, config, verify, progress)
     plan = make_plan(cfg, ref, config)  # validates every option and checks the memory fit before heavy work
     if plan.fit is not None:
         progress.note(f"fits {plan.device.name}: {plan.fit.line()} of {plan.fit.budget_mb / 1024:.2f} GB")  # type: ignore[union-attr]
@@ -121,6 +124,62 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
             bdl.write_manifest(stage, manifest)
         if verify is not None:
             with progress.stage("Parity against the PyTorch model"):
+                report = verify(stage, model, tokenizer, progress)
+            manifest = replace(manifest, parity=dict(report))
+            bdl.write_manifest(stage, manifest)
+    return ExportResult(cfg.output, manifest)
+
+
+def _export_diffusion(cfg: ExportConfig, ref: source.SourceRef, arch: str, config: Any, verify: Verifier | None,
+                      progress: Progress) -> ExportResult:
+    """A masked LM as a diffusion bundle: the whole-sequence denoiser graph (no-cache mode), fp32."""
+    if (cfg.precision or "fp32") != "fp32" or cfg.algo or cfg.prune or cfg.device:
+        raise ConfigError("Diffusion bundles are fp32 only for now: --precision/--algo/--prune/--device are not "
+                          "supported with a masked-LM source yet.")
+    max_context = _max_context(config, cfg.max_context)
+    with bdl.staging_dir(cfg.output, force=cfg.force) as stage:
+        with progress.stage(f"Loading {ref.label} (masked LM, run as a diffusion LM)"):
+            model = source.load_model(ref, cfg.trust_remote_code, kind="diffusion")
+            tokenizer = source.load_tokenizer(ref, cfg.trust_remote_code)
+            if tokenizer.mask_token_id is None:
+                raise UnsupportedModelError(
+                    f"'{ref.spec}' has no mask token in its tokenizer; a diffusion LM needs one to mark the "
+                    "positions it generates. HINT: set tokenizer.mask_token and re-save the folder.")
+        with progress.stage(f"Building the ONNX denoiser graph ({arch}, torch.onnx)"):
+            graph = diffusion.build_denoiser(model)
+        with progress.stage("Writing the bundle"):
+            onnx_graph.save_model(graph, stage / "model.onnx")
+            del graph
+            tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
+            eos = [t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None][:1]
+            specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token",
+                                                                 "mask_token", "cls_token", "sep_token")}
+            gen = dict(diffusion.DEFAULTS)
+            gen["gen_length"] = min(gen["gen_length"], max_context // 2)
+            gen["block_length"] = min(gen["block_length"], gen["gen_length"])
+            gen["diffusion_steps"] = gen["gen_length"]
+            manifest = bdl.Manifest(
+                kind="diffusion", architecture=arch, model_type=str(config.model_type), precision="fp32",
+                max_context=max_context, vocab_size=int(config.vocab_size),
+                graphs={"denoiser": bdl.GraphSpec("model.onnx", ("input_ids", "attention_mask"), ("logits",))},
+                tokens=bdl.SpecialTokens(bos_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
+                                         eos_id=eos[0] if eos else None, pad_id=tokenizer.pad_token_id,
+                                         mask_id=tokenizer.mask_token_id, stop_ids=tuple(eos)),
+                tokenizer=bdl.TokenizerSpec(
+                    file="tokenizer.json",
+                    chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+                    add_special_tokens=False,  # the prompt is followed by mask tokens, not by [SEP]
+                    special_token_strings={k: (str(v) if v is not None else None) for k, v in specials.items()}),
+                provenance=_provenance(ref, lookup(arch)),
+                extra={"diffusion": {"defaults": gen, "cache_modes": ["none"],
+                                     "remasking": [r.value for r in Remasking]}},
+            )
+            manifest = replace(manifest, files=bdl.hash_payload(stage))
+            bdl.write_manifest(stage, manifest)
+        with progress.stage("Checking the bundle loads"):
+            load(stage)
+        if verify is not None:
+            with progress.stage("Parity: the denoiser sampler against its PyTorch reference"):
                 report = verify(stage, model, tokenizer, progress)
             manifest = replace(manifest, parity=dict(report))
             bdl.write_manifest(stage, manifest)

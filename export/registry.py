@@ -81,7 +81,7 @@ class ArchSpec:
     architecture: str  # Hugging Face class name, as in config.json "architectures"
     kind: Literal["ar", "diffusion"]
     family: str
-    layer_weights: Callable[[StateDict, int], LayerWeights]
+    layer_weights: Callable[[StateDict, int], LayerWeights] | None  # AR decoders built by export.onnx_graph
     activation: str = "silu"
     sliding_window_attr: str | None = None  # config attribute holding a local attention window, if any
     sliding_window_flag: str | None = None  # config attribute that switches the window on (Qwen2)
@@ -97,6 +97,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             sliding_window_attr="sliding_window", sliding_window_flag="use_sliding_window",
         ),
         ArchSpec("Phi3ForCausalLM", "ar", "phi3", phi3_layer, sliding_window_attr="sliding_window"),
+        # masked LMs, run as diffusion LMs (the base of several chat dLLMs); exported whole with torch.onnx
+        ArchSpec("ModernBertForMaskedLM", "diffusion", "modernbert", None),
+        ArchSpec("BertForMaskedLM", "diffusion", "bert", None),
+        ArchSpec("RobertaForMaskedLM", "diffusion", "roberta", None),
+        ArchSpec("DistilBertForMaskedLM", "diffusion", "distilbert", None),
     )
 }
 

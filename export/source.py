@@ -112,13 +112,14 @@ def read_architecture(ref: SourceRef, trust_remote_code: bool = False) -> tuple[
     return archs[0], config
 
 
-def load_model(ref: SourceRef, trust_remote_code: bool = False) -> Any:
-    """Load the full-precision PyTorch model (fp32, eval mode)."""
+def load_model(ref: SourceRef, trust_remote_code: bool = False, kind: str = "ar") -> Any:
+    """Load the full-precision PyTorch model (fp32, eval mode): a causal LM, or a masked LM for diffusion."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    auto = AutoModelForCausalLM if kind == "ar" else AutoModelForMaskedLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             str(ref.folder), dtype=torch.float32, trust_remote_code=trust_remote_code, **ref.hf_kwargs()
         )
     except (OSError, ValueError, KeyError, RuntimeError) as e:

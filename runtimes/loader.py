@@ -9,6 +9,7 @@ from pathlib import Path
 from edgekit.runtimes.backend import BackendOptions
 from edgekit.runtimes.bundle import load_manifest
 from edgekit.runtimes.decoder import ARModel
+from edgekit.runtimes.denoiser import DiffusionModel
 from edgekit.runtimes.errors import BundleError
 
 
@@ -28,4 +29,6 @@ def load(
     backend = BackendOptions(providers=tuple(providers) if providers else None, threads=threads)
     if manifest.kind == "ar":
         return ARModel(root, manifest, backend)
+    if manifest.kind == "diffusion":
+        return DiffusionModel(root, manifest, backend)  # type: ignore[return-value]
     raise BundleError(f"Bundle '{root}' is of kind '{manifest.kind}', which this edgekit version cannot run yet.")

@@ -69,3 +69,36 @@ def make_model(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def make_mlm(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random masked LM (BERT family) with the byte-level BPE tokenizer plus a mask token."""
+    import torch
+    import transformers
+
+    tok = make_tokenizer()
+    tok.add_special_tokens({"mask_token": "<|mask|>"})
+    n = len(tok)
+    common = dict(vocab_size=n, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256, initializer_range=0.2, pad_token_id=tok.pad_token_id)
+    per_arch = {
+        "BertForMaskedLM": ("BertConfig", {}),
+        "RobertaForMaskedLM": ("RobertaConfig", {}),
+        "ModernBertForMaskedLM": ("ModernBertConfig", dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                           cls_token_id=tok.bos_token_id, sep_token_id=tok.eos_token_id,
+                                                           local_attention=16)),
+        "DistilBertForMaskedLM": ("DistilBertConfig", dict(dim=64, hidden_dim=128, n_layers=2, n_heads=4)),
+    }
+    config_cls, extra = per_arch[arch]
+    kw = {**common, **extra, **overrides}
+    if arch == "DistilBertForMaskedLM":
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            kw.pop(k)
+    config = getattr(transformers, config_cls)(**kw)
+    config.architectures = [arch]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
