@@ -141,7 +141,10 @@ def _export_diffusion(cfg: ExportConfig, ref: source.SourceRef, arch: str, confi
         with progress.stage(f"Loading {ref.label} (masked LM, run as a diffusion LM)"):
             model = source.load_model(ref, cfg.trust_remote_code, kind="diffusion")
             tokenizer = source.load_tokenizer(ref, cfg.trust_remote_code)
-            if tokenizer.mask_token_id is None:
+            mask_id = tokenizer.mask_token_id
+            if mask_id is None:
+                mask_id = getattr(config, "mask_token_id", None)
+            if mask_id is None:
                 raise UnsupportedModelError(
                     f"'{ref.spec}' has no mask token in its tokenizer; a diffusion LM needs one to mark the "
                     "positions it generates. HINT: set tokenizer.mask_token and re-save the folder.")
@@ -164,7 +167,7 @@ def _export_diffusion(cfg: ExportConfig, ref: source.SourceRef, arch: str, confi
                 graphs={"denoiser": bdl.GraphSpec("model.onnx", ("input_ids", "attention_mask"), ("logits",))},
                 tokens=bdl.SpecialTokens(bos_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
                                          eos_id=eos[0] if eos else None, pad_id=tokenizer.pad_token_id,
-                                         mask_id=tokenizer.mask_token_id, stop_ids=tuple(eos)),
+                                         mask_id=int(mask_id), stop_ids=tuple(eos)),
                 tokenizer=bdl.TokenizerSpec(
                     file="tokenizer.json",
                     chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,

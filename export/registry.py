@@ -102,6 +102,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         ArchSpec("BertForMaskedLM", "diffusion", "bert", None),
         ArchSpec("RobertaForMaskedLM", "diffusion", "roberta", None),
         ArchSpec("DistilBertForMaskedLM", "diffusion", "distilbert", None),
+        # LLaDA-style dLLMs ship their modeling code (trust_remote_code); LLaDA-8B names its class LLaDAModelLM
+        ArchSpec("LLaDAModelLM", "diffusion", "llada", None),
+        ArchSpec("TinyLLaDAModelLM", "diffusion", "llada", None),
     )
 }
 

@@ -115,13 +115,19 @@ def read_architecture(ref: SourceRef, trust_remote_code: bool = False) -> tuple[
 def load_model(ref: SourceRef, trust_remote_code: bool = False, kind: str = "ar") -> Any:
     """Load the full-precision PyTorch model (fp32, eval mode): a causal LM, or a masked LM for diffusion."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-    auto = AutoModelForCausalLM if kind == "ar" else AutoModelForMaskedLM
+    # masked LMs; LLaDA-style remote code registers AutoModel / AutoModelForCausalLM instead
+    autos = [AutoModelForCausalLM] if kind == "ar" else [AutoModelForMaskedLM, AutoModel]
+    kw = dict(dtype=torch.float32, trust_remote_code=trust_remote_code, **ref.hf_kwargs())
     try:
-        model = auto.from_pretrained(
-            str(ref.folder), dtype=torch.float32, trust_remote_code=trust_remote_code, **ref.hf_kwargs()
-        )
+        for i, auto in enumerate(autos):
+            try:
+                model = auto.from_pretrained(str(ref.folder), **kw)
+                break
+            except ValueError:  # "Unrecognized configuration class ... for this kind of AutoModel"
+                if i == len(autos) - 1:
+                    raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SourceError(f"Cannot load the weights of '{ref.spec}': {e}") from None
     return model.eval()

@@ -158,3 +158,20 @@ def test_denoiser_runs_without_torch(mlm_bundle):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("OK")
+
+
+def test_llada_style_remote_code_model(tmp_path):
+    from tiny_models import make_llada
+
+    src = make_llada(tmp_path / "llada")
+    with pytest.raises(UnsupportedModelError, match="--trust-remote-code"):
+        export_bundle(ExportConfig(source=str(src), output=tmp_path / "x"), progress=Silent())
+    assert not (tmp_path / "x").exists()
+    res = export_bundle(ExportConfig(source=str(src), output=tmp_path / "b", trust_remote_code=True),
+                        verify=verifier(), progress=Silent())
+    assert res.manifest.architecture == "TinyLLaDAModelLM" and res.manifest.kind == "diffusion"
+    assert res.manifest.parity["passed"], res.manifest.parity["misses"]
+    assert res.manifest.parity["summary"]["tokens_identical"] == 1.0
+    stream = load(res.path).stream("Hello", gen_length=16, block_length=8, diffusion_steps=16, threshold=0.5)
+    "".join(stream)
+    assert stream.stats.blocks == 2

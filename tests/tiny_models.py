@@ -102,3 +102,43 @@ def make_mlm(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def make_llada(folder: Path, seed: int = 0) -> Path:
+    """A tiny LLaDA-style model whose modeling code lives in the folder (loaded with trust_remote_code)."""
+    import json
+    import shutil
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(FIXTURES / "tiny_llada"))
+    try:
+        from configuration_tiny_llada import TinyLLaDAConfig
+        from modeling_tiny_llada import TinyLLaDAModelLM
+    finally:
+        sys.path.pop(0)
+    tok = make_tokenizer()
+    tok.add_special_tokens({"mask_token": "<|mdm_mask|>"})
+    config = TinyLLaDAConfig(vocab_size=len(tok), mask_token_id=tok.mask_token_id, initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = TinyLLaDAModelLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    for f in ("configuration_tiny_llada.py", "modeling_tiny_llada.py"):
+        shutil.copy(FIXTURES / "tiny_llada" / f, folder / f)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["TinyLLaDAModelLM"]
+    cfg["auto_map"] = {"AutoConfig": "configuration_tiny_llada.TinyLLaDAConfig",
+                       "AutoModel": "modeling_tiny_llada.TinyLLaDAModelLM",
+                       "AutoModelForMaskedLM": "modeling_tiny_llada.TinyLLaDAModelLM"}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
