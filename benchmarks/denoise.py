@@ -40,6 +40,8 @@ SETTINGS: list[tuple[str, dict]] = [
     ("margin, k=2/step", dict(block_length=16, diffusion_steps=8, remasking="margin")),
     ("entropy, k=2/step", dict(block_length=16, diffusion_steps=8, remasking="entropy")),
     ("random, k=2/step", dict(block_length=16, diffusion_steps=8, remasking="random", seed=0)),
+    ("random, k=4/step", dict(block_length=16, diffusion_steps=4, remasking="random", seed=0)),
+    ("random, k=8/step", dict(block_length=16, diffusion_steps=2, remasking="random", seed=0)),
 ]
 
 
