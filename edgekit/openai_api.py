@@ -6,6 +6,8 @@ ignored because they would change the answer): n > 1, logprobs, tools / tool_cho
 other than text, non-zero presence/frequency penalties, and the diffusion fields (diffusion_steps, block_length,
 remasking, threshold, gen_length) on an AR bundle. Other fields (user, metadata, ...) are ignored.
 Unset sampling fields take the bundle's generation defaults (greedy for SmolLM2), not OpenAI's temperature 1.
+Diffusion bundles take gen_length (default: max_tokens), block_length, diffusion_steps, remasking, threshold,
+temperature, top_k, top_p and seed, and refuse stop and repetition_penalty.
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ def parse(body: Any, endpoint: Endpoint, served_model: str, kind: str, max_token
             if key in body:
                 raise _bad(f"'{key}' applies to diffusion bundles only; '{served_model}' is autoregressive.", key,
                            "unsupported_parameter")
+    else:
+        for key in ("stop", "repetition_penalty"):
+            if body.get(key) is not None:
+                raise _bad(f"'{key}' is not supported for diffusion bundles.", key, "unsupported_parameter")
 
     max_tokens = _integer(body, "max_completion_tokens", 1, 10**9)
     if max_tokens is None:
@@ -155,6 +161,15 @@ def parse(body: Any, endpoint: Endpoint, served_model: str, kind: str, max_token
         "repetition_penalty": _number(body, "repetition_penalty", 0, 10, lo_open=True),
         "stop": tuple(stop) if stop else None,
     }
+    if kind != "ar":  # diffusion: max_tokens is the generated length; AR-only fields were refused above
+        options = {k: v for k, v in options.items() if k not in ("max_new_tokens", "repetition_penalty", "stop")}
+        remasking = body.get("remasking")
+        if remasking is not None and not isinstance(remasking, str):
+            raise _bad(f"'remasking' must be a string, got {remasking!r}.", "remasking", "invalid_type")
+        options.update(gen_length=_integer(body, "gen_length", 1, 10**6) or max_tokens,
+                       block_length=_integer(body, "block_length", 1, 10**6),
+                       diffusion_steps=_integer(body, "diffusion_steps", 1, 10**6), remasking=remasking,
+                       threshold=_number(body, "threshold", 0, 1, lo_open=True))
     return GenerationRequest(endpoint, served_model, prompt, stream, include_usage,
                              {k: v for k, v in options.items() if v is not None})
 

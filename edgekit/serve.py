@@ -29,7 +29,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from edgekit.metrics import ServerMetrics
 from edgekit.openai_api import APIError, GenerationRequest, ResponseBuilder, parse
 from edgekit.runtimes import load
-from edgekit.runtimes.batching import BatchEngine, Event, QueueFullError, Request
+from edgekit.runtimes.batching import BatchEngine, Event, QueueFullError, Request, SerialEngine
 from edgekit.runtimes.bundle import read_manifest
 from edgekit.runtimes.errors import ConfigError, EdgekitError
 
@@ -66,11 +66,8 @@ class ServerState:
         self.cfg = cfg
         self.name = cfg.model_name or cfg.bundle.resolve().name
         self.kind = read_manifest(cfg.bundle).kind  # fail fast on a path that is not a bundle
-        if self.kind != "ar":
-            raise ConfigError(f"Serving {self.kind} bundles is not implemented yet; '{cfg.bundle}' can be run with "
-                              "'edgekit run' or edgekit.runtimes.load(...).stream().")
         self.model: Any = None
-        self.engine: BatchEngine | None = None
+        self.engine: BatchEngine | SerialEngine | None = None
         self.error: str | None = None
         self.created = int(time.time())
         self.metrics = ServerMetrics(lambda: self.engine.running if self.engine else 0,
@@ -79,14 +76,17 @@ class ServerState:
     def load(self) -> None:
         try:
             model = load(self.cfg.bundle, providers=self.cfg.providers, threads=self.cfg.threads)
-            self.engine = BatchEngine(model, self.cfg.max_batch, self.cfg.max_queue,
-                                      self.cfg.prefix_cache_entries).start()
+            if model.kind == "ar":
+                self.engine = BatchEngine(model, self.cfg.max_batch, self.cfg.max_queue,
+                                          self.cfg.prefix_cache_entries).start()
+            else:  # diffusion: one request at a time, streamed block by block
+                self.engine = SerialEngine(model, self.cfg.max_queue).start()
             self.model = model
         except EdgekitError as e:
             self.error = str(e)
             print(f"error: {e}", file=sys.stderr, flush=True)
 
-    def require_ready(self) -> BatchEngine:
+    def require_ready(self) -> BatchEngine | SerialEngine:
         if self.error:
             raise APIError(500, f"The model failed to load: {self.error}", code="model_load_failed",
                            type_="server_error")
@@ -137,7 +137,8 @@ class _Job:
         model = state.model
         try:
             ids = model.tokenizer.encode_prompt(greq.prompt)
-            params = model.sampling_params(len(ids), **greq.options)
+            make_params = model.sampling_params if model.kind == "ar" else model.params
+            params = make_params(len(ids), **greq.options)
         except ConfigError as e:
             code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
             raise APIError(400, str(e), code=code) from None

@@ -15,11 +15,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from edgekit.runtimes.decoder import ARModel, GenerationStats
+from edgekit.runtimes.denoiser import DenoiseStats
 from edgekit.runtimes.errors import EdgekitError
 from edgekit.runtimes.kv_cache import KVCache, PrefixCache
 from edgekit.runtimes.sampling import SamplingParams, sample_next
@@ -78,26 +79,19 @@ class _Slot:
         self.first_at = 0.0
 
 
-class BatchEngine:
-    """Runs requests on one ``ARModel`` with up to ``max_batch`` decoding together; ``max_queue`` may wait."""
+class _Engine:
+    """A bounded waiting queue and a worker thread that calls ``step()`` while there is work."""
 
-    def __init__(self, model: ARModel, max_batch: int = 8, max_queue: int = 32, prefix_cache_entries: int = 8) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise EdgekitError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}.")
-        assert model.manifest.kv_cache is not None
+    def __init__(self, model: Any, max_queue: int) -> None:
+        if max_queue < 0:
+            raise EdgekitError(f"max_queue must be >= 0, got {max_queue}.")
         self.model = model
-        self.max_batch = max_batch
         self.max_queue = max_queue
-        self.prefix_cache = PrefixCache(model.manifest.kv_cache, prefix_cache_entries)
         self._waiting: deque[Request] = deque()
-        self._active: list[_Slot] = []
-        self._past: list[np.ndarray] = []  # batch KV, each [B, kv_heads, T, head_dim]
-        self._dirty = False
+        self._active: list[Any] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._names = self.model.new_cache().past_names
-        self._outputs = ["logits", *self.model.new_cache().present_names]
 
     # --- public API (any thread) ---------------------------------------------------------------------------------
     @property
@@ -122,7 +116,7 @@ class BatchEngine:
         with self._cond:
             self._cond.notify()
 
-    def start(self) -> BatchEngine:
+    def start(self) -> Any:
         self._thread = threading.Thread(target=self._loop, name="edgekit-engine", daemon=True)
         self._thread.start()
         return self
@@ -148,6 +142,51 @@ class BatchEngine:
                 self._fail_all(f"{type(e).__name__}: {e}")
 
     def step(self) -> None:
+        raise NotImplementedError
+
+    def _expired(self, req: Request, now: float) -> bool:
+        return req.timeout_s is not None and now - req.enqueued_at > req.timeout_s
+
+    def _reap_waiting(self) -> None:
+        """Drop cancelled requests from the queue; end expired ones with a timeout."""
+        now = time.perf_counter()
+        with self._cond:
+            kept: deque[Request] = deque()
+            for req in self._waiting:
+                if req.cancelled:
+                    continue
+                if self._expired(req, now):
+                    req.on_event(Event("done", at=now, finish_reason="timeout", stats=GenerationStats(
+                        prompt_tokens=len(req.prompt_ids), finish_reason=None)))
+                else:
+                    kept.append(req)
+            self._waiting = kept
+
+    def _fail_all(self, message: str) -> None:
+        now = time.perf_counter()
+        with self._cond:
+            reqs = [getattr(a, "req", a) for a in self._active] + list(self._waiting)
+            self._active, self._waiting = [], deque()
+        for req in reqs:
+            req.on_event(Event("error", at=now, error=message))
+
+
+class BatchEngine(_Engine):
+    """Runs requests on one ``ARModel`` with up to ``max_batch`` decoding together; ``max_queue`` may wait."""
+
+    def __init__(self, model: ARModel, max_batch: int = 8, max_queue: int = 32, prefix_cache_entries: int = 8) -> None:
+        if max_batch < 1:
+            raise EdgekitError(f"max_batch must be >= 1, got {max_batch}.")
+        super().__init__(model, max_queue)
+        assert model.manifest.kv_cache is not None
+        self.max_batch = max_batch
+        self.prefix_cache = PrefixCache(model.manifest.kv_cache, prefix_cache_entries)
+        self._past: list[np.ndarray] = []  # batch KV, each [B, kv_heads, T, head_dim]
+        self._dirty = False
+        self._names = self.model.new_cache().past_names
+        self._outputs = ["logits", *self.model.new_cache().present_names]
+
+    def step(self) -> None:
         """Drop cancelled/expired requests, admit waiting ones (prefill), then one batched decode step."""
         self._reap()
         while len(self._active) < self.max_batch:
@@ -161,22 +200,9 @@ class BatchEngine:
         if self._active:
             self._decode()
 
-    def _expired(self, req: Request, now: float) -> bool:
-        return req.timeout_s is not None and now - req.enqueued_at > req.timeout_s
-
     def _reap(self) -> None:
+        self._reap_waiting()
         now = time.perf_counter()
-        with self._cond:
-            kept: deque[Request] = deque()
-            for req in self._waiting:
-                if req.cancelled:
-                    continue
-                if self._expired(req, now):
-                    req.on_event(Event("done", at=now, finish_reason="timeout", stats=GenerationStats(
-                        prompt_tokens=len(req.prompt_ids), finish_reason=None)))
-                else:
-                    kept.append(req)
-            self._waiting = kept
         for slot in list(self._active):
             if slot.req.cancelled:
                 self._finish(slot, "cancelled")
@@ -276,9 +302,40 @@ class BatchEngine:
         slot.req.on_event(Event("done", at=now, finish_reason=reason, stats=slot.stats))
 
     def _fail_all(self, message: str) -> None:
-        now = time.perf_counter()
+        self._dirty = False
+        super()._fail_all(message)
+
+
+class SerialEngine(_Engine):
+    """Serves a ``DiffusionModel``: one request at a time (each is many whole-sequence passes), others queue.
+    Each committed block is one ``token`` event; cancellation and timeouts take effect before the next pass."""
+
+    def step(self) -> None:
+        self._reap_waiting()
         with self._cond:
-            reqs = [s.req for s in self._active] + list(self._waiting)
-            self._active, self._waiting, self._dirty = [], deque(), False
-        for req in reqs:
-            req.on_event(Event("error", at=now, error=message))
+            if not self._waiting:
+                return
+            req = self._waiting.popleft()
+        if req.cancelled:
+            return
+        req.admitted_at = time.perf_counter()
+        self._active = [req]
+        try:
+            stats = DenoiseStats()
+            detok = StreamingDetokenizer(self.model.tokenizer)
+
+            def should_stop() -> bool:
+                return req.cancelled or self._expired(req, time.perf_counter())
+
+            for block in self.model.generate_blocks(req.prompt_ids, req.params, stats, should_stop=should_stop):
+                req.on_event(Event("token", "".join(detok.put(t) for t in block), at=time.perf_counter()))
+            reason: FinishReason = stats.finish_reason or "length"  # type: ignore[assignment]
+            if reason == "cancelled" and not req.cancelled:
+                reason = "timeout"
+            elif reason in ("stop", "length"):
+                tail = detok.flush()
+                if tail:
+                    req.on_event(Event("token", tail, at=time.perf_counter()))
+            req.on_event(Event("done", at=time.perf_counter(), finish_reason=reason, stats=stats))  # type: ignore[arg-type]
+        finally:
+            self._active = []

@@ -94,6 +94,7 @@ def transfer_schedule(masked: int, steps: int) -> list[int]:
 @dataclass
 class DenoiseStats:
     prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0  # always 0 (no cache mode yet); keeps the serving stats interface uniform
     generated_tokens: int = 0
     forward_passes: int = 0
     blocks: int = 0
@@ -193,7 +194,13 @@ class DiffusionModel:
         if unknown:
             raise ConfigError(f"Unknown option(s) for a diffusion bundle: {', '.join(sorted(unknown))}. "
                               f"Known: {', '.join(sorted(known))}.")
-        p = replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "gen_length" in given and isinstance(given["gen_length"], int) and given["gen_length"] > 0:
+            gen = given["gen_length"]  # keep the defaults consistent with a new length: one token per step
+            if "block_length" not in given:
+                given["block_length"] = self.defaults.block_length if gen % self.defaults.block_length == 0 else gen
+            given.setdefault("diffusion_steps", gen)
+        p = replace(self.defaults, **given)
         if prompt_len + p.gen_length > self.max_context:
             raise ContextLengthError(
                 f"Prompt of {prompt_len} tokens + gen_length {p.gen_length} = {prompt_len + p.gen_length} exceeds the "
@@ -202,7 +209,8 @@ class DiffusionModel:
         return p
 
     def generate_blocks(self, prompt_ids: Sequence[int], params: DiffusionParams, stats: DenoiseStats,
-                        on_step: Callable[[int, np.ndarray], None] | None = None) -> Iterator[list[int]]:
+                        on_step: Callable[[int, np.ndarray], None] | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> Iterator[list[int]]:
         """Yield each block's committed token ids (up to and excluding a stop token, which ends generation)."""
         start = time.perf_counter()
         rng = np.random.default_rng(params.seed)
@@ -214,6 +222,9 @@ class DiffusionModel:
             schedule = transfer_schedule(params.block_length, params.steps_per_block)
             step = 0
             while (x[lo:hi] == self.mask_id).any():
+                if should_stop is not None and should_stop():
+                    stats.finish_reason = "cancelled"
+                    return
                 logits = self.forward(x)  # [S, V]
                 stats.forward_passes += 1
                 if on_step is not None:

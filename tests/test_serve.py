@@ -330,3 +330,68 @@ def test_serve_binds_loopback_by_default():
     from edgekit.serve import ServeConfig
 
     assert ServeConfig(bundle=Path(".")).host == "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def diffusion_server(tmp_path_factory):
+    from edgekit.export.pipeline import ExportConfig, export_bundle
+    from edgekit.export.progress import Silent
+    from tiny_models import make_mlm
+
+    root = tmp_path_factory.mktemp("dllm")
+    bundle = export_bundle(ExportConfig(source=str(make_mlm("BertForMaskedLM", root / "src")), output=root / "b"),
+                           progress=Silent()).path
+    s = Server(bundle, "--max-queue", "4")
+    yield s, load(bundle)
+    s.stop()
+
+
+def test_diffusion_bundle_is_served_block_by_block(diffusion_server):
+    server, model = diffusion_server
+    body = {"prompt": "Once upon a time", "max_tokens": 16, "block_length": 8, "diffusion_steps": 8,
+            "threshold": 0.9}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    expected = model.generate("Once upon a time", gen_length=16, block_length=8, diffusion_steps=8, threshold=0.9)
+    assert out["choices"][0]["text"] == expected
+    assert out["usage"]["completion_tokens"] <= 16 and out["choices"][0]["finish_reason"] in ("stop", "length")
+    r = httpx.post(server.url + "/v1/completions", json={**body, "stream": True}, timeout=30)
+    events = sse_events(r)
+    assert 1 <= len(events) <= 3  # at most one chunk per block, then the final chunk
+    assert "".join(e["choices"][0]["text"] for e in events) == expected
+
+
+@pytest.mark.parametrize("extra, code", [({"stop": ["x"]}, "unsupported_parameter"),
+                                         ({"diffusion_steps": 0}, "invalid_value"),
+                                         ({"max_tokens": 16, "block_length": 5}, "invalid_value"),
+                                         ({"threshold": 2}, "invalid_value"),
+                                         ({"remasking": "best"}, "invalid_value")])
+def test_diffusion_bad_fields(diffusion_server, extra, code):
+    server, _ = diffusion_server
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", **extra}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+
+
+def test_serial_engine_cancel_and_timeout(tmp_path):
+    from edgekit.export.pipeline import ExportConfig, export_bundle
+    from edgekit.export.progress import Silent
+    from edgekit.runtimes.batching import Request, SerialEngine
+    from tiny_models import make_mlm
+
+    bundle = export_bundle(ExportConfig(source=str(make_mlm("BertForMaskedLM", tmp_path / "src")),
+                                        output=tmp_path / "b"), progress=Silent()).path
+    model = load(bundle)
+    engine = SerialEngine(model, max_queue=4)
+    ids = model.tokenizer.encode_prompt("Hello")
+    events = []
+    req = Request(ids, model.params(len(ids), gen_length=32, block_length=8, diffusion_steps=32), events.append)
+    req.cancelled = True
+    engine.submit(req)
+    engine.step()
+    assert events == []  # cancelled while waiting: dropped without running
+    late = Request(ids, model.params(len(ids), gen_length=32, block_length=8, diffusion_steps=32), events.append,
+                   timeout_s=0.0)
+    engine.submit(late)
+    engine.step()
+    assert events[-1].kind == "done" and events[-1].finish_reason == "timeout"
