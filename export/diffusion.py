@@ -36,7 +36,9 @@ def build_denoiser(model: Any) -> onnx.ModelProto:
     seq = torch.export.Dim("sequence", min=2, max=limit)
     ids = (torch.arange(16) % 40 + 5)[None, :]  # a fixed example: the export must not depend on global RNG state
     # export a copy: tracing can leave the module's non-persistent buffers changed (seen with remote-code models),
-    # and the caller still needs the original as the parity reference
+    # and the caller still needs the original as the parity reference; and start from clean dynamo caches, so an
+    # earlier export in the same process cannot leak into this one
+    torch._dynamo.reset()
     try:
         program = torch.onnx.export(
             Denoiser(copy.deepcopy(model)).eval(), (ids, torch.ones_like(ids)),

@@ -39,9 +39,10 @@ class GenerationStats:
 
 
 class TextStream:
-    """Iterator over text pieces (complete UTF-8) with ``stats``; ``close()`` cancels generation."""
+    """Iterator over text pieces (complete UTF-8) with ``stats`` (GenerationStats, or DenoiseStats for diffusion
+    bundles); ``close()`` cancels generation."""
 
-    def __init__(self, gen: Iterator[str], stats: GenerationStats) -> None:
+    def __init__(self, gen: Iterator[str], stats: Any) -> None:
         self._gen = gen
         self.stats = stats
 

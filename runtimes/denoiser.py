@@ -20,6 +20,7 @@ import numpy as np
 
 from edgekit.runtimes.backend import BackendOptions, create_session
 from edgekit.runtimes.bundle import Manifest
+from edgekit.runtimes.decoder import TextStream
 from edgekit.runtimes.errors import BundleError, ConfigError, ContextLengthError
 from edgekit.runtimes.tokenizer import Prompt, StreamingDetokenizer, Tokenizer
 
@@ -249,13 +250,13 @@ class DiffusionModel:
                 return
         stats.finish_reason = "length"
 
-    def stream(self, prompt: Prompt, **options: Any) -> DiffusionStream:
+    def stream(self, prompt: Prompt, **options: Any) -> TextStream:
         """Stream the answer block by block. Options: gen_length, block_length, diffusion_steps, remasking,
         threshold, temperature, top_k, top_p, seed. Close the stream to cancel."""
         ids = self.tokenizer.encode_prompt(prompt)
         params = self.params(len(ids), **options)
         stats = DenoiseStats()
-        return DiffusionStream(self._text(ids, params, stats), stats)
+        return TextStream(self._text(ids, params, stats), stats)
 
     def _text(self, ids: list[int], params: DiffusionParams, stats: DenoiseStats) -> Iterator[str]:
         detok = StreamingDetokenizer(self.tokenizer)
@@ -273,22 +274,3 @@ class DiffusionModel:
 
     def generate(self, prompt: Prompt, **options: Any) -> str:
         return "".join(self.stream(prompt, **options))
-
-
-class DiffusionStream:
-    """Iterator over block texts with ``stats``; ``close()`` cancels between forward passes."""
-
-    def __init__(self, gen: Iterator[str], stats: DenoiseStats) -> None:
-        self._gen = gen
-        self.stats = stats
-
-    def __iter__(self) -> DiffusionStream:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()  # type: ignore[attr-defined]
-        if self.stats.finish_reason is None:
-            self.stats.finish_reason = "cancelled"
