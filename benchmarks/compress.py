@@ -13,7 +13,6 @@ Writes benchmarks/results/compress.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import machine, pyplot  # noqa: E402
+from decode import machine, pyplot, save_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(".cache/benchmarks")
@@ -275,12 +274,7 @@ def main() -> None:
             result["machine"]["versions"][pkg] = metadata.version(pkg.replace("_", "-"))
         except Exception:  # noqa: BLE001 - absent peers are simply not listed
             pass
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compress.json").write_text(json.dumps(result, indent=2))
-    md = render(result)
-    (RESULTS / "compress.md").write_text(md)
-    plot(result)
-    print(md)
+    save_results("compress", result, render, plot)
 
 
 def render(r: dict) -> str:

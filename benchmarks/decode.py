@@ -178,12 +178,7 @@ def main() -> None:
                            "bundle": str(args.bundle), "reference": args.reference, "prompt": PROMPT,
                            "decoding": "greedy, stop tokens ignored"},
               "median": med, "ratios": ratio, "trials": trials}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "decode.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    table = render(result)
-    (RESULTS / "decode.md").write_text(table)
-    plot(result)
-    print(table)
+    save_results("decode", result, render, plot)
 
 
 def render(r: dict) -> str:
@@ -205,6 +200,16 @@ def render(r: dict) -> str:
     lines += ["", f"edgekit / HF: decode **{ra['decode_speedup']:.2f}x**, TTFT **{ra['ttft_ratio']:.2f}x**, "
               f"peak RSS {ra['rss_ratio']:.2f}x", ""]
     return "\n".join(lines)
+
+
+def save_results(name: str, result: dict, render, plot) -> None:
+    """Write results/<name>.json and .md, draw the plot, print the markdown table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    md = render(result)
+    (RESULTS / f"{name}.md").write_text(md)
+    plot(result)
+    print(md)
 
 
 def pyplot():

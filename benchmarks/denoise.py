@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import machine, pyplot  # noqa: E402
+from decode import machine, pyplot, save_results  # noqa: E402
 from train_dllm import CACHE, GEN_LENGTH, correct, sample  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -104,12 +104,7 @@ def main() -> None:
     task = json.loads((CACHE / "dllm" / "task.json").read_text())
     result = {"benchmark": "denoise", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
               "task": task, "eval_prompts": len(prompts), "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "denoise.json").write_text(json.dumps(result, indent=2))
-    md = render(result)
-    (RESULTS / "denoise.md").write_text(md)
-    plot(result)
-    print(md)
+    save_results("denoise", result, render, plot)
 
 
 def render(r: dict) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import machine, pyplot  # noqa: E402
+from decode import machine, pyplot, save_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TOPICS = ["the ocean", "a robot learning to paint", "a city on Mars", "an old lighthouse", "a lost cat",
@@ -177,12 +177,7 @@ def main() -> None:
                          "cached_prompt_tokens": cached_tokens},
         "raw": {"inproc": inproc, "served": served, "warm_t2": warm_t2, "cold_t2": cold_t2},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(result, indent=2))
-    md = render(result)
-    (RESULTS / "serve.md").write_text(md)
-    plot(result)
-    print(md)
+    save_results("serve", result, render, plot)
 
 
 def render(r: dict) -> str:

@@ -122,11 +122,7 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
                           f"top-1 {report.top1:.2%}, KL {report.kl:.2e}, {report.decode_tok_s:.1f} tok/s")
             manifest = replace(manifest, extra={**manifest.extra, "quality": report.to_dict()})
             bdl.write_manifest(stage, manifest)
-        if verify is not None:
-            with progress.stage("Parity against the PyTorch model"):
-                report = verify(stage, model, tokenizer, progress)
-            manifest = replace(manifest, parity=dict(report))
-            bdl.write_manifest(stage, manifest)
+        manifest = _parity(stage, manifest, verify, model, tokenizer, progress, "Parity against the PyTorch model")
     return ExportResult(cfg.output, manifest)
 
 
@@ -181,12 +177,21 @@ def _export_diffusion(cfg: ExportConfig, ref: source.SourceRef, arch: str, confi
             bdl.write_manifest(stage, manifest)
         with progress.stage("Checking the bundle loads"):
             load(stage)
-        if verify is not None:
-            with progress.stage("Parity: the denoiser sampler against its PyTorch reference"):
-                report = verify(stage, model, tokenizer, progress)
-            manifest = replace(manifest, parity=dict(report))
-            bdl.write_manifest(stage, manifest)
+        manifest = _parity(stage, manifest, verify, model, tokenizer, progress,
+                           "Parity: the denoiser sampler against its PyTorch reference")
     return ExportResult(cfg.output, manifest)
+
+
+def _parity(stage: Path, manifest: bdl.Manifest, verify: Verifier | None, model: Any, tokenizer: Any,
+            progress: Progress, label: str) -> bdl.Manifest:
+    """Run the verifier on the staged bundle and store its report in the manifest."""
+    if verify is None:
+        return manifest
+    with progress.stage(label):
+        report = verify(stage, model, tokenizer, progress)
+    manifest = replace(manifest, parity=dict(report))
+    bdl.write_manifest(stage, manifest)
+    return manifest
 
 
 def _max_context(config: Any, requested: int | None, default: int = DEFAULT_MAX_CONTEXT) -> int:
