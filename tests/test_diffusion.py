@@ -186,9 +186,6 @@ print(json.dumps({"refused": refused, "x_exists": (root / "x").exists(), "arch":
 """
 
 
-@pytest.mark.xfail(strict=False, reason="open bug: in some environments the LLaDA fixture's ONNX denoiser differs from "
-                   "the PyTorch model on the 'plain' prompt (step logits off by 8.85); passes in others. See the "
-                   "session-1 closing note.")
 def test_llada_style_remote_code_model(tmp_path):
     """Run in a fresh process: remote code is imported dynamically, and torch.onnx's dynamo export of it was seen
     to depend on what earlier tests had exported in the same process."""
