@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,177 @@ def build_denoiser(model: Any) -> onnx.ModelProto:
     return program.model_proto
 
 
+class _KVContext:
+    """What the edgekit attention function does during one traced forward: ``encode`` records every layer's
+    (post-rotary) keys and values; ``block`` prepends cached keys/values to the layer's own and masks by position."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+        self.kv: list[tuple[Any, Any]] = []
+        self.past: Sequence[Any] = ()
+        self.q_pos: Any = None
+        self.k_pos: Any = None
+        self.layer = 0
+
+
+_CTX = _KVContext()
+ATTN_NAME = "edgekit_kv"
+
+
+def _kv_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
+                  dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+    """An attention function for transformers' AttentionInterface (query/key/value [B, H, S, D], after rotary).
+    Bidirectional, with the module's sliding window if it has one; the HF mask is not used (batch 1, no padding)."""
+    import torch
+
+    s = query.shape[2]
+    if _CTX.mode == "block":
+        pk, pv = _CTX.past[2 * _CTX.layer], _CTX.past[2 * _CTX.layer + 1]
+        _CTX.layer += 1
+        key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+        q_pos, k_pos = _CTX.q_pos, _CTX.k_pos
+    else:
+        _CTX.kv.append((key, value))
+        q_pos = k_pos = torch.arange(s)
+    if key.shape[1] != query.shape[1]:  # grouped-query attention
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    window = kwargs.get("sliding_window")
+    if window:  # transformers passes flash-attention's inclusive size: |q - k| <= window - 1
+        far = (q_pos[:, None] - k_pos[None, :]).abs() > window - 1
+        scores = scores.masked_fill(far[None, None], torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def _use_kv_attention(model: Any) -> Any:
+    """A copy of the model whose attention goes through _kv_attention (needs transformers' AttentionInterface)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, _kv_attention)
+    m = copy.deepcopy(model).eval()
+    m.config._attn_implementation = ATTN_NAME
+    for sub in m.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and cfg is not m.config and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = ATTN_NAME
+    return m
+
+
+@dataclass
+class CacheGraphs:
+    """The two graphs of the cached modes and what the runtime needs to drive them."""
+
+    encode: onnx.ModelProto  # input_ids [1, S] -> logits [1, S, V], present_key_i / present_value_i [1, H, S, D]
+    block: onnx.ModelProto  # input_ids [1, T], position_ids [1, T], past_positions [P], past_* -> logits [1, T, V]
+    layers: int
+    position_offset: int  # position id of the first token (RoBERTa counts from padding_idx + 1)
+    max_abs_diff: float  # block graph with a fresh cache vs the full forward, in PyTorch (must be ~0)
+
+
+def _position_offset(model: Any) -> int:
+    if str(getattr(model.config, "model_type", "")) in {"roberta", "xlm-roberta", "camembert", "xlm-roberta-xl"}:
+        return int(model.config.pad_token_id) + 1
+    return 0
+
+
+def _encode_torch(m: Any, ids: Any) -> tuple[Any, list[Any]]:
+    _CTX.mode, _CTX.kv = "encode", []
+    try:
+        logits = m(input_ids=ids, attention_mask=None).logits
+        kv = [t for pair in _CTX.kv for t in pair]
+    finally:
+        _CTX.mode, _CTX.kv = None, []
+    return logits, kv
+
+
+def _block_torch(m: Any, ids: Any, position_ids: Any, past_positions: Any, past: Sequence[Any]) -> Any:
+    import torch
+
+    _CTX.mode, _CTX.past, _CTX.layer = "block", past, 0
+    _CTX.q_pos = position_ids[0]
+    _CTX.k_pos = torch.cat([past_positions, position_ids[0]])
+    try:
+        return m(input_ids=ids, position_ids=position_ids, attention_mask=None).logits
+    finally:
+        _CTX.mode, _CTX.past, _CTX.q_pos, _CTX.k_pos = None, (), None, None
+
+
+def build_cached_denoisers(model: Any) -> CacheGraphs:
+    """Export the encode and block graphs used by the prefix and dual cache modes (Fast-dLLM's approximate KV cache).
+
+    Raises UnsupportedModelError when the model's attention does not go through transformers' AttentionInterface,
+    or when its block forward with a fresh cache does not reproduce the full forward (checked in PyTorch first)."""
+    import torch
+
+    from edgekit.runtimes.errors import UnsupportedModelError
+
+    m = _use_kv_attention(model)
+    offset = _position_offset(model)
+    n = 24
+    ids = (torch.arange(n) % 40 + 5)[None, :]
+    with torch.no_grad():
+        full, kv = _encode_torch(m, ids)
+        layers = len(kv) // 2
+        if layers == 0:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface, so edgekit "
+                "cannot give it a KV cache. HINT: use cache mode 'none' (the full-sequence denoiser).")
+        ref = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        lo, hi = 10, 18  # dual-cache layout: prefix [0, lo), block [lo, hi), suffix [hi, n)
+        keep = torch.cat([torch.arange(lo), torch.arange(hi, n)])
+        past = [t[:, :, keep] for t in kv]
+        pos = torch.arange(lo, hi)[None] + offset
+        got = _block_torch(m, ids[:, lo:hi], pos, keep + offset, past)
+    diff = max(float((full - ref).abs().max()), float((got - ref[:, lo:hi]).abs().max()))
+    if not diff <= 1e-3:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: a cached block forward differs from the full forward by {diff:.3g} in PyTorch "
+            "(attention or position handling edgekit does not model). HINT: use cache mode 'none'.")
+
+    class Encode(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any) -> Any:
+            logits, kv = _encode_torch(self.inner, input_ids)
+            return (logits, *kv)
+
+    class Block(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, position_ids: Any, past_positions: Any, *past: Any) -> Any:
+            return _block_torch(self.inner, input_ids, position_ids, past_positions, past)
+
+    limit = int(getattr(model.config, "max_position_embeddings", 512))
+    kv_names = [f"{w}_{kind}_{i}" for i in range(layers) for kind in ("key", "value") for w in ("present",)]
+    past_names = [n.replace("present", "past") for n in kv_names]
+    seq = torch.export.Dim("sequence", min=2, max=limit)
+    tok = torch.export.Dim("block", min=1, max=limit)
+    cached = torch.export.Dim("cached", min=1, max=limit)
+    torch._dynamo.reset()
+    try:
+        enc = torch.onnx.export(Encode(m), (ids,), input_names=["input_ids"], output_names=["logits", *kv_names],
+                                dynamic_shapes=({1: seq},), dynamo=True, verbose=False).model_proto
+        torch._dynamo.reset()
+        blk = torch.onnx.export(
+            Block(m), (ids[:, lo:hi], pos, keep + offset, *past),
+            input_names=["input_ids", "position_ids", "past_positions", *past_names], output_names=["logits"],
+            dynamic_shapes=({1: tok}, {1: tok}, {0: cached}, tuple({2: cached} for _ in past)),
+            dynamo=True, verbose=False).model_proto
+    except Exception as e:  # torch.export raises many types for graphs it cannot capture
+        raise ExportError(f"torch.onnx could not export the cached graphs of {type(model).__name__}: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    finally:
+        _CTX.mode = None
+    return CacheGraphs(enc, blk, layers, offset, diff)
+
+
 def _schedule(masked: int, steps: int) -> list[int]:
     base, rem = divmod(masked, steps)
     return [base + (1 if i < rem else 0) for i in range(steps)]
@@ -75,7 +247,7 @@ def reference_generate(model: Any, prompt_ids: Sequence[int], params: DiffusionP
             with torch.no_grad():
                 logits = model(input_ids=x[None], attention_mask=torch.ones_like(x)[None]).logits[0].double()
             if on_step is not None:
-                on_step(n_step, logits.float().numpy())
+                on_step(n_step, logits[lo:hi].float().numpy())
             n_step += 1
             pos = lo + torch.nonzero(x[lo:hi] == mask_id).flatten()
             lg = logits[pos]

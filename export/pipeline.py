@@ -22,7 +22,7 @@ from edgekit.export.quantize import ALGOS
 from edgekit.export.registry import ArchSpec, lookup
 from edgekit.runtimes import bundle as bdl
 from edgekit.runtimes import load
-from edgekit.runtimes.denoiser import Remasking
+from edgekit.runtimes.denoiser import CACHE_MODES, Remasking
 from edgekit.runtimes.errors import ConfigError, UnsupportedModelError, did_you_mean
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
@@ -146,9 +146,29 @@ def _export_diffusion(cfg: ExportConfig, ref: source.SourceRef, arch: str, confi
                     "positions it generates. HINT: set tokenizer.mask_token and re-save the folder.")
         with progress.stage(f"Building the ONNX denoiser graph ({arch}, torch.onnx)"):
             graph = diffusion.build_denoiser(model)
+        graphs = {"denoiser": bdl.GraphSpec("model.onnx", ("input_ids", "attention_mask"), ("logits",))}
+        cache_info: dict[str, Any] = {}
+        with progress.stage("Building the cached graphs (prefix / dual cache: encode + block)"):
+            try:
+                cached = diffusion.build_cached_denoisers(model)
+            except UnsupportedModelError as e:
+                cached = None
+                cache_info = {"unavailable": str(e)}
+                progress.note(f"no cache modes: {e}")
         with progress.stage("Writing the bundle"):
             onnx_graph.save_model(graph, stage / "model.onnx")
             del graph
+            if cached is not None:
+                onnx_graph.save_model(cached.encode, stage / "encode.onnx")
+                onnx_graph.save_model(cached.block, stage / "block.onnx")
+                kv = tuple(f"{k}_{i}" for i in range(cached.layers) for k in ("key", "value"))
+                graphs["denoise_encode"] = bdl.GraphSpec("encode.onnx", ("input_ids",),
+                                                         ("logits", *(f"present_{n}" for n in kv)))
+                graphs["denoise_block"] = bdl.GraphSpec(
+                    "block.onnx", ("input_ids", "position_ids", "past_positions", *(f"past_{n}" for n in kv)),
+                    ("logits",))
+                cache_info = {"layers": cached.layers, "position_offset": cached.position_offset,
+                              "torch_block_vs_full_max_abs_diff": cached.max_abs_diff}
             tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
             eos = [t for t in (tokenizer.eos_token_id, tokenizer.sep_token_id) if t is not None][:1]
             specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token",
@@ -160,7 +180,7 @@ def _export_diffusion(cfg: ExportConfig, ref: source.SourceRef, arch: str, confi
             manifest = bdl.Manifest(
                 kind="diffusion", architecture=arch, model_type=str(config.model_type), precision="fp32",
                 max_context=max_context, vocab_size=int(config.vocab_size),
-                graphs={"denoiser": bdl.GraphSpec("model.onnx", ("input_ids", "attention_mask"), ("logits",))},
+                graphs=graphs,
                 tokens=bdl.SpecialTokens(bos_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
                                          eos_id=eos[0] if eos else None, pad_id=tokenizer.pad_token_id,
                                          mask_id=int(mask_id), stop_ids=tuple(eos)),
@@ -170,7 +190,9 @@ def _export_diffusion(cfg: ExportConfig, ref: source.SourceRef, arch: str, confi
                     add_special_tokens=False,  # the prompt is followed by mask tokens, not by [SEP]
                     special_token_strings={k: (str(v) if v is not None else None) for k, v in specials.items()}),
                 provenance=_provenance(ref, lookup(arch)),
-                extra={"diffusion": {"defaults": gen, "cache_modes": ["none"],
+                extra={"diffusion": {"defaults": gen,
+                                     "cache_modes": list(CACHE_MODES) if cached is not None else ["none"],
+                                     "cache": cache_info,
                                      "remasking": [r.value for r in Remasking]}},
             )
             manifest = replace(manifest, files=bdl.hash_payload(stage))

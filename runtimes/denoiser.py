@@ -5,6 +5,11 @@ to right (LLaDA's semi-AR schedule); each step runs the denoiser on the whole se
 positions of the current block, chosen by a remasking rule; with a ``threshold`` every position whose predicted
 token is that confident is committed at once (Fast-dLLM's parallel decoding, at least one per step). A block's text
 is streamed as soon as the block is complete.
+
+Cache modes (Fast-dLLM's approximate KV cache): ``none`` runs the whole sequence every step; ``prefix`` encodes the
+whole sequence at a block's first step, keeps the keys/values of the prompt and finished blocks, and then runs only
+the current block and the masked suffix; ``dual`` keeps the suffix's keys/values too and runs only the block. The
+cached entries go stale while the block changes (the approximation Fast-dLLM makes); they are refreshed per block.
 """
 
 from __future__ import annotations
@@ -34,7 +39,15 @@ class Remasking(str, Enum):
     ENTROPY = "entropy"  # lowest predictive entropy
 
 
-CACHE_MODES = ("none",)  # "prefix" and "dual" (Fast-dLLM's approximate KV caches) need cached graphs: not yet
+class CacheMode(str, Enum):
+    """How much of the sequence a denoising step recomputes (Fast-dLLM's approximate KV caches)."""
+
+    NONE = "none"  # every step runs the whole sequence
+    PREFIX = "prefix"  # prompt + finished blocks encoded once per block; steps run the current block and the suffix
+    DUAL = "dual"  # the masked suffix is cached too; steps run only the current block
+
+
+CACHE_MODES = tuple(c.value for c in CacheMode)
 
 
 @dataclass(frozen=True)
@@ -79,7 +92,7 @@ class DiffusionParams:
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if self.cache not in CACHE_MODES:
-            raise ConfigError(f"cache mode {self.cache!r} is not available yet; available: {', '.join(CACHE_MODES)}.")
+            raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}.")
 
     @property
     def steps_per_block(self) -> int:
@@ -95,9 +108,10 @@ def transfer_schedule(masked: int, steps: int) -> list[int]:
 @dataclass
 class DenoiseStats:
     prompt_tokens: int = 0
-    reused_prompt_tokens: int = 0  # always 0 (no cache mode yet); keeps the serving stats interface uniform
+    reused_prompt_tokens: int = 0  # kept for the serving stats interface (no cross-request cache for diffusion)
     generated_tokens: int = 0
     forward_passes: int = 0
+    positions_computed: int = 0  # query rows run through the network, summed over forward passes (the work done)
     blocks: int = 0
     latency_s: float = 0.0
     first_block_s: float = 0.0
@@ -173,6 +187,11 @@ class DiffusionModel:
         self.path = bundle_dir
         self.manifest = manifest
         self.session = create_session(bundle_dir / manifest.graphs["denoiser"].file, backend)
+        self._backend = backend
+        self._cached: tuple[Any, Any] | None = None  # (encode, block) sessions, created on first use
+        info = manifest.extra.get("diffusion", {})
+        self.cache_modes = tuple(info.get("cache_modes", ["none"]))
+        self.position_offset = int(info.get("cache", {}).get("position_offset", 0))
         self.tokenizer = Tokenizer(bundle_dir / manifest.tokenizer.file, manifest.tokenizer)
         self.mask_id = int(manifest.tokens.mask_id)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
@@ -189,6 +208,30 @@ class DiffusionModel:
         ids = tokens[None, :].astype(np.int64)  # [1, S]
         return self.session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
 
+    def _cache_sessions(self) -> tuple[Any, Any]:
+        if self._cached is None:
+            g = self.manifest.graphs
+            self._cached = (create_session(self.path / g["denoise_encode"].file, self._backend),
+                            create_session(self.path / g["denoise_block"].file, self._backend))
+        return self._cached
+
+    def encode(self, tokens: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """tokens [S] -> (logits [S, V], every layer's key and value [1, H, S, D]) for the cached modes."""
+        enc, _ = self._cache_sessions()
+        out = enc.run(None, {"input_ids": tokens[None, :].astype(np.int64)})
+        return out[0][0], out[1:]
+
+    def forward_cached(self, tokens: np.ndarray, positions: np.ndarray, past_positions: np.ndarray,
+                       past: Sequence[np.ndarray]) -> np.ndarray:
+        """tokens [T] at ``positions`` attending to themselves and to cached keys/values -> logits [T, V]."""
+        _, blk = self._cache_sessions()
+        names = [i.name for i in blk.get_inputs()]
+        feeds = {"input_ids": tokens[None, :].astype(np.int64),
+                 "position_ids": (positions[None, :] + self.position_offset).astype(np.int64),
+                 "past_positions": (past_positions + self.position_offset).astype(np.int64)}
+        feeds.update(zip(names[3:], past))
+        return blk.run(["logits"], feeds)[0][0]
+
     def params(self, prompt_len: int, **overrides: Any) -> DiffusionParams:
         known = set(DiffusionParams.__dataclass_fields__)
         unknown = set(overrides) - known
@@ -202,6 +245,9 @@ class DiffusionModel:
                 given["block_length"] = self.defaults.block_length if gen % self.defaults.block_length == 0 else gen
             given.setdefault("diffusion_steps", gen)
         p = replace(self.defaults, **given)
+        if p.cache not in self.cache_modes:
+            raise ConfigError(f"cache mode {p.cache!r} is not in this bundle (it has: {', '.join(self.cache_modes)}). "
+                              "HINT: re-export it with this edgekit version, or use cache='none'.")
         if prompt_len + p.gen_length > self.max_context:
             raise ContextLengthError(
                 f"Prompt of {prompt_len} tokens + gen_length {p.gen_length} = {prompt_len + p.gen_length} exceeds the "
@@ -222,18 +268,31 @@ class DiffusionModel:
             lo, hi = p0 + b * params.block_length, p0 + (b + 1) * params.block_length
             schedule = transfer_schedule(params.block_length, params.steps_per_block)
             step = 0
+            past: tuple[np.ndarray, list[np.ndarray]] | None = None
             while (x[lo:hi] == self.mask_id).any():
                 if should_stop is not None and should_stop():
                     stats.finish_reason = "cancelled"
                     return
-                logits = self.forward(x)  # [S, V]
+                if params.cache == CacheMode.NONE.value or lo == 0:
+                    logits = self.forward(x)[lo:hi]  # the whole sequence, every step
+                    stats.positions_computed += len(x)
+                elif past is None:  # a block's first step: encode everything once, keep the keys/values
+                    full, kv = self.encode(x)
+                    logits = full[lo:hi]
+                    stats.positions_computed += len(x)
+                    keep = np.arange(lo) if params.cache == CacheMode.PREFIX.value else np.r_[0:lo, hi:len(x)]
+                    past = keep, [t[:, :, keep] for t in kv]
+                else:
+                    end = len(x) if params.cache == CacheMode.PREFIX.value else hi
+                    logits = self.forward_cached(x[lo:end], np.arange(lo, end), *past)[: hi - lo]
+                    stats.positions_computed += end - lo
                 stats.forward_passes += 1
                 if on_step is not None:
                     on_step(stats.forward_passes - 1, logits)
-                masked = lo + np.flatnonzero(x[lo:hi] == self.mask_id)
+                masked = np.flatnonzero(x[lo:hi] == self.mask_id)
                 k = schedule[step] if step < len(schedule) else len(masked)
                 x0, chosen = select(logits[masked], max(k, 1), params, rng)
-                x[masked[chosen]] = x0[chosen]
+                x[lo + masked[chosen]] = x0[chosen]
                 step += 1
             block = [int(t) for t in x[lo:hi]]
             stats.blocks += 1
@@ -252,7 +311,7 @@ class DiffusionModel:
 
     def stream(self, prompt: Prompt, **options: Any) -> TextStream:
         """Stream the answer block by block. Options: gen_length, block_length, diffusion_steps, remasking,
-        threshold, temperature, top_k, top_p, seed. Close the stream to cancel."""
+        threshold, temperature, top_k, top_p, seed, cache (none | prefix | dual). Close the stream to cancel."""
         ids = self.tokenizer.encode_prompt(prompt)
         params = self.params(len(ids), **options)
         stats = DenoiseStats()

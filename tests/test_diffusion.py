@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -102,7 +104,7 @@ def test_stop_token_ends_after_its_block_and_close_cancels(mlm_bundle, monkeypat
     (dict(threshold=0), "threshold must be in \\(0, 1\\]"),
     (dict(threshold=1.5), "threshold must be in"),
     (dict(remasking="lowest"), "remasking must be one of"),
-    (dict(cache="prefix"), "cache mode 'prefix' is not available yet"),
+    (dict(cache="kv"), "cache must be one of none, prefix, dual"),
 ])
 def test_bad_diffusion_settings(kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -179,9 +181,16 @@ except UnsupportedModelError as e:
     refused = str(e)
 res = export_bundle(ExportConfig(source=str(src), output=root / "b", trust_remote_code=True), verify=verifier(),
                     progress=Silent())
-stream = load(res.path).stream("Hello", gen_length=16, block_length=8, diffusion_steps=16, threshold=0.5)
+model = load(res.path)
+stream = model.stream("Hello", gen_length=16, block_length=8, diffusion_steps=16, threshold=0.5)
 "".join(stream)
-print(json.dumps({"refused": refused, "x_exists": (root / "x").exists(), "arch": res.manifest.architecture,
+import numpy as np
+x = (np.arange(30) % 50 + 7).astype(np.int64)
+full, kv = model.encode(x)
+keep = np.r_[0:12, 20:30]
+got = model.forward_cached(x[12:20], np.arange(12, 20), keep, [t[:, :, keep] for t in kv])
+print(json.dumps({"cache_diff": float(np.abs(got - full[12:20]).max()), "modes": list(model.cache_modes),
+                  "refused": refused, "x_exists": (root / "x").exists(), "arch": res.manifest.architecture,
                   "kind": res.manifest.kind, "parity": res.manifest.parity, "blocks": stream.stats.blocks}))
 """
 
@@ -201,3 +210,60 @@ def test_llada_style_remote_code_model(tmp_path):
     assert r["parity"]["passed"], r["parity"]["misses"]
     assert r["parity"]["summary"]["tokens_identical"] == 1.0
     assert r["blocks"] == 2
+    assert r["modes"] == ["none", "prefix", "dual"] and r["cache_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["ModernBertForMaskedLM", "RobertaForMaskedLM"])
+def test_cached_graphs_reproduce_the_full_forward_with_a_fresh_cache(mlm_bundle, arch):
+    """With keys/values from the same sequence, the block graph must give the full graph's logits (prefix and dual
+    layouts). ModernBERT's tiny config has a 16-token local window, so the sliding mask is exercised; RoBERTa's
+    positions start at padding_idx + 1."""
+    model = load(mlm_bundle(arch)[1].path)
+    assert model.cache_modes == ("none", "prefix", "dual")
+    x = (np.arange(40) % 50 + 7).astype(np.int64)
+    full, kv = model.encode(x)
+    assert np.abs(full - model.forward(x)).max() < 1e-4
+    lo, hi = 17, 25
+    for keep, end in ((np.arange(lo), 40), (np.r_[0:lo, hi:40], hi)):
+        got = model.forward_cached(x[lo:end], np.arange(lo, end), keep, [t[:, :, keep] for t in kv])
+        assert got.shape == (end - lo, full.shape[1])
+        assert np.abs(got - full[lo:end]).max() < 1e-4
+
+
+def test_cache_modes_do_less_work_and_are_reported(mlm_bundle):
+    src, res = mlm_bundle("ModernBertForMaskedLM")
+    model = load(res.path)
+    runs = {}
+    for mode in ("none", "prefix", "dual"):
+        s = model.stream("Hello there, how are you doing today?", gen_length=32, block_length=8,
+                         diffusion_steps=32, cache=mode)
+        text = "".join(s)
+        runs[mode] = (text, s.stats)
+    none, prefix, dual = (runs[m][1] for m in ("none", "prefix", "dual"))
+    assert none.forward_passes == prefix.forward_passes == dual.forward_passes == 32
+    assert dual.positions_computed < prefix.positions_computed < none.positions_computed
+    agreement = res.manifest.parity["cache_agreement"]
+    assert set(agreement) == {f"{m}/{s}" for m in ("prefix", "dual") for s in ("low_confidence", "threshold_0.9")}
+    assert all(0.0 <= v <= 1.0 for v in agreement.values())
+    with pytest.raises(ConfigError, match="cache must be one of"):
+        model.stream("Hi", cache="kv")
+
+
+def test_cache_mode_refused_by_a_bundle_without_cached_graphs(mlm_bundle, tmp_path):
+    import shutil
+
+    from edgekit.runtimes import bundle as bdl
+
+    res = mlm_bundle("BertForMaskedLM")[1]
+    dst = tmp_path / "nocache"
+    shutil.copytree(res.path, dst)
+    m = bdl.load_manifest(dst)
+    graphs = {"denoiser": m.graphs["denoiser"]}
+    extra = {**m.extra, "diffusion": {**m.extra["diffusion"], "cache_modes": ["none"]}}
+    (dst / "encode.onnx").unlink()
+    (dst / "block.onnx").unlink()
+    m = replace(m, graphs=graphs, extra=extra)
+    m = replace(m, files=bdl.hash_payload(dst))
+    bdl.write_manifest(dst, m)
+    with pytest.raises(ConfigError, match="cache mode 'dual' is not in this bundle"):
+        load(dst).stream("Hi", cache="dual")
