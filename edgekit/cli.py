@@ -102,6 +102,8 @@ def export(source: str, output: Path, precision: str | None, algo: str | None, b
               help="Diffusion: which masked positions each step commits.")
 @click.option("--threshold", type=float, default=None,
               help="Diffusion: commit every position whose confidence exceeds this (parallel decoding).")
+@click.option("--cache", type=click.Choice(["none", "prefix", "dual"]), default=None,
+              help="Diffusion: KV cache mode (prefix/dual: Fast-dLLM's approximate cache, refreshed per block).")
 @click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider (repeatable, in order).")
 @click.option("--threads", type=int, default=None)
 @click.option("--stats", is_flag=True, help="Print token counts, TTFT and decode speed to stderr.")
@@ -129,7 +131,8 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, provid
         s = stream.stats
         if model.kind == "diffusion":
             click.echo(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated in {s.blocks} blocks, "
-                       f"{s.forward_passes} forward passes ({s.tokens_per_forward:.2f} tokens/forward), first block "
+                       f"{s.forward_passes} forward passes ({s.tokens_per_forward:.2f} tokens/forward, "
+                       f"{s.positions_computed} positions computed), first block "
                        f"{s.first_block_s * 1000:.0f} ms, total {s.latency_s * 1000:.0f} ms, "
                        f"finish={s.finish_reason}]", err=True)
         else:

@@ -360,13 +360,19 @@ def test_diffusion_bundle_is_served_block_by_block(diffusion_server):
     events = sse_events(r)
     assert 1 <= len(events) <= 3  # at most one chunk per block, then the final chunk
     assert "".join(e["choices"][0]["text"] for e in events) == expected
+    r = httpx.post(server.url + "/v1/completions", json={**body, "cache": "dual"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == model.generate("Once upon a time", gen_length=16, block_length=8,
+                                                            diffusion_steps=8, threshold=0.9, cache="dual")
 
 
 @pytest.mark.parametrize("extra, code", [({"stop": ["x"]}, "unsupported_parameter"),
                                          ({"diffusion_steps": 0}, "invalid_value"),
                                          ({"max_tokens": 16, "block_length": 5}, "invalid_value"),
                                          ({"threshold": 2}, "invalid_value"),
-                                         ({"remasking": "best"}, "invalid_value")])
+                                         ({"remasking": "best"}, "invalid_value"),
+                                         ({"cache": "kv"}, "invalid_value"),
+                                         ({"cache": 1}, "invalid_type")])
 def test_diffusion_bad_fields(diffusion_server, extra, code):
     server, _ = diffusion_server
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", **extra}, timeout=30)
