@@ -1,10 +1,16 @@
 """Train, in minutes on a CPU, a small masked-diffusion LM and an AR model of the same size on a checkable task.
 
-Task ("pairs"): the prompt lists K sums, e.g. "07,12,18,03=", and a correct answer gives, for each sum, two digits
+Task "pairs": the prompt lists K sums, e.g. "07,12,18,03=", and a correct answer gives, for each sum, two digits
 that add up to it ("25" + "39" + "99" + "12" ...), then EOS padding. Most sums have several valid pairs, so the two
 digits of a pair depend on each other: committing both in one step picks each from its own marginal and often
 breaks the sum (one-step decoding loses accuracy), while pairs are independent of each other (parallel decoding can
 commit across pairs). Answers are checked exactly.
+
+Task "pairs_copy" (the default): like real text, an answer mixes tokens the context determines with a few free,
+mutually dependent choices. The prompt is 4 sums and a 32-digit string, e.g. "07,12,18,03|3948...=", and the answer
+is, for each sum, a pair of digits adding up to it followed by the next 8 digits of the string copied
+("25" "39485720" "39" ...): 40 tokens, then EOS padding to 48. The copied digits are certain (a confidence threshold
+commits them in parallel), the pair digits are not (committing both of a pair at once breaks the sum).
 
 Models (Hugging Face folders, cached under .cache/dllm/, not in git): a ModernBERT masked LM trained with the
 masked-diffusion objective (mask ratio t ~ U(0, 1), cross-entropy on masked answer positions weighted by 1/t), and
@@ -24,9 +30,14 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(".cache/dllm")
-PAIRS = 6
-GEN_LENGTH = 16  # 2 * PAIRS digits + EOS padding
-VOCAB = ["[PAD]", "[MASK]", "[EOS]", *"0123456789", ",", "="]
+TASKS = {"pairs": {"pairs": 6, "copy": 0, "gen_length": 16},  # 12 digits + EOS padding
+         "pairs_copy": {"pairs": 4, "copy": 8, "gen_length": 48}}  # 4 x (2 + 8) = 40 digits + EOS padding
+DEFAULT_TASK = "pairs_copy"
+VOCAB = ["[PAD]", "[MASK]", "[EOS]", *"0123456789", ",", "=", "|"]
+
+
+def folder(task: str, kind: str) -> Path:
+    return CACHE / task / kind
 
 
 def make_tokenizer():
@@ -39,41 +50,50 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", mask_token="[MASK]", eos_token="[EOS]")
 
 
-def sample(rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
+def sample(rng: np.random.Generator, n: int, task: str = DEFAULT_TASK) -> tuple[list[str], list[str]]:
     """n (prompt, answer) pairs of strings; the answer excludes EOS padding."""
+    k, copy = TASKS[task]["pairs"], TASKS[task]["copy"]
     prompts, answers = [], []
     for _ in range(n):
-        sums = rng.integers(0, 19, PAIRS)
-        digits = []
-        for s in sums:
+        sums = rng.integers(0, 19, k)
+        text = "".join(map(str, rng.integers(0, 10, k * copy)))
+        answer = ""
+        for i, s in enumerate(sums):
             a = int(rng.integers(max(0, s - 9), min(9, s) + 1))
-            digits += [a, int(s) - a]
-        prompts.append(",".join(f"{s:02d}" for s in sums) + "=")
-        answers.append("".join(map(str, digits)))
+            answer += f"{a}{int(s) - a}" + text[i * copy:(i + 1) * copy]
+        prompts.append(",".join(f"{s:02d}" for s in sums) + (f"|{text}" if copy else "") + "=")
+        answers.append(answer)
     return prompts, answers
 
 
 def correct(prompt: str, answer: str) -> bool:
-    """Every pair of answer digits adds up to its sum (extra characters after the pairs are ignored)."""
-    sums = [int(x) for x in prompt.rstrip("=").split(",")]
-    digits = answer[: 2 * len(sums)]
-    if len(digits) < 2 * len(sums) or not digits.isdigit():
+    """Every pair of digits adds up to its sum and every copied run matches the prompt's string (characters after
+    the last segment are ignored)."""
+    head, _, text = prompt.rstrip("=").partition("|")
+    sums = [int(x) for x in head.split(",")]
+    copy = len(text) // len(sums)
+    seg = 2 + copy
+    if len(answer) < seg * len(sums) or not answer[: seg * len(sums)].isdigit():
         return False
-    return all(int(digits[2 * i]) + int(digits[2 * i + 1]) == s for i, s in enumerate(sums))
+    for i, s in enumerate(sums):
+        part = answer[i * seg:(i + 1) * seg]
+        if int(part[0]) + int(part[1]) != s or part[2:] != text[i * copy:(i + 1) * copy]:
+            return False
+    return True
 
 
-def encode(tok, prompts: list[str], answers: list[str]):
+def encode(tok, prompts: list[str], answers: list[str], gen_length: int):
     import torch
 
     eos = tok.eos_token_id
     rows = []
     for p, a in zip(prompts, answers):
         ids = tok(p + a, add_special_tokens=False)["input_ids"]
-        rows.append(ids + [eos] * (len(tok(p)["input_ids"]) + GEN_LENGTH - len(ids)))
+        rows.append(ids + [eos] * (len(tok(p)["input_ids"]) + gen_length - len(ids)))
     return torch.tensor(rows)
 
 
-def train(kind: str, steps: int, batch: int, seed: int, log_every: int) -> Path:
+def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: str = DEFAULT_TASK) -> Path:
     import torch
     import transformers
 
@@ -81,7 +101,7 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int) -> Path:
     rng = np.random.default_rng(seed)
     tok = make_tokenizer()
     common = dict(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                  num_attention_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+                  num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
     if kind == "dllm":
         cfg = transformers.ModernBertConfig(**common, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                             cls_token_id=tok.eos_token_id, sep_token_id=tok.eos_token_id,
@@ -94,14 +114,15 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int) -> Path:
     cfg.architectures = [type(model).__name__]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
-    p_len = len(tok(sample(rng, 1)[0][0])["input_ids"])
+    gen_length = TASKS[task]["gen_length"]
+    p_len = len(tok(sample(rng, 1, task)[0][0])["input_ids"])
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
-        x = encode(tok, *sample(rng, batch))  # [B, P + G]
+        x = encode(tok, *sample(rng, batch, task), gen_length)  # [B, P + G]
         if kind == "dllm":
             t = torch.rand(batch, 1).clamp(min=1e-3)
-            masked = torch.rand(batch, GEN_LENGTH) < t
+            masked = torch.rand(batch, gen_length) < t
             masked[masked.sum(1) == 0, 0] = True
             inp = x.clone()
             inp[:, p_len:][masked] = tok.mask_token_id
@@ -109,7 +130,7 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int) -> Path:
             labels[:, p_len:][masked] = x[:, p_len:][masked]
             logits = model(input_ids=inp, attention_mask=torch.ones_like(inp)).logits
             ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # [B, S]
-            loss = (ce.sum(1, keepdim=True) / t).mean() / GEN_LENGTH
+            loss = (ce.sum(1, keepdim=True) / t).mean() / gen_length
         else:
             labels = x.clone()
             labels[:, :p_len] = -100
@@ -123,11 +144,11 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int) -> Path:
             print(f"[{kind}] step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)",
                   file=sys.stderr, flush=True)
     model.eval()
-    out = CACHE / kind
+    out = folder(task, kind)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "task.json").write_text(json.dumps({"task": "pairs", "pairs": PAIRS, "gen_length": GEN_LENGTH,
+    (out / "task.json").write_text(json.dumps({"task": task, **TASKS[task],
                                                "steps": steps, "batch": batch, "seed": seed,
                                                "train_seconds": round(time.time() - start, 1)}))
     return out
@@ -139,14 +160,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["dllm", "ar"], default=None)
+    ap.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK)
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(2)
     for kind in ("dllm", "ar"):
         if args.only in (None, kind):
-            print(f"trained {kind} -> {train(kind, args.steps, args.batch, args.seed, max(1, args.steps // 20))}",
-                  file=sys.stderr)
+            out = train(kind, args.steps, args.batch, args.seed, max(1, args.steps // 20), args.task)
+            print(f"trained {kind} -> {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

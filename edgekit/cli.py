@@ -102,6 +102,9 @@ def export(source: str, output: Path, precision: str | None, algo: str | None, b
               help="Diffusion: which masked positions each step commits.")
 @click.option("--threshold", type=float, default=None,
               help="Diffusion: commit every position whose confidence exceeds this (parallel decoding).")
+@click.option("--entropy-bound", type=float, default=None,
+              help="Diffusion: EB-sampler; commit the most confident positions while their entropy sum minus the "
+                   "largest stays within this many nats.")
 @click.option("--cache", type=click.Choice(["none", "prefix", "dual"]), default=None,
               help="Diffusion: KV cache mode (prefix/dual: Fast-dLLM's approximate cache, refreshed per block).")
 @click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider (repeatable, in order).")

@@ -4,10 +4,11 @@ Accepted fields: model, messages | prompt, stream, stream_options.include_usage,
 temperature, top_p, top_k, seed, stop, n (must be 1), repetition_penalty. Rejected with 400 (never silently
 ignored because they would change the answer): n > 1, logprobs, tools / tool_choice / functions, response_format
 other than text, non-zero presence/frequency penalties, and the diffusion fields (diffusion_steps, block_length,
-remasking, threshold, gen_length, cache) on an AR bundle. Other fields (user, metadata, ...) are ignored.
+remasking, threshold, gen_length, cache,
+entropy_bound) on an AR bundle. Other fields (user, metadata, ...) are ignored.
 Unset sampling fields take the bundle's generation defaults (greedy for SmolLM2), not OpenAI's temperature 1.
-Diffusion bundles take gen_length (default: max_tokens), block_length, diffusion_steps, remasking, threshold, cache,
-temperature, top_k, top_p and seed, and refuse stop and repetition_penalty.
+Diffusion bundles take gen_length (default: max_tokens), block_length, diffusion_steps, remasking, threshold,
+entropy_bound, cache, temperature, top_k, top_p and seed, and refuse stop and repetition_penalty.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Endpoint = Literal["chat", "completions"]
-DIFFUSION_FIELDS = ("diffusion_steps", "block_length", "remasking", "threshold", "gen_length", "cache")
+DIFFUSION_FIELDS = ("diffusion_steps", "block_length", "remasking", "threshold", "gen_length", "cache", "entropy_bound")
 
 
 class APIError(Exception):
@@ -172,7 +173,8 @@ def parse(body: Any, endpoint: Endpoint, served_model: str, kind: str, max_token
         options.update(gen_length=_integer(body, "gen_length", 1, 10**6) or max_tokens,
                        block_length=_integer(body, "block_length", 1, 10**6),
                        diffusion_steps=_integer(body, "diffusion_steps", 1, 10**6), remasking=remasking,
-                       threshold=_number(body, "threshold", 0, 1, lo_open=True), cache=cache)
+                       threshold=_number(body, "threshold", 0, 1, lo_open=True), cache=cache,
+                       entropy_bound=_number(body, "entropy_bound", 0, 100))
     return GenerationRequest(endpoint, served_model, prompt, stream, include_usage,
                              {k: v for k, v in options.items() if v is not None})
 

@@ -255,6 +255,7 @@ def run_parity(bundle_dir: Path, reference: str, new_tokens: int = 64, trust_rem
 DIFFUSION_SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("low_confidence", {"remasking": "low_confidence"}),
     ("threshold_0.9", {"remasking": "low_confidence", "threshold": 0.9}),
+    ("entropy_bound_0.5", {"remasking": "low_confidence", "entropy_bound": 0.5}),
     ("margin", {"remasking": "margin"}),
     ("entropy", {"remasking": "entropy"}),
     ("random_seed3", {"remasking": "random", "seed": 3}),

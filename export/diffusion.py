@@ -282,6 +282,10 @@ def reference_generate(model: Any, prompt_ids: Sequence[int], params: DiffusionP
                 chosen = torch.nonzero(p_x0 > params.threshold).flatten()
                 if len(chosen) == 0:
                     chosen = order[:1]
+            elif params.entropy_bound is not None:
+                h = -(p * torch.log(p + 1e-30)).sum(-1)[order]
+                fits = torch.cumsum(h, 0) - torch.cummax(h, 0).values <= params.entropy_bound
+                chosen = order[: max(int(fits.sum()), 1)]
             else:
                 k = schedule[step] if step < len(schedule) else len(pos)
                 chosen = order[: max(k, 1)]

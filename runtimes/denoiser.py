@@ -3,7 +3,9 @@
 Generation starts from the prompt followed by ``gen_length`` mask tokens. Blocks of ``block_length`` are filled left
 to right (LLaDA's semi-AR schedule); each step runs the denoiser on the whole sequence and commits some masked
 positions of the current block, chosen by a remasking rule; with a ``threshold`` every position whose predicted
-token is that confident is committed at once (Fast-dLLM's parallel decoding, at least one per step). A block's text
+token is that confident is committed at once (Fast-dLLM's parallel decoding, at least one per step); with an
+``entropy_bound`` the longest prefix of the ranking whose summed entropy minus its largest entropy stays within the
+bound is committed (the EB-sampler's rule). A block's text
 is streamed as soon as the block is complete.
 
 Cache modes (Fast-dLLM's approximate KV cache): ``none`` runs the whole sequence every step; ``prefix`` encodes the
@@ -57,6 +59,7 @@ class DiffusionParams:
     diffusion_steps: int = 64
     remasking: str = Remasking.LOW_CONFIDENCE.value
     threshold: float | None = None  # commit every masked position above this confidence (0, 1]; None: fixed k
+    entropy_bound: float | None = None  # EB-sampler: commit the largest prefix whose entropy sum - max <= this
     temperature: float = 0.0  # Gumbel-max sampling of the predicted tokens; 0: argmax
     top_k: int = 0
     top_p: float = 1.0
@@ -85,6 +88,13 @@ class DiffusionParams:
                               f"got {self.remasking!r}.")
         if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1):
             raise ConfigError(f"threshold must be in (0, 1], got {self.threshold!r}.")
+        if self.entropy_bound is not None:
+            if not isinstance(self.entropy_bound, (int, float)) or isinstance(self.entropy_bound, bool) \
+                    or not 0 <= self.entropy_bound <= 100:
+                raise ConfigError(f"entropy_bound must be a number in [0, 100] (nats), got {self.entropy_bound!r}.")
+            if self.threshold is not None:
+                raise ConfigError("threshold and entropy_bound are two parallel-decoding rules; set only one "
+                                  f"(got threshold={self.threshold!r}, entropy_bound={self.entropy_bound!r}).")
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 100:
             raise ConfigError(f"temperature must be between 0 and 100, got {self.temperature!r}.")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -171,6 +181,10 @@ def select(logits: np.ndarray, k: int, params: DiffusionParams,
         chosen = np.flatnonzero(p_x0 > params.threshold)
         if len(chosen) == 0:
             chosen = order[:1]
+    elif params.entropy_bound is not None:  # EB-sampler: the longest prefix of the ranking within the bound
+        h = -np.sum(p * np.log(p + 1e-30), axis=-1)[order]
+        fits = np.cumsum(h) - np.maximum.accumulate(h) <= params.entropy_bound  # non-increasing in the prefix
+        chosen = order[: max(int(fits.sum()), 1)]
     else:
         chosen = order[:k]
     return x0, np.sort(chosen)
@@ -311,7 +325,8 @@ class DiffusionModel:
 
     def stream(self, prompt: Prompt, **options: Any) -> TextStream:
         """Stream the answer block by block. Options: gen_length, block_length, diffusion_steps, remasking,
-        threshold, temperature, top_k, top_p, seed, cache (none | prefix | dual). Close the stream to cancel."""
+        threshold, entropy_bound, temperature, top_k, top_p, seed, cache (none | prefix | dual). Close the stream to
+        cancel."""
         ids = self.tokenizer.encode_prompt(prompt)
         params = self.params(len(ids), **options)
         stats = DenoiseStats()

@@ -15,7 +15,7 @@ from edgekit.export.pipeline import ExportConfig, export_bundle
 from edgekit.export.progress import Silent
 from edgekit.parity import verifier
 from edgekit.runtimes import load
-from edgekit.runtimes.denoiser import DiffusionParams, transfer_schedule
+from edgekit.runtimes.denoiser import DiffusionParams, select, transfer_schedule
 from edgekit.runtimes.errors import ConfigError, ContextLengthError, UnsupportedModelError
 from tiny_models import make_mlm
 
@@ -105,6 +105,8 @@ def test_stop_token_ends_after_its_block_and_close_cancels(mlm_bundle, monkeypat
     (dict(threshold=1.5), "threshold must be in"),
     (dict(remasking="lowest"), "remasking must be one of"),
     (dict(cache="kv"), "cache must be one of none, prefix, dual"),
+    (dict(entropy_bound=-1), "entropy_bound must be a number"),
+    (dict(entropy_bound=0.5, threshold=0.9), "set only one"),
 ])
 def test_bad_diffusion_settings(kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -117,6 +119,21 @@ def test_bad_options_on_a_bundle(mlm_bundle):
         model.stream("Hi", max_new_tokens=5)
     with pytest.raises(ContextLengthError, match="gen_length"):
         model.stream("Hi", gen_length=512, block_length=512, diffusion_steps=512)
+
+
+def test_entropy_bound_commits_the_longest_prefix_within_the_bound():
+    sure, coin, die = [20.0, 0, 0, 0], [5.0, 5.0, -30, -30], [1.0, 1.0, 1.0, 1.0]  # entropies ~0, ln 2, ln 4
+    logits = np.array([coin, sure, die, sure, coin])
+    rng = np.random.default_rng(0)
+    pick = lambda bound: select(logits, 1, DiffusionParams(entropy_bound=bound), rng)[1].tolist()  # noqa: E731
+    # ranked: the two certain positions, the coins, the die; the bound is on the entropy sum minus its largest term
+    assert pick(1e-3) == [0, 1, 3]  # certain, certain, one coin: ~0 + ~0 + ln 2 - ln 2
+    assert pick(0.5) == [0, 1, 3]  # the second coin would make it ln 2 > 0.5
+    assert pick(0.75) == [0, 1, 3, 4]
+    assert pick(1.2) == [0, 1, 3, 4]  # the die: 2 ln 2 + ln 4 - ln 4 = 1.39 > 1.2
+    assert pick(1.5) == [0, 1, 2, 3, 4]
+    one = np.array([die])  # nothing fits a zero bound beyond the first: at least one is committed
+    assert select(one, 1, DiffusionParams(entropy_bound=0.0), rng)[1].tolist() == [0]
 
 
 def test_schedule_spreads_tokens_evenly():
