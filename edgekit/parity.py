@@ -40,16 +40,21 @@ TOLERANCES: dict[str, Tolerance] = {
     "int4": Tolerance(max_abs_diff=10.0, kl=0.5, top1=0.85, top1_prompt=0.6, greedy=0.0),
     "int4/gguf": Tolerance(max_abs_diff=1e-2, kl=1e-5, top1=0.99, top1_prompt=0.99, greedy=0.9),
     "int8/gguf": Tolerance(max_abs_diff=1e-2, kl=1e-5, top1=0.99, top1_prompt=0.99, greedy=0.9),
+    # layers exact, the Q8_0 output layer with int8 activations: the issue's 99% top-1 bar, small logit drift
+    "int4/gguf-int8head": Tolerance(max_abs_diff=2.0, kl=5e-3, top1=0.99, top1_prompt=0.95, greedy=0.0),
+    "int8/gguf-int8head": Tolerance(max_abs_diff=2.0, kl=5e-3, top1=0.99, top1_prompt=0.95, greedy=0.0),
     "int4/gguf-int8act": Tolerance(max_abs_diff=5.0, kl=5e-2, top1=0.97, top1_prompt=0.9, greedy=0.0),
     "int8/gguf-int8act": Tolerance(max_abs_diff=5.0, kl=5e-2, top1=0.97, top1_prompt=0.9, greedy=0.0),
 }
 
 
 def tolerance_key(manifest: Any) -> str:
-    """'fp32', 'int4', 'int4/gguf', 'int4/gguf-int8act', ...: the TOLERANCES row that applies to a bundle."""
+    """'fp32', 'int4', 'int4/gguf', 'int4/gguf-int8head', 'int4/gguf-int8act', ...: the TOLERANCES row that applies
+    to a bundle."""
     q = (manifest.extra or {}).get("quantization") or {}
     if q.get("method") == "gguf":
-        key = f"{manifest.precision}/gguf" + ("-int8act" if q.get("accuracy_level", 0) >= 4 else "")
+        suffix = "-int8act" if q.get("accuracy_level", 0) >= 4 else "-int8head" if q.get("lm_head_int8act") else ""
+        key = f"{manifest.precision}/gguf{suffix}"
         if key in TOLERANCES:
             return key
     return manifest.precision if manifest.precision in TOLERANCES else "int4"

@@ -59,6 +59,11 @@ class BuildOptions:
     embed_quant: BlockQuantLinear | None = None
     lm_head_quant: BlockQuantLinear | None = None
     accuracy_level: int = 0
+    lm_head_accuracy_level: int | None = None  # None: accuracy_level
+    # Q4_1 (w = d*q + m) as MatMulNBits: "matmul" adds block_sums(x) @ offsets after each one (3-4 small ops per
+    # linear); "concat" runs one MatMulNBits over [x, x] whose second half has constant codes and the offsets as
+    # scales (one Concat per input, twice the 4-bit weight bytes)
+    q4_1: str = "matmul"
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ def output_names(n_layers: int) -> tuple[str, ...]:
 class _Graph:
     """A tiny node/initializer accumulator with unique names."""
 
-    def __init__(self, accuracy_level: int = 0, dtype: str = "float32") -> None:
+    def __init__(self, accuracy_level: int = 0, dtype: str = "float32", q4_1: str = "matmul") -> None:
         self.float_dtype = np.dtype(dtype)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
@@ -94,16 +99,32 @@ class _Graph:
         self.accuracy_level = accuracy_level
         self._names: set[str] = set()
         self._block_sums: dict[str, str] = {}  # input name -> its per-32-block sums, shared by the matmuls reading it
+        self._doubled: dict[str, str] = {}  # input name -> Concat([x, x]), shared likewise
+        self.q4_1 = q4_1
 
-    def linear(self, x: str, w: np.ndarray | BlockQuantLinear, name: str, bias: np.ndarray | None = None) -> str:
+    def linear(self, x: str, w: np.ndarray | BlockQuantLinear, name: str, bias: np.ndarray | None = None,
+               accuracy_level: int | None = None) -> str:
         """y = x @ w^T (+ bias) for a dense [N, K] array or a block-quantized weight."""
+        level = self.accuracy_level if accuracy_level is None else accuracy_level
         if isinstance(w, np.ndarray):
             y = self.op("MatMul", [x, self.init(f"{name}.weight", w.T.astype(np.float32))], name=name)
+        elif w.offsets is not None and w.bits == 4 and self.q4_1 == "concat":
+            n, k = w.shape
+            # second half: code 9 with the implicit zero point 8 -> 1 per element, scaled by the block's offset
+            ones = np.full((n, k // BLOCK, BLOCK // 2), 0x99, np.uint8)
+            packed = np.concatenate([w.packed, ones], axis=1)
+            scales = np.concatenate([w.scales, w.offsets], axis=1).astype(np.float32)
+            if x not in self._doubled:
+                self._doubled[x] = self.op("Concat", [x, x], axis=-1)
+            inputs = [self._doubled[x], self.init(f"{name}.qweight", packed), self.init(f"{name}.scales",
+                                                                                       scales.reshape(-1))]
+            y = self.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=2 * k, N=n, bits=4,
+                        block_size=BLOCK, accuracy_level=level)
         else:
             n, k = w.shape
             inputs = [x, self.init(f"{name}.qweight", w.packed), self.init(f"{name}.scales", w.scales.reshape(-1))]
             y = self.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=w.bits,
-                        block_size=BLOCK, accuracy_level=self.accuracy_level)
+                        block_size=BLOCK, accuracy_level=level)
             if w.offsets is not None:  # Q4_1's per-block constant: y += block_sums(x) @ offsets^T
                 corr = self.op("MatMul", [self.block_sums(x, k), self.init(f"{name}.block_offsets", w.offsets.T)])
                 y = self.op("Add", [y, corr])  # (measured faster than one Gemm with C=y on onnxruntime 1.31 CPU)
@@ -151,7 +172,7 @@ def build_decoder(
 ) -> onnx.ModelProto:
     """Return the decoder ModelProto (weights inline; save with ``save_model`` to split them out)."""
     opt = options or BuildOptions()
-    g = _Graph(opt.accuracy_level, opt.dtype)
+    g = _Graph(opt.accuracy_level, opt.dtype, opt.q4_1)
     n, H, hd = dims.num_layers, dims.hidden, dims.head_dim
     f32 = TensorProto.FLOAT
     fkv = TensorProto.FLOAT16 if opt.dtype == "float16" else TensorProto.FLOAT
@@ -232,7 +253,7 @@ def build_decoder(
     flat = g.op("Reshape", [kept, flat_shape])
     head_w = weights.embed if weights.lm_head is None else weights.lm_head
     if opt.lm_head_quant is not None:
-        logits2d = g.linear(flat, opt.lm_head_quant, "lm_head")
+        logits2d = g.linear(flat, opt.lm_head_quant, "lm_head", accuracy_level=opt.lm_head_accuracy_level)
     elif opt.lm_head_matmul or not embed:  # a MatMul on its own [H, V] copy: what weight-only quantizers rewrite
         logits2d = g.linear(flat, head_w, "lm_head")
     else:  # Gemm with transB shares the (tied) embedding: no second copy of the largest matrix

@@ -29,6 +29,7 @@ Precision = Literal["fp32", "fp16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 DEFAULT_MAX_CONTEXT = 8192
+LM_HEADS: tuple[str, ...] = ("fp32", "int8")
 GGUF_FAMILIES = ("llama", "mistral")  # GGUF layouts whose q/k permutation export.gguf undoes
 # Tokens that end a chat turn in common templates, most specific first.
 TURN_END_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
@@ -49,6 +50,7 @@ class ExportConfig:
     algo: str | None = None
     block_size: int = 32
     accuracy_level: int | None = None
+    lm_head: str | None = None  # gguf: "fp32" (exact) or "int8" (Q8_0 blocks, int8 activations)
     max_context: int | None = None
     batch: int = 1
     device: str | None = None
@@ -73,6 +75,7 @@ class Plan:
     prune: prune.PruneSpec | None = None
     calibration_text: str = ""
     eval_text: str = ""
+    lm_head: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,17 @@ def _gguf_linear_types(ref: source.SourceRef) -> set[str]:
     return {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
 
 
+def _gguf_head_is_q8(ref: source.SourceRef) -> bool:
+    """Whether the GGUF's embedding (and output layer, when it has its own) are Q8_0 blocks edgekit can carry."""
+    if ref.gguf_file is None:
+        return False
+    from gguf import GGUFReader
+
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(ref.folder / ref.gguf_file)).tensors
+             if t.name in ("token_embd.weight", "output.weight")}
+    return types.get("token_embd.weight") == "Q8_0" and types.get("output.weight", "Q8_0") == "Q8_0"
+
+
 def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
     """Merge the options with the device profile; validate them; check the memory fit."""
     profile = load_profile(cfg.device) if cfg.device else None
@@ -279,10 +293,20 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
         if algo == "gguf" and cfg.block_size != 32:
             raise ConfigError(f"GGUF blocks are 32 wide; --block-size {cfg.block_size} cannot apply to --algo gguf.")
     accuracy = cfg.accuracy_level if cfg.accuracy_level is not None else (0 if algo in (None, "gguf") else 4)
+    if cfg.lm_head is not None:
+        _choice("lm_head precision", cfg.lm_head, LM_HEADS)
+        if algo != "gguf":
+            raise ConfigError(f"--lm-head {cfg.lm_head} chooses how a GGUF's output layer is carried over; this export "
+                              f"is {precision}{' ' + algo if algo else ''}. HINT: drop --lm-head, or use --algo gguf.")
+    lm_head = cfg.lm_head or ("int8" if algo == "gguf" and _gguf_head_is_q8(ref) else "fp32")
+    if lm_head == "int8" and not _gguf_head_is_q8(ref):
+        raise ConfigError(f"--lm-head int8 carries the GGUF's Q8_0 output/embedding blocks over, but '{ref.spec}' has "
+                          "none. HINT: use --lm-head fp32.")
     limit_default = profile.default_max_context if profile else DEFAULT_MAX_CONTEXT
     max_context = _max_context(config, cfg.max_context, limit_default)
     report = fit.check(config, precision, max_context, cfg.batch, profile, cfg.block_size) if profile else None
-    return Plan(precision, algo, cfg.block_size, accuracy, max_context, profile, report, spec, calibration, eval_text)
+    return Plan(precision, algo, cfg.block_size, accuracy, max_context, profile, report, spec, calibration, eval_text,
+                lm_head)
 
 
 def _build(plan: Plan, ref: source.SourceRef, model: Any, spec: ArchSpec, dims: onnx_graph.DecoderDims,
@@ -302,17 +326,19 @@ def _build(plan: Plan, ref: source.SourceRef, model: Any, spec: ArchSpec, dims: 
         progress.note(f"GGUF blocks carried over unchanged ({carried.types}); dequantized max |Δ| vs "
                       f"transformers' weights: {worst:.1e}")
         layers = lambda i: replace(spec.layer_weights(sd, i), **carried.layers[i])  # noqa: E731
-        fast_head = plan.accuracy_level > 0 and carried.embed is not None and carried.embed.bits == 8
+        fast_head = plan.lm_head == "int8"
         opts = onnx_graph.BuildOptions(
             accuracy_level=plan.accuracy_level,
             embed_quant=carried.embed if fast_head else None,
             lm_head_quant=(carried.lm_head or carried.embed) if fast_head else None,
+            lm_head_accuracy_level=4,  # 8-bit MatMulNBits with float activations is a slow kernel path
         )
         graph = onnx_graph.build_decoder(dims, replace(weights, layers=layers), on_layer=tick, options=opts)
         quant = {"method": "gguf", "bits": bits, "block_size": 32, "accuracy_level": plan.accuracy_level,
                  "source_types": carried.types,
                  "embedding": "8-bit blocks (GGUF Q8_0)" if fast_head else "float32 (dequantized exactly)",
-                 "lm_head": "8-bit blocks (GGUF Q8_0)" if fast_head else "float32 (dequantized exactly)"}
+                 "lm_head": "8-bit blocks (GGUF Q8_0), int8 activations" if fast_head
+                 else "float32 (dequantized exactly)", "lm_head_int8act": fast_head}
         return graph, quant
     graph = onnx_graph.build_decoder(dims, weights, on_layer=tick, options=onnx_graph.BuildOptions(lm_head_matmul=True))
     graph = quantize.quantize_weights(graph, bits, plan.algo or "rtn", plan.block_size, plan.accuracy_level,

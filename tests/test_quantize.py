@@ -60,6 +60,8 @@ def test_int4_is_smaller_than_fp32(tiny_model, llama_bundle, tmp_path):
     (dict(precision="int4", accuracy_level=7), "Unknown accuracy level 7"),
     (dict(device="jetson-orin-nano"), "Unknown device 'jetson-orin-nano'.*Did you mean 'jetson-orin-nano-8gb'"),
     (dict(batch=0), "batch must be >= 1"),
+    (dict(precision="int4", lm_head="fp33"), "Unknown lm_head precision 'fp33'.*Did you mean 'fp32'"),
+    (dict(precision="int4", algo="rtn", lm_head="int8"), "--lm-head int8 chooses how a GGUF's output layer"),
 ])
 def test_bad_options_fail_before_any_work(tiny_model, tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -157,8 +159,9 @@ def test_ggml_blocks_convert_exactly(qtype):
     assert np.allclose(ours.dequantize(), ref, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-def test_matmulnbits_graph_computes_the_dequantized_matmul(qtype):
+@pytest.mark.parametrize("qtype, q4_1", [("Q4_0", "matmul"), ("Q4_1", "matmul"), ("Q4_1", "concat"),
+                                         ("Q8_0", "matmul")])
+def test_matmulnbits_graph_computes_the_dequantized_matmul(qtype, q4_1):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -166,8 +169,10 @@ def test_matmulnbits_graph_computes_the_dequantized_matmul(qtype):
 
     rng = np.random.default_rng(1)
     w = gguf.from_ggml(_random_blocks(qtype, rows=40, blocks=3, rng=rng), qtype)  # N=40, K=96
-    g = _Graph(accuracy_level=0)
+    g = _Graph(accuracy_level=0, q4_1=q4_1)
     y = g.linear("x", w, "lin")
+    if q4_1 == "concat":
+        assert [n.op_type for n in g.nodes] == ["Concat", "MatMulNBits"]
     g.op_named("Identity", [y], ["y"])
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 96])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=g.inits)
