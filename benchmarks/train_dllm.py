@@ -7,10 +7,10 @@ breaks the sum (one-step decoding loses accuracy), while pairs are independent o
 commit across pairs). Answers are checked exactly.
 
 Task "pairs_copy" (the default): like real text, an answer mixes tokens the context determines with a few free,
-mutually dependent choices. The prompt is 4 sums and a 32-digit string, e.g. "07,12,18,03|3948...=", and the answer
-is, for each sum, a pair of digits adding up to it followed by the next 8 digits of the string copied
-("25" "39485720" "39" ...): 40 tokens, then EOS padding to 48. The copied digits are certain (a confidence threshold
-commits them in parallel), the pair digits are not (committing both of a pair at once breaks the sum).
+mutually dependent choices. The prompt is 4 segments of a two-digit sum and 8 digits, e.g. "07394857201290123456...=",
+and the answer has, per segment, a pair of digits adding up to the sum followed by the 8 digits copied
+("25" "39485720" "39" "90123456" ...): 40 tokens, then EOS padding to 48. The copied digits are certain (a confidence
+threshold commits them in parallel), the pair digits are not (committing both of a pair at once breaks the sum).
 
 Models (Hugging Face folders, cached under .cache/dllm/, not in git): a ModernBERT masked LM trained with the
 masked-diffusion objective (mask ratio t ~ U(0, 1), cross-entropy on masked answer positions weighted by 1/t), and
@@ -61,7 +61,10 @@ def sample(rng: np.random.Generator, n: int, task: str = DEFAULT_TASK) -> tuple[
         for i, s in enumerate(sums):
             a = int(rng.integers(max(0, s - 9), min(9, s) + 1))
             answer += f"{a}{int(s) - a}" + text[i * copy:(i + 1) * copy]
-        prompts.append(",".join(f"{s:02d}" for s in sums) + (f"|{text}" if copy else "") + "=")
+        if copy:  # segments of sum + digits, so every answer token sits at a fixed offset from its source
+            prompts.append("".join(f"{s:02d}" + text[i * copy:(i + 1) * copy] for i, s in enumerate(sums)) + "=")
+        else:
+            prompts.append(",".join(f"{s:02d}" for s in sums) + "=")
         answers.append(answer)
     return prompts, answers
 
@@ -69,9 +72,14 @@ def sample(rng: np.random.Generator, n: int, task: str = DEFAULT_TASK) -> tuple[
 def correct(prompt: str, answer: str) -> bool:
     """Every pair of digits adds up to its sum and every copied run matches the prompt's string (characters after
     the last segment are ignored)."""
-    head, _, text = prompt.rstrip("=").partition("|")
-    sums = [int(x) for x in head.split(",")]
-    copy = len(text) // len(sums)
+    body = prompt.rstrip("=")
+    if "," in body or len(body) == 2:
+        sums, text, copy = [int(x) for x in body.split(",")], "", 0
+    else:
+        task = next(t for t in TASKS.values() if t["copy"] and len(body) == t["pairs"] * (2 + t["copy"]))
+        copy = task["copy"]
+        segs = [body[i:i + 2 + copy] for i in range(0, len(body), 2 + copy)]
+        sums, text = [int(x[:2]) for x in segs], "".join(x[2:] for x in segs)
     seg = 2 + copy
     if len(answer) < seg * len(sums) or not answer[: seg * len(sums)].isdigit():
         return False

@@ -110,7 +110,7 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
                 progress.note(", ".join(f"{k}: {v}" for k, v in pruning.items() if k != "block_influence"))
         with progress.stage(f"Building the ONNX graph ({arch}, {label})"):
             dims, weights = _decoder_parts(model, spec, plan.max_context)
-            graph, quant = _build(plan, ref, model, spec, dims, weights, progress)
+            graph, quant = _build(plan, ref, model, tokenizer, spec, dims, weights, progress)
         with progress.stage("Writing the bundle"):
             onnx_graph.save_model(graph, stage / "model.onnx")
             del graph
@@ -290,6 +290,9 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
                 "HINT: use --algo rtn or --algo hqq."
             )
         algo = algo or ("gguf" if fits_gguf else "rtn")
+        if algo == "gptq" and bits != 4:
+            raise ConfigError("onnxruntime's GPTQ writes 4-bit weights only; use --precision int4 with --algo gptq "
+                              "(or --algo rtn for int8).")
         if algo == "gguf" and cfg.block_size != 32:
             raise ConfigError(f"GGUF blocks are 32 wide; --block-size {cfg.block_size} cannot apply to --algo gguf.")
     accuracy = cfg.accuracy_level if cfg.accuracy_level is not None else (0 if algo in (None, "gguf") else 4)
@@ -309,8 +312,8 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
                 lm_head)
 
 
-def _build(plan: Plan, ref: source.SourceRef, model: Any, spec: ArchSpec, dims: onnx_graph.DecoderDims,
-           weights: onnx_graph.DecoderWeights, progress: Progress) -> tuple[Any, dict[str, Any] | None]:
+def _build(plan: Plan, ref: source.SourceRef, model: Any, tokenizer: Any, spec: ArchSpec,
+           dims: onnx_graph.DecoderDims, weights: onnx_graph.DecoderWeights, progress: Progress) -> tuple[Any, dict[str, Any] | None]:
     """The graph for the plan's precision, and the manifest's description of its quantization."""
     tick = lambda i: progress.tick(i + 1, dims.num_layers)  # noqa: E731
     if plan.precision in ("fp32", "fp16"):
@@ -341,11 +344,28 @@ def _build(plan: Plan, ref: source.SourceRef, model: Any, spec: ArchSpec, dims: 
                  else "float32 (dequantized exactly)", "lm_head_int8act": fast_head}
         return graph, quant
     graph = onnx_graph.build_decoder(dims, weights, on_layer=tick, options=onnx_graph.BuildOptions(lm_head_matmul=True))
+    feeds = _calibration_feeds(dims, tokenizer, plan.calibration_text) if plan.algo == "gptq" else []
     graph = quantize.quantize_weights(graph, bits, plan.algo or "rtn", plan.block_size, plan.accuracy_level,
-                                      on_step=progress.note)
+                                      on_step=progress.note, calibration=feeds)
     quant = {"method": plan.algo, "bits": bits, "block_size": plan.block_size, "accuracy_level": plan.accuracy_level,
              "embedding": "float32", "lm_head": "8-bit"}
     return graph, quant
+
+
+def _calibration_feeds(dims: onnx_graph.DecoderDims, tokenizer: Any, text: str, length: int = 128,
+                       samples: int = 8) -> list[dict[str, Any]]:
+    """Prefill feeds of the decoder graph (empty KV cache) over consecutive chunks of the calibration text."""
+    import numpy as np
+
+    ids = [int(t) for t in tokenizer(text)["input_ids"][: length * samples]]
+    empty = np.zeros((1, dims.num_kv_heads, 0, dims.head_dim), np.float32)
+    feeds = []
+    for start in range(0, max(len(ids) - 16, 1), length):
+        chunk = np.asarray([ids[start:start + length]], np.int64)
+        feed = {"input_ids": chunk, "attention_mask": np.ones_like(chunk), "logits_to_keep": np.asarray([1])}
+        feed.update({name: empty for name in onnx_graph.input_names(dims.num_layers)[3:]})
+        feeds.append(feed)
+    return feeds
 
 
 def _decoder_parts(
