@@ -37,12 +37,15 @@ def main() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
 @click.option("--precision", default=None, help="fp32, fp16 (GPU targets), int8 or int4 "
               "[the device's default, else fp32].")
-@click.option("--algo", default=None, help="int8/int4 method: gguf (carry GGUF blocks over unchanged), rtn or hqq "
-              "[gguf when the source allows, else rtn].")
+@click.option("--algo", default=None, help="int8/int4 method: gguf (carry GGUF blocks over unchanged), rtn, hqq or "
+              "gptq (int4, calibrated on --calibration text) [gguf when the source allows, else rtn].")
 @click.option("--block-size", default=32, show_default=True, help="Quantization block size (16..256).")
 @click.option("--accuracy-level", type=int, default=None,
               help="MatMulNBits compute: 0 = float activations (exact), 4 = int8 activations (faster) "
                    "[0 for gguf, 4 for rtn/hqq].")
+@click.option("--quant-format", default=None,
+              help="rtn: nbits (MatMulNBits, onnxruntime's kernels) or qdq (symmetric blockwise DequantizeLinear + "
+                   "MatMul, the weight-only form TensorRT consumes) [nbits].")
 @click.option("--lm-head", "lm_head", default=None,
               help="gguf: the output layer as float32 (dequantized exactly) or int8 (the GGUF's Q8_0 blocks, int8 "
                    "activations; several times fewer bytes per token) [int8 when the GGUF has Q8_0 there].")
@@ -62,17 +65,16 @@ def main() -> None:
 @click.option("--parity-tokens", default=64, show_default=True, help="Greedy tokens per prompt in the parity check.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the PyTorch model.")
 def export(source: str, output: Path, precision: str | None, algo: str | None, block_size: int,
-           accuracy_level: int | None, lm_head: str | None, device: str | None, max_context: int | None,
-           batch: int, prune: str | None, calibration: str | None, eval_text: str | None, force: bool,
-           trust_remote_code: bool, parity_tokens: int, no_parity: bool) -> None:
+           accuracy_level: int | None, quant_format: str | None, lm_head: str | None, device: str | None,
+           max_context: int | None, batch: int, prune: str | None, calibration: str | None, eval_text: str | None,
+           force: bool, trust_remote_code: bool, parity_tokens: int, no_parity: bool) -> None:
     """Export SOURCE (a built-in name like smollm2-135m-instruct, an HF folder or a .gguf file) to a bundle."""
     from edgekit.export.pipeline import ExportConfig, export_bundle
     from edgekit.parity import verifier
 
     cfg = ExportConfig(source=source, output=output, precision=precision, algo=algo, block_size=block_size,
-                       accuracy_level=accuracy_level, lm_head=lm_head, device=device, max_context=max_context,
-                       batch=batch,
-                       prune=prune, calibration=calibration, eval_text=eval_text,
+                       accuracy_level=accuracy_level, quant_format=quant_format, lm_head=lm_head, device=device,
+                       max_context=max_context, batch=batch, prune=prune, calibration=calibration, eval_text=eval_text,
                        force=force, trust_remote_code=trust_remote_code)
     verify = None if no_parity else verifier(parity_tokens)
     result = export_bundle(cfg, verify=verify)

@@ -43,6 +43,8 @@ TOLERANCES: dict[str, Tolerance] = {
     # layers exact, the Q8_0 output layer with int8 activations: the issue's 99% top-1 bar, small logit drift
     "int4/gguf-int8head": Tolerance(max_abs_diff=2.0, kl=5e-3, top1=0.99, top1_prompt=0.95, greedy=0.0),
     "int8/gguf-int8head": Tolerance(max_abs_diff=2.0, kl=5e-3, top1=0.99, top1_prompt=0.95, greedy=0.0),
+    # static W8A8 (QDQ for TensorRT): activations share one calibrated scale per tensor, the int4 class of drift
+    "int8/qdq-w8a8": Tolerance(max_abs_diff=10.0, kl=0.5, top1=0.75, top1_prompt=0.6, greedy=0.0),
     "int4/gguf-int8act": Tolerance(max_abs_diff=5.0, kl=5e-2, top1=0.97, top1_prompt=0.9, greedy=0.0),
     "int8/gguf-int8act": Tolerance(max_abs_diff=5.0, kl=5e-2, top1=0.97, top1_prompt=0.9, greedy=0.0),
 }
@@ -52,6 +54,8 @@ def tolerance_key(manifest: Any) -> str:
     """'fp32', 'int4', 'int4/gguf', 'int4/gguf-int8head', 'int4/gguf-int8act', ...: the TOLERANCES row that applies
     to a bundle."""
     q = (manifest.extra or {}).get("quantization") or {}
+    if q.get("format") == "qdq" and str(q.get("activations", "")).startswith("int8"):
+        return "int8/qdq-w8a8"
     if q.get("method") == "gguf":
         suffix = "-int8act" if q.get("accuracy_level", 0) >= 4 else "-int8head" if q.get("lm_head_int8act") else ""
         key = f"{manifest.precision}/gguf{suffix}"

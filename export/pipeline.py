@@ -51,6 +51,7 @@ class ExportConfig:
     block_size: int = 32
     accuracy_level: int | None = None
     lm_head: str | None = None  # gguf: "fp32" (exact) or "int8" (Q8_0 blocks, int8 activations)
+    quant_format: str | None = None  # rtn: "nbits" (MatMulNBits, default) or "qdq" (DequantizeLinear + MatMul)
     max_context: int | None = None
     batch: int = 1
     device: str | None = None
@@ -76,6 +77,7 @@ class Plan:
     calibration_text: str = ""
     eval_text: str = ""
     lm_head: str = "fp32"
+    quant_format: str = "nbits"
 
 
 @dataclass(frozen=True)
@@ -301,6 +303,12 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
         if algo != "gguf":
             raise ConfigError(f"--lm-head {cfg.lm_head} chooses how a GGUF's output layer is carried over; this export "
                               f"is {precision}{' ' + algo if algo else ''}. HINT: drop --lm-head, or use --algo gguf.")
+    if cfg.quant_format is not None:
+        _choice("quantization format", cfg.quant_format, quantize.QUANT_FORMATS)
+        if cfg.quant_format == "qdq" and algo != "rtn":
+            raise ConfigError(f"--quant-format qdq (DequantizeLinear + MatMul, for TensorRT) is written by --algo rtn; "
+                              f"this export is {precision}{' ' + algo if algo else ''}. HINT: add --precision int8 "
+                              "--algo rtn (or int4).")
     lm_head = cfg.lm_head or ("int8" if algo == "gguf" and _gguf_head_is_q8(ref) else "fp32")
     if lm_head == "int8" and not _gguf_head_is_q8(ref):
         raise ConfigError(f"--lm-head int8 carries the GGUF's Q8_0 output/embedding blocks over, but '{ref.spec}' has "
@@ -309,11 +317,12 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
     max_context = _max_context(config, cfg.max_context, limit_default)
     report = fit.check(config, precision, max_context, cfg.batch, profile, cfg.block_size) if profile else None
     return Plan(precision, algo, cfg.block_size, accuracy, max_context, profile, report, spec, calibration, eval_text,
-                lm_head)
+                lm_head, cfg.quant_format or "nbits")
 
 
 def _build(plan: Plan, ref: source.SourceRef, model: Any, tokenizer: Any, spec: ArchSpec,
-           dims: onnx_graph.DecoderDims, weights: onnx_graph.DecoderWeights, progress: Progress) -> tuple[Any, dict[str, Any] | None]:
+           dims: onnx_graph.DecoderDims, weights: onnx_graph.DecoderWeights,
+           progress: Progress) -> tuple[Any, dict[str, Any] | None]:
     """The graph for the plan's precision, and the manifest's description of its quantization."""
     tick = lambda i: progress.tick(i + 1, dims.num_layers)  # noqa: E731
     if plan.precision in ("fp32", "fp16"):
@@ -344,11 +353,14 @@ def _build(plan: Plan, ref: source.SourceRef, model: Any, tokenizer: Any, spec: 
                  else "float32 (dequantized exactly)", "lm_head_int8act": fast_head}
         return graph, quant
     graph = onnx_graph.build_decoder(dims, weights, on_layer=tick, options=onnx_graph.BuildOptions(lm_head_matmul=True))
-    feeds = _calibration_feeds(dims, tokenizer, plan.calibration_text) if plan.algo == "gptq" else []
+    calibrated = plan.algo == "gptq" or (plan.quant_format == "qdq" and bits == 8)
+    feeds = _calibration_feeds(dims, tokenizer, plan.calibration_text) if calibrated else []
     graph = quantize.quantize_weights(graph, bits, plan.algo or "rtn", plan.block_size, plan.accuracy_level,
-                                      on_step=progress.note, calibration=feeds)
+                                      on_step=progress.note, calibration=feeds, quant_format=plan.quant_format)
     quant = {"method": plan.algo, "bits": bits, "block_size": plan.block_size, "accuracy_level": plan.accuracy_level,
-             "embedding": "float32", "lm_head": "8-bit"}
+             "format": plan.quant_format, "symmetric": plan.quant_format == "qdq",
+             "activations": "int8 (static, calibrated)" if calibrated and bits == 8 else "float",
+             "embedding": "float32", "lm_head": "float32" if plan.quant_format == "qdq" and bits == 4 else "8-bit"}
     return graph, quant
 
 
@@ -480,6 +492,9 @@ def _manifest(plan: Plan, ref: source.SourceRef, arch: str, spec: ArchSpec, mode
             "sparse_2_4": bool(pruning and pruning.get("pattern") == "2:4"),
             "device": plan.device.name if plan.device else None,
             "fit": plan.fit.to_dict() if plan.fit else None,
+            # onnxruntime 1.31's QDQ propagation gives an int8-activation graph a uint8 zero point it then refuses
+            "runtime": {"disabled_optimizers": ["QDQPropagationTransformer"]}
+            if quant and str(quant.get("activations", "")).startswith("int8") else {},
         },
     )
 

@@ -45,7 +45,10 @@ def choose_providers(requested: Sequence[str] | None) -> list[str]:
     return [p for p in PROVIDER_PREFERENCE if p in available and p != "TensorrtExecutionProvider"] or available
 
 
-def create_session(path: Path, options: BackendOptions) -> ort.InferenceSession:
+def create_session(path: Path, options: BackendOptions,
+                   disabled_optimizers: Sequence[str] = ()) -> ort.InferenceSession:
+    """An onnxruntime session for one graph of a bundle. ``disabled_optimizers``: onnxruntime graph transformers the
+    bundle's manifest asks to skip (``extra.runtime.disabled_optimizers``), e.g. one that mishandles a QDQ graph."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if options.threads is not None:
@@ -55,7 +58,8 @@ def create_session(path: Path, options: BackendOptions) -> ort.InferenceSession:
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), so, providers=choose_providers(options.providers))
+        return ort.InferenceSession(str(path), so, providers=choose_providers(options.providers),
+                                    disabled_optimizers=list(disabled_optimizers) or None)
     except ConfigError:
         raise
     except Exception as e:  # onnxruntime raises several unrelated types for a corrupt or foreign graph

@@ -69,7 +69,8 @@ class ARModel:
         self.path = bundle_dir
         self.manifest = manifest
         self.graph = manifest.graphs["decoder"]
-        self.session = create_session(bundle_dir / self.graph.file, backend)
+        self.session = create_session(bundle_dir / self.graph.file, backend,
+                                      manifest.extra.get("runtime", {}).get("disabled_optimizers", ()))
         self.tokenizer = Tokenizer(bundle_dir / manifest.tokenizer.file, manifest.tokenizer)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
         self.defaults = SamplingParams.from_defaults(manifest.generation)

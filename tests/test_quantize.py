@@ -41,6 +41,35 @@ def test_weight_only_quantization_runs_torch_free(tiny_model, tmp_path, precisio
     assert isinstance(load(res.path).generate("Hello", max_new_tokens=4), str)
 
 
+@pytest.mark.parametrize("precision, bits", [("int8", 8), ("int4", 4)])
+def test_qdq_format_for_tensorrt(tiny_model, tmp_path, precision, bits):
+    """QDQ for TensorRT: int4 = weight-only, symmetric blockwise DequantizeLinear feeding plain MatMuls; int8 = static
+    W8A8 (activations calibrated, weights per channel). Both run on onnxruntime's CPU provider and pass the
+    precision's parity tolerance."""
+    from edgekit.parity import verifier
+
+    res = export_bundle(ExportConfig(source=str(tiny_model()), output=tmp_path / "b", precision=precision,
+                                     algo="rtn", quant_format="qdq"), verify=verifier(new_tokens=8), progress=Silent())
+    graph = onnx.load(str(res.path / "model.onnx"))
+    inits = {i.name: i for i in graph.graph.initializer}
+    dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]  # weights
+    # int8: every matmul incl. lm_head; int4: the transformer matmuls (onnxruntime writes no 8-bit QDQ weights, so
+    # the head stays float)
+    assert len(dq) == (2 * 4 + 1 if bits == 8 else 2 * 4)
+    assert not [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    types = {inits[n.input[0]].data_type for n in dq}
+    assert types == ({onnx.TensorProto.INT8} if bits == 8 else {onnx.TensorProto.INT4})
+    zero_points = [inits[n.input[2]] for n in dq if len(n.input) > 2 and n.input[2]]
+    assert all(not onnx.numpy_helper.to_array(z).any() for z in zero_points)  # symmetric
+    quantized_acts = [n for n in graph.graph.node if n.op_type == "QuantizeLinear"]
+    assert bool(quantized_acts) == (bits == 8)
+    assert res.manifest.extra["quantization"]["format"] == "qdq"
+    if bits == 8:
+        assert res.manifest.parity["passed"], res.manifest.parity["misses"]
+    else:  # symmetric int4 RTN on a tiny random model: far from chance (1/400), below the int4 tolerance
+        assert res.manifest.parity["summary"]["top1"] > 0.3
+
+
 def test_gptq_beats_rtn_on_the_calibrated_model(tiny_model, tmp_path):
     """GPTQ compensates the rounding error with calibration statistics: its outputs stay closer to fp32's."""
     from tiny_models import make_model
@@ -78,6 +107,8 @@ def test_int4_is_smaller_than_fp32(tiny_model, llama_bundle, tmp_path):
     (dict(device="jetson-orin-nano"), "Unknown device 'jetson-orin-nano'.*Did you mean 'jetson-orin-nano-8gb'"),
     (dict(batch=0), "batch must be >= 1"),
     (dict(precision="int8", algo="gptq"), "GPTQ writes 4-bit weights only"),
+    (dict(precision="int8", quant_format="qdd"), "Unknown quantization format 'qdd'.*Did you mean 'qdq'"),
+    (dict(precision="int4", algo="hqq", quant_format="qdq"), "--quant-format qdq .* is written by --algo rtn"),
     (dict(precision="int4", lm_head="fp33"), "Unknown lm_head precision 'fp33'.*Did you mean 'fp32'"),
     (dict(precision="int4", algo="rtn", lm_head="int8"), "--lm-head int8 chooses how a GGUF's output layer"),
 ])
