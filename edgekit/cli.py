@@ -46,6 +46,8 @@ def main() -> None:
 @click.option("--quant-format", default=None,
               help="rtn: nbits (MatMulNBits, onnxruntime's kernels) or qdq (symmetric blockwise DequantizeLinear + "
                    "MatMul, the weight-only form TensorRT consumes) [nbits].")
+@click.option("--kv-cache", "kv_cache", default=None,
+              help="int8/int4: fp32, or fp16 (fp16 activations and half the KV-cache memory; GPU targets) [fp32].")
 @click.option("--lm-head", "lm_head", default=None,
               help="gguf: the output layer as float32 (dequantized exactly) or int8 (the GGUF's Q8_0 blocks, int8 "
                    "activations; several times fewer bytes per token) [int8 when the GGUF has Q8_0 there].")
@@ -64,18 +66,12 @@ def main() -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model folder's own Python modeling code to run.")
 @click.option("--parity-tokens", default=64, show_default=True, help="Greedy tokens per prompt in the parity check.")
 @click.option("--no-parity", is_flag=True, help="Skip the parity check against the PyTorch model.")
-def export(source: str, output: Path, precision: str | None, algo: str | None, block_size: int,
-           accuracy_level: int | None, quant_format: str | None, lm_head: str | None, device: str | None,
-           max_context: int | None, batch: int, prune: str | None, calibration: str | None, eval_text: str | None,
-           force: bool, trust_remote_code: bool, parity_tokens: int, no_parity: bool) -> None:
+def export(source: str, output: Path, parity_tokens: int, no_parity: bool, **options: Any) -> None:
     """Export SOURCE (a built-in name like smollm2-135m-instruct, an HF folder or a .gguf file) to a bundle."""
     from edgekit.export.pipeline import ExportConfig, export_bundle
     from edgekit.parity import verifier
 
-    cfg = ExportConfig(source=source, output=output, precision=precision, algo=algo, block_size=block_size,
-                       accuracy_level=accuracy_level, quant_format=quant_format, lm_head=lm_head, device=device,
-                       max_context=max_context, batch=batch, prune=prune, calibration=calibration, eval_text=eval_text,
-                       force=force, trust_remote_code=trust_remote_code)
+    cfg = ExportConfig(source=source, output=output, **options)
     verify = None if no_parity else verifier(parity_tokens)
     result = export_bundle(cfg, verify=verify)
     size = sum(p.stat().st_size for p in result.path.iterdir()) / 2**20

@@ -78,9 +78,9 @@ def estimate(config: Any, precision: str, max_context: int, batch: int, device: 
 
 
 def check(config: Any, precision: str, max_context: int, batch: int, device: DeviceProfile,
-          block_size: int = 32) -> FitReport:
+          block_size: int = 32, kv_bytes: int = 4) -> FitReport:
     """Return the fit report, or raise FitError saying by how much it misses and what would make it fit."""
-    report = estimate(config, precision, max_context, batch, device, block_size)
+    report = estimate(config, precision, max_context, batch, device, block_size, kv_bytes)
     if report.fits:
         return report
     options = []

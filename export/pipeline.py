@@ -52,6 +52,7 @@ class ExportConfig:
     accuracy_level: int | None = None
     lm_head: str | None = None  # gguf: "fp32" (exact) or "int8" (Q8_0 blocks, int8 activations)
     quant_format: str | None = None  # rtn: "nbits" (MatMulNBits, default) or "qdq" (DequantizeLinear + MatMul)
+    kv_cache: str | None = None  # int8/int4: "fp32" (default) or "fp16" (fp16 activations and KV cache, GPU targets)
     max_context: int | None = None
     batch: int = 1
     device: str | None = None
@@ -78,6 +79,7 @@ class Plan:
     eval_text: str = ""
     lm_head: str = "fp32"
     quant_format: str = "nbits"
+    kv_cache: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -309,15 +311,26 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
             raise ConfigError(f"--quant-format qdq (DequantizeLinear + MatMul, for TensorRT) is written by --algo rtn; "
                               f"this export is {precision}{' ' + algo if algo else ''}. HINT: add --precision int8 "
                               "--algo rtn (or int4).")
+    kv_cache = cfg.kv_cache or ("fp16" if precision == "fp16" else "fp32")
+    if cfg.kv_cache is not None:
+        _choice("KV cache dtype", cfg.kv_cache, ("fp32", "fp16"))
+        if precision in ("fp32", "fp16") and cfg.kv_cache != precision:
+            raise ConfigError(f"--kv-cache {cfg.kv_cache} applies to int8/int4 exports; a {precision} bundle keeps its "
+                              f"KV cache in {precision}. HINT: use --precision fp16 for an fp16 cache.")
+        if cfg.kv_cache == "fp16" and (algo == "gguf" or cfg.quant_format == "qdq"):
+            raise ConfigError("--kv-cache fp16 runs the quantized graph in fp16, which --algo gguf (exact fp32 "
+                              "carry-over) and --quant-format qdq do not support. HINT: use --algo rtn, hqq or gptq.")
     lm_head = cfg.lm_head or ("int8" if algo == "gguf" and _gguf_head_is_q8(ref) else "fp32")
     if lm_head == "int8" and not _gguf_head_is_q8(ref):
         raise ConfigError(f"--lm-head int8 carries the GGUF's Q8_0 output/embedding blocks over, but '{ref.spec}' has "
                           "none. HINT: use --lm-head fp32.")
     limit_default = profile.default_max_context if profile else DEFAULT_MAX_CONTEXT
     max_context = _max_context(config, cfg.max_context, limit_default)
-    report = fit.check(config, precision, max_context, cfg.batch, profile, cfg.block_size) if profile else None
+    kv_bytes = 2 if kv_cache == "fp16" else 4
+    report = (fit.check(config, precision, max_context, cfg.batch, profile, cfg.block_size, kv_bytes)
+              if profile else None)
     return Plan(precision, algo, cfg.block_size, accuracy, max_context, profile, report, spec, calibration, eval_text,
-                lm_head, cfg.quant_format or "nbits")
+                lm_head, cfg.quant_format or "nbits", kv_cache)
 
 
 def _build(plan: Plan, ref: source.SourceRef, model: Any, tokenizer: Any, spec: ArchSpec,
@@ -352,13 +365,15 @@ def _build(plan: Plan, ref: source.SourceRef, model: Any, tokenizer: Any, spec: 
                  "lm_head": "8-bit blocks (GGUF Q8_0), int8 activations" if fast_head
                  else "float32 (dequantized exactly)", "lm_head_int8act": fast_head}
         return graph, quant
-    graph = onnx_graph.build_decoder(dims, weights, on_layer=tick, options=onnx_graph.BuildOptions(lm_head_matmul=True))
+    dtype = "float16" if plan.kv_cache == "fp16" else "float32"
+    graph = onnx_graph.build_decoder(dims, weights, on_layer=tick,
+                                     options=onnx_graph.BuildOptions(lm_head_matmul=True, dtype=dtype))
     calibrated = plan.algo == "gptq" or (plan.quant_format == "qdq" and bits == 8)
     feeds = _calibration_feeds(dims, tokenizer, plan.calibration_text) if calibrated else []
     graph = quantize.quantize_weights(graph, bits, plan.algo or "rtn", plan.block_size, plan.accuracy_level,
                                       on_step=progress.note, calibration=feeds, quant_format=plan.quant_format)
     quant = {"method": plan.algo, "bits": bits, "block_size": plan.block_size, "accuracy_level": plan.accuracy_level,
-             "format": plan.quant_format, "symmetric": plan.quant_format == "qdq",
+             "format": plan.quant_format, "symmetric": plan.quant_format == "qdq", "kv_cache": plan.kv_cache,
              "activations": "int8 (static, calibrated)" if calibrated and bits == 8 else "float",
              "embedding": "float32", "lm_head": "float32" if plan.quant_format == "qdq" and bits == 4 else "8-bit"}
     return graph, quant
@@ -464,7 +479,7 @@ def _manifest(plan: Plan, ref: source.SourceRef, arch: str, spec: ArchSpec, mode
               dims: onnx_graph.DecoderDims, quant: dict[str, Any] | None,
               pruning: dict[str, Any] | None = None) -> bdl.Manifest:
     kv = bdl.KVCacheLayout(dims.num_layers, dims.num_kv_heads, dims.head_dim,
-                           dtype="float16" if plan.precision == "fp16" else "float32")
+                           dtype="float16" if plan.kv_cache == "fp16" else "float32")
     specials = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     return bdl.Manifest(
         kind="ar",
