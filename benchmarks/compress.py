@@ -1,7 +1,8 @@
 """Compression benchmark: size, speed and fidelity of every precision, side by side with the peers, in one run.
 
-Rows: edgekit fp32, int4 GGUF carry-over (exact, accuracy level 0), int4 GGUF fast (int8 activations, Q8_0
-embedding/lm_head), int4 RTN, int4 HQQ, int8 RTN; plus llama.cpp (llama-cpp-python) on the same GGUF and
+Rows: edgekit fp32, int4 GGUF carry-over (exact; default = exact layers + Q8_0 head with int8 activations; fast =
+int8 activations everywhere), int4 RTN / HQQ / GPTQ, int4 with an fp16 KV cache, int8 RTN, the QDQ forms for
+TensorRT, fp16, pruned variants; plus llama.cpp (llama-cpp-python) on the same GGUF and
 onnxruntime-genai's int4 model built from the same weights, when those packages are installed.
 Columns: size on disk, TTFT, decode tok/s (2 threads, medians of interleaved runs), top-1 agreement and KL vs the
 PyTorch model (teacher-forced on the built-in parity prompts), perplexity on a built-in text.
@@ -39,11 +40,16 @@ EVAL_TEXT = (
 )
 VARIANTS: list[tuple[str, list[str]]] = [
     ("fp32", ["--precision", "fp32"]),
-    ("int4 gguf (exact, acc 0)", ["--precision", "int4", "--algo", "gguf", "--accuracy-level", "0"]),
-    ("int4 gguf (fast, acc 4)", ["--precision", "int4", "--algo", "gguf", "--accuracy-level", "4"]),
+    ("int4 gguf exact (acc 0, fp32 head)", ["--precision", "int4", "--algo", "gguf", "--lm-head", "fp32"]),
+    ("int4 gguf default (acc 0, Q8 head)", ["--precision", "int4"]),
+    ("int4 gguf fast (acc 4)", ["--precision", "int4", "--algo", "gguf", "--accuracy-level", "4"]),
     ("int4 rtn (acc 4)", ["--precision", "int4", "--algo", "rtn", "--accuracy-level", "4"]),
     ("int4 hqq (acc 4)", ["--precision", "int4", "--algo", "hqq", "--accuracy-level", "4"]),
+    ("int4 gptq (acc 4)", ["--precision", "int4", "--algo", "gptq", "--accuracy-level", "4"]),
+    ("int4 rtn, fp16 KV cache", ["--precision", "int4", "--algo", "rtn", "--kv-cache", "fp16"]),
     ("int8 rtn (acc 4)", ["--precision", "int8", "--algo", "rtn", "--accuracy-level", "4"]),
+    ("int8 QDQ W8A8 (TensorRT form)", ["--precision", "int8", "--algo", "rtn", "--quant-format", "qdq"]),
+    ("int4 QDQ weight-only (TensorRT form)", ["--precision", "int4", "--algo", "rtn", "--quant-format", "qdq"]),
     ("fp16", ["--precision", "fp16"]),
     ("fp32 pruned depth=4", ["--precision", "fp32", "--prune", "depth=4"]),
     ("fp32 pruned width=0.25", ["--precision", "fp32", "--prune", "width=0.25"]),

@@ -227,6 +227,7 @@ class DiffusionModel:
             g = self.manifest.graphs
             self._cached = (create_session(self.path / g["denoise_encode"].file, self._backend),
                             create_session(self.path / g["denoise_block"].file, self._backend))
+            self._past_names = [i.name for i in self._cached[1].get_inputs()][3:]
         return self._cached
 
     def encode(self, tokens: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -239,11 +240,10 @@ class DiffusionModel:
                        past: Sequence[np.ndarray]) -> np.ndarray:
         """tokens [T] at ``positions`` attending to themselves and to cached keys/values -> logits [T, V]."""
         _, blk = self._cache_sessions()
-        names = [i.name for i in blk.get_inputs()]
         feeds = {"input_ids": tokens[None, :].astype(np.int64),
                  "position_ids": (positions[None, :] + self.position_offset).astype(np.int64),
                  "past_positions": (past_positions + self.position_offset).astype(np.int64)}
-        feeds.update(zip(names[3:], past))
+        feeds.update(zip(self._past_names, past))
         return blk.run(["logits"], feeds)[0][0]
 
     def params(self, prompt_len: int, **overrides: Any) -> DiffusionParams:
