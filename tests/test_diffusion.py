@@ -158,6 +158,11 @@ def test_cli_run_and_parity_on_a_diffusion_bundle(mlm_bundle):
                                   "--diffusion-steps", "8", "--threshold", "0.9", "--stats"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "blocks" in r.output and "tokens/forward" in r.output
+    r = CliRunner().invoke(main, ["run", str(res.path), "Hi", "--gen-length", "16", "--block-length", "8",
+                                  "--diffusion-steps", "16", "--entropy-bound", "0.5", "--cache", "dual", "--stats"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "positions computed" in r.output
     r = CliRunner().invoke(main, ["parity", str(res.path), "--reference", str(src)], catch_exceptions=False)
     assert r.exit_code == 0 and "PASSED" in r.output
     r = CliRunner().invoke(main, ["run", str(res.path), "Hi", "--diffusion-steps", "0"])
