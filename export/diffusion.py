@@ -64,6 +64,7 @@ class _KVContext:
         self.q_pos: Any = None
         self.k_pos: Any = None
         self.layer = 0
+        self.prompt_len: Any = None  # prompt-isolated models: prompt positions do not attend to the answer
 
 
 _CTX = _KVContext()
@@ -82,8 +83,9 @@ def _kv_attention(module: Any, query: Any, key: Any, value: Any, attention_mask:
         _CTX.layer += 1
         key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
         q_pos, k_pos = _CTX.q_pos, _CTX.k_pos
-    else:
-        _CTX.kv.append((key, value))
+    else:  # "encode" records the keys/values; "full" (training, reference) does not
+        if _CTX.mode == "encode":
+            _CTX.kv.append((key, value))
         q_pos = k_pos = torch.arange(s)
     if key.shape[1] != query.shape[1]:  # grouped-query attention
         rep = query.shape[1] // key.shape[1]
@@ -94,6 +96,9 @@ def _kv_attention(module: Any, query: Any, key: Any, value: Any, attention_mask:
     if window:  # transformers passes flash-attention's inclusive size: |q - k| <= window - 1
         far = (q_pos[:, None] - k_pos[None, :]).abs() > window - 1
         scores = scores.masked_fill(far[None, None], torch.finfo(scores.dtype).min)
+    if _CTX.prompt_len is not None and _CTX.mode != "block":  # (block queries are answer positions: no limit)
+        hidden = (q_pos[:, None] < _CTX.prompt_len) & (k_pos[None, :] >= _CTX.prompt_len)
+        scores = scores.masked_fill(hidden[None, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
@@ -129,14 +134,41 @@ def _position_offset(model: Any) -> int:
     return 0
 
 
-def _encode_torch(m: Any, ids: Any) -> tuple[Any, list[Any]]:
-    _CTX.mode, _CTX.kv = "encode", []
+def prompt_isolated(model: Any) -> bool:
+    """Whether the model was trained with prompt positions that do not attend to the answer (config attribute
+    ``attention_prompt_isolated``): their keys/values never change, so the prompt's cache is exact."""
+    return bool(getattr(model.config, "attention_prompt_isolated", False))
+
+
+def _encode_torch(m: Any, ids: Any, prompt_len: Any = None, record: bool = True) -> tuple[Any, list[Any]]:
+    _CTX.mode, _CTX.kv, _CTX.prompt_len = ("encode" if record else "full"), [], prompt_len
     try:
         logits = m(input_ids=ids, attention_mask=None).logits
         kv = [t for pair in _CTX.kv for t in pair]
     finally:
-        _CTX.mode, _CTX.kv = None, []
+        _CTX.mode, _CTX.kv, _CTX.prompt_len = None, [], None
     return logits, kv
+
+
+class PromptIsolation:
+    """Train or run a masked LM with prompt-isolated attention through edgekit's attention function: inside the
+    ``with`` block, ``model`` (its config switched to the function) hides the answer from prompt positions."""
+
+    def __init__(self, model: Any, prompt_len: int) -> None:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, _kv_attention)
+        self.model, self.prompt_len = model, prompt_len
+
+    def __enter__(self) -> Any:
+        self._saved = self.model.config._attn_implementation
+        self.model.config._attn_implementation = ATTN_NAME
+        _CTX.mode, _CTX.prompt_len = "full", self.prompt_len
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.config._attn_implementation = self._saved
+        _CTX.mode, _CTX.prompt_len = None, None
 
 
 def _block_torch(m: Any, ids: Any, position_ids: Any, past_positions: Any, past: Sequence[Any]) -> Any:
@@ -165,15 +197,16 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
     n = 24
     vocab = int(model.config.vocab_size)
     ids = ((torch.arange(n) * 7 + 3) % vocab)[None, :]  # any valid ids: the check compares two forwards of them
+    isolated = prompt_isolated(model)
+    lo, hi = 10, 18  # dual-cache layout: prefix [0, lo), block [lo, hi), suffix [hi, n); the prompt is [0, lo)
     with torch.no_grad():
-        full, kv = _encode_torch(m, ids)
+        full, kv = _encode_torch(m, ids, torch.tensor(lo) if isolated else None)
         layers = len(kv) // 2
         if layers == 0:
             raise UnsupportedModelError(
                 f"{type(model).__name__}'s attention does not go through transformers' AttentionInterface, so edgekit "
                 "cannot give it a KV cache. HINT: use cache mode 'none' (the full-sequence denoiser).")
-        ref = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        lo, hi = 10, 18  # dual-cache layout: prefix [0, lo), block [lo, hi), suffix [hi, n)
+        ref = full if isolated else model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         keep = torch.cat([torch.arange(lo), torch.arange(hi, n)])
         past = [t[:, :, keep] for t in kv]
         pos = torch.arange(lo, hi)[None] + offset
@@ -193,6 +226,11 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
             logits, kv = _encode_torch(self.inner, input_ids)
             return (logits, *kv)
 
+    class EncodeIsolated(Encode):
+        def forward(self, input_ids: Any, prompt_length: Any) -> Any:  # type: ignore[override]
+            logits, kv = _encode_torch(self.inner, input_ids, prompt_length[0])
+            return (logits, *kv)
+
     class Block(torch.nn.Module):
         def __init__(self, inner: Any) -> None:
             super().__init__()
@@ -209,8 +247,13 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
     cached = torch.export.Dim("cached", min=1, max=limit)
     torch._dynamo.reset()
     try:
-        enc = torch.onnx.export(Encode(m), (ids,), input_names=["input_ids"], output_names=["logits", *kv_names],
-                                dynamic_shapes=({1: seq},), dynamo=True, verbose=False).model_proto
+        if isolated:
+            enc = torch.onnx.export(EncodeIsolated(m), (ids, torch.tensor([lo])),
+                                    input_names=["input_ids", "prompt_length"], output_names=["logits", *kv_names],
+                                    dynamic_shapes=({1: seq}, None), dynamo=True, verbose=False).model_proto
+        else:
+            enc = torch.onnx.export(Encode(m), (ids,), input_names=["input_ids"], output_names=["logits", *kv_names],
+                                    dynamic_shapes=({1: seq},), dynamo=True, verbose=False).model_proto
         torch._dynamo.reset()
         blk = torch.onnx.export(
             Block(m), (ids[:, lo:hi], pos, keep + offset, *past),
@@ -238,6 +281,7 @@ def reference_generate(model: Any, prompt_ids: Sequence[int], params: DiffusionP
     rng = np.random.default_rng(params.seed)
     p0 = len(prompt_ids)
     x = torch.tensor(list(prompt_ids) + [mask_id] * params.gen_length)
+    isolated = _use_kv_attention(model) if prompt_isolated(model) else None  # runs the model's attention rule
     out: list[int] = []
     n_step = 0
     for b in range(params.gen_length // params.block_length):
@@ -246,7 +290,10 @@ def reference_generate(model: Any, prompt_ids: Sequence[int], params: DiffusionP
         step = 0
         while bool((x[lo:hi] == mask_id).any()):
             with torch.no_grad():
-                logits = model(input_ids=x[None], attention_mask=torch.ones_like(x)[None]).logits[0].double()
+                if isolated is not None:
+                    logits = _encode_torch(isolated, x[None], torch.tensor(p0), record=False)[0][0].double()
+                else:
+                    logits = model(input_ids=x[None], attention_mask=torch.ones_like(x)[None]).logits[0].double()
             if on_step is not None:
                 on_step(n_step, logits[lo:hi].float().numpy())
             n_step += 1

@@ -151,26 +151,37 @@ def _export_diffusion(cfg: ExportConfig, ref: source.SourceRef, arch: str, confi
                 raise UnsupportedModelError(
                     f"'{ref.spec}' has no mask token in its tokenizer; a diffusion LM needs one to mark the "
                     "positions it generates. HINT: set tokenizer.mask_token and re-save the folder.")
-        with progress.stage(f"Building the ONNX denoiser graph ({arch}, torch.onnx)"):
-            graph = diffusion.build_denoiser(model)
+        isolated = diffusion.prompt_isolated(model)
+        graph = None
+        if not isolated:  # (a prompt-isolated model's whole-sequence graph is the encode graph below)
+            with progress.stage(f"Building the ONNX denoiser graph ({arch}, torch.onnx)"):
+                graph = diffusion.build_denoiser(model)
         graphs = {"denoiser": bdl.GraphSpec("model.onnx", ("input_ids", "attention_mask"), ("logits",))}
         cache_info: dict[str, Any] = {}
         with progress.stage("Building the cached graphs (prefix / dual cache: encode + block)"):
             try:
                 cached = diffusion.build_cached_denoisers(model)
             except UnsupportedModelError as e:
+                if isolated:
+                    raise UnsupportedModelError(f"'{ref.spec}' declares prompt-isolated attention "
+                                                f"(attention_prompt_isolated), which edgekit runs through its own "
+                                                f"attention function, but: {e}") from None
                 cached = None
                 cache_info = {"unavailable": str(e)}
                 progress.note(f"no cache modes: {e}")
         with progress.stage("Writing the bundle"):
-            onnx_graph.save_model(graph, stage / "model.onnx")
-            del graph
+            if graph is not None:
+                onnx_graph.save_model(graph, stage / "model.onnx")
+                del graph
             if cached is not None:
                 onnx_graph.save_model(cached.encode, stage / "encode.onnx")
                 onnx_graph.save_model(cached.block, stage / "block.onnx")
                 kv = tuple(f"{k}_{i}" for i in range(cached.layers) for k in ("key", "value"))
-                graphs["denoise_encode"] = bdl.GraphSpec("encode.onnx", ("input_ids",),
+                enc_inputs = ("input_ids", "prompt_length") if isolated else ("input_ids",)
+                graphs["denoise_encode"] = bdl.GraphSpec("encode.onnx", enc_inputs,
                                                          ("logits", *(f"present_{n}" for n in kv)))
+                if isolated:
+                    graphs["denoiser"] = graphs["denoise_encode"]
                 graphs["denoise_block"] = bdl.GraphSpec(
                     "block.onnx", ("input_ids", "position_ids", "past_positions", *(f"past_{n}" for n in kv)),
                     ("logits",))
@@ -200,6 +211,7 @@ def _export_diffusion(cfg: ExportConfig, ref: source.SourceRef, arch: str, confi
                 extra={"diffusion": {"defaults": gen,
                                      "cache_modes": list(CACHE_MODES) if cached is not None else ["none"],
                                      "cache": cache_info,
+                                     "attention": "prompt_isolated" if isolated else "bidirectional",
                                      "remasking": [r.value for r in Remasking]}},
             )
             manifest = replace(manifest, files=bdl.hash_payload(stage))

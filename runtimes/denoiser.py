@@ -206,6 +206,8 @@ class DiffusionModel:
         info = manifest.extra.get("diffusion", {})
         self.cache_modes = tuple(info.get("cache_modes", ["none"]))
         self.position_offset = int(info.get("cache", {}).get("position_offset", 0))
+        # prompt-isolated models (prompt positions do not attend to the answer) take the prompt length as input
+        self.isolated = info.get("attention") == "prompt_isolated"
         self.tokenizer = Tokenizer(bundle_dir / manifest.tokenizer.file, manifest.tokenizer)
         self.mask_id = int(manifest.tokens.mask_id)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
@@ -217,23 +219,36 @@ class DiffusionModel:
     def max_context(self) -> int:
         return self.manifest.max_context
 
-    def forward(self, tokens: np.ndarray) -> np.ndarray:
-        """tokens [S] -> logits [S, V] for the whole sequence (bidirectional, no cache)."""
+    def forward(self, tokens: np.ndarray, prompt_len: int | None = None) -> np.ndarray:
+        """tokens [S] -> logits [S, V] for the whole sequence (no cache). ``prompt_len``: required by
+        prompt-isolated bundles."""
         ids = tokens[None, :].astype(np.int64)  # [1, S]
+        if self.isolated:
+            return self.session.run(["logits"], {"input_ids": ids, "prompt_length": self._prompt(prompt_len)})[0][0]
         return self.session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0][0]
+
+    def _prompt(self, prompt_len: int | None) -> np.ndarray:
+        if prompt_len is None:
+            raise ConfigError("This bundle's attention is prompt-isolated: pass prompt_len (the prompt's token count).")
+        return np.asarray([prompt_len], dtype=np.int64)
 
     def _cache_sessions(self) -> tuple[Any, Any]:
         if self._cached is None:
             g = self.manifest.graphs
-            self._cached = (create_session(self.path / g["denoise_encode"].file, self._backend),
+            same = g["denoise_encode"].file == g["denoiser"].file  # prompt-isolated: one graph for both
+            self._cached = (self.session if same else create_session(self.path / g["denoise_encode"].file,
+                                                                     self._backend),
                             create_session(self.path / g["denoise_block"].file, self._backend))
             self._past_names = [i.name for i in self._cached[1].get_inputs()][3:]
         return self._cached
 
-    def encode(self, tokens: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    def encode(self, tokens: np.ndarray, prompt_len: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """tokens [S] -> (logits [S, V], every layer's key and value [1, H, S, D]) for the cached modes."""
         enc, _ = self._cache_sessions()
-        out = enc.run(None, {"input_ids": tokens[None, :].astype(np.int64)})
+        feeds = {"input_ids": tokens[None, :].astype(np.int64)}
+        if self.isolated:
+            feeds["prompt_length"] = self._prompt(prompt_len)
+        out = enc.run(None, feeds)
         return out[0][0], out[1:]
 
     def forward_cached(self, tokens: np.ndarray, positions: np.ndarray, past_positions: np.ndarray,
@@ -288,10 +303,10 @@ class DiffusionModel:
                     stats.finish_reason = "cancelled"
                     return
                 if params.cache == CacheMode.NONE.value or lo == 0:
-                    logits = self.forward(x)[lo:hi]  # the whole sequence, every step
+                    logits = self.forward(x, p0)[lo:hi]  # the whole sequence, every step
                     stats.positions_computed += len(x)
                 elif past is None:  # a block's first step: encode everything once, keep the keys/values
-                    full, kv = self.encode(x)
+                    full, kv = self.encode(x, p0)
                     logits = full[lo:hi]
                     stats.positions_computed += len(x)
                     keep = np.arange(lo) if params.cache == CacheMode.PREFIX.value else np.r_[0:lo, hi:len(x)]

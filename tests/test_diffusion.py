@@ -289,3 +289,24 @@ def test_cache_mode_refused_by_a_bundle_without_cached_graphs(mlm_bundle, tmp_pa
     bdl.write_manifest(dst, m)
     with pytest.raises(ConfigError, match="cache mode 'dual' is not in this bundle"):
         load(dst).stream("Hi", cache="dual")
+
+
+def test_prompt_isolated_model_exports_with_an_exact_prompt_cache(tmp_path):
+    """A masked LM declaring attention_prompt_isolated runs through edgekit's attention function everywhere (export,
+    runtime, the PyTorch reference): prompt positions never see the answer, so their keys/values are fixed."""
+    src = make_mlm("ModernBertForMaskedLM", tmp_path / "src", attention_prompt_isolated=True)
+    res = export_bundle(ExportConfig(source=str(src), output=tmp_path / "b"), verify=verifier(), progress=Silent())
+    m = res.manifest
+    assert m.extra["diffusion"]["attention"] == "prompt_isolated" and m.graphs["denoiser"].file == "encode.onnx"
+    assert not (res.path / "model.onnx").exists()
+    assert m.parity["passed"], m.parity["misses"]
+    model = load(res.path)
+    x = (np.arange(30) % 50 + 7).astype(np.int64)
+    y = x.copy()
+    y[12:] = (y[12:] * 3) % 50 + 7  # another answer after a 12-token prompt
+    (lx, kx), (ly, ky) = model.encode(x, 12), model.encode(y, 12)
+    assert np.abs(lx[:12] - ly[:12]).max() < 1e-5 and np.abs(lx[12:] - ly[12:]).max() > 1e-2
+    assert all(np.abs(a[:, :, :12] - b[:, :, :12]).max() < 1e-5 for a, b in zip(kx, ky))
+    with pytest.raises(ConfigError, match="pass prompt_len"):
+        model.forward(x)
+    assert "".join(model.stream("Hello", gen_length=16, block_length=8, diffusion_steps=16, cache="prefix"))
