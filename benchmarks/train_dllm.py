@@ -12,11 +12,15 @@ and the answer has, per segment, a pair of digits adding up to the sum followed 
 ("25" "39485720" "39" "90123456" ...): 40 tokens, then EOS padding to 48. The copied digits are certain (a confidence
 threshold commits them in parallel), the pair digits are not (committing both of a pair at once breaks the sum).
 
-Models (Hugging Face folders, cached under .cache/dllm/, not in git): a ModernBERT masked LM trained with the
+Models (Hugging Face folders, cached under .cache/dllm/<task>/, not in git): a ModernBERT masked LM trained with the
 masked-diffusion objective (mask ratio t ~ U(0, 1), cross-entropy on masked answer positions weighted by 1/t), and
-a Llama causal LM of the same width/depth trained on next-token prediction; one character-level tokenizer.
+a Llama causal LM of the same width/depth trained on next-token prediction; one character-level tokenizer. For
+pairs_copy the dLLM is trained with prompt-isolated attention (prompt positions do not attend to the answer;
+config.attention_prompt_isolated): a fully bidirectional one trained the same way learned to route the pair
+constraint through the prompt positions, so Fast-dLLM's approximate caches (stale prompt keys/values) dropped its
+accuracy from 100% to 0%.
 
-    python benchmarks/train_dllm.py --steps 3000          # both models; prints accuracy as it goes
+    python benchmarks/train_dllm.py --steps 2000 --only dllm; python benchmarks/train_dllm.py --steps 600 --only ar
 """
 
 from __future__ import annotations
