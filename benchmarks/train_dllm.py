@@ -105,7 +105,8 @@ def encode(tok, prompts: list[str], answers: list[str], gen_length: int):
     return torch.tensor(rows)
 
 
-def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: str = DEFAULT_TASK) -> Path:
+def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: str = DEFAULT_TASK,
+          resume: bool = False) -> Path:
     import torch
     import transformers
 
@@ -114,7 +115,11 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
     tok = make_tokenizer()
     common = dict(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
-    if kind == "dllm":
+    if resume and (folder(task, kind) / "config.json").exists():  # continue from the saved model (new LR schedule)
+        model = (transformers.AutoModelForMaskedLM if kind == "dllm" else transformers.AutoModelForCausalLM
+                 ).from_pretrained(folder(task, kind))
+        cfg = model.config
+    elif kind == "dllm":
         cfg = transformers.ModernBertConfig(**common, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                             cls_token_id=tok.eos_token_id, sep_token_id=tok.eos_token_id,
                                             global_attn_every_n_layers=1, local_attention=64)
@@ -169,9 +174,11 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "task.json").write_text(json.dumps({"task": task, **TASKS[task],
-                                               "steps": steps, "batch": batch, "seed": seed,
-                                               "train_seconds": round(time.time() - start, 1)}))
+    before = json.loads((out / "task.json").read_text()) if resume and (out / "task.json").exists() else {}
+    (out / "task.json").write_text(json.dumps({
+        "task": task, **TASKS[task], "steps": before.get("steps", 0) + steps, "batch": batch,
+        "seed": seed, "runs": before.get("runs", 0) + 1,
+        "train_seconds": round(before.get("train_seconds", 0) + time.time() - start, 1)}))
     return out
 
 
@@ -182,13 +189,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["dllm", "ar"], default=None)
     ap.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK)
+    ap.add_argument("--resume", action="store_true", help="continue training the saved model")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(2)
     for kind in ("dllm", "ar"):
         if args.only in (None, kind):
-            out = train(kind, args.steps, args.batch, args.seed, max(1, args.steps // 20), args.task)
+            out = train(kind, args.steps, args.batch, args.seed, max(1, args.steps // 20), args.task, args.resume)
             print(f"trained {kind} -> {out}", file=sys.stderr)
 
 
