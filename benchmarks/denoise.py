@@ -53,7 +53,7 @@ SETTINGS = [(cache, label, opts) for cache in ("none", "prefix", "dual") for lab
 def ensure_models(task: str, steps: int) -> None:
     for kind in ("dllm", "ar"):
         if not (folder(task, kind) / "config.json").exists():  # the AR model learns the task in far fewer steps
-            n = steps if kind == "dllm" else max(steps // 3, 200)
+            n = steps if kind == "dllm" else max(steps // 5, 200)
             subprocess.run([sys.executable, str(Path(__file__).parent / "train_dllm.py"), "--steps", str(n),
                             "--batch", "64", "--task", task, "--only", kind], check=True)
 
@@ -70,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval", type=int, default=200)
     ap.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK)
-    ap.add_argument("--train-steps", type=int, default=2000)
+    ap.add_argument("--train-steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     import edgekit.runtimes as rt

@@ -17,11 +17,12 @@ masked-diffusion objective (mask ratio t ~ U(0, 1), cross-entropy on masked answ
 a Llama causal LM of the same width/depth trained on next-token prediction; one character-level tokenizer. For
 --prompt-isolated the dLLM is trained with prompt-isolated attention (prompt positions do not attend to the answer;
 config.attention_prompt_isolated), which makes the prompt's KV cache exact. Measured here: the bidirectional dLLM
-(2000 steps, 28 min) decodes pairs_copy at 100% but routes the pair constraint through the prompt positions, so
+(3000 steps, ~31 min on 2 busy cores) decodes pairs_copy at 99-100% but routes the pair constraint through the
+prompt positions, so
 Fast-dLLM's approximate caches (stale prompt keys/values) drop it to 0%; the prompt-isolated one learned the copies
 but not the pairs in 4000 steps (2.5%).
 
-    python benchmarks/train_dllm.py --steps 2000 --only dllm; python benchmarks/train_dllm.py --steps 600 --only ar
+    python benchmarks/train_dllm.py --steps 3000 --only dllm; python benchmarks/train_dllm.py --steps 600 --only ar
 """
 
 from __future__ import annotations
