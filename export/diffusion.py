@@ -7,6 +7,7 @@ random numbers from the same numpy Generator in the same order, so a bundle can 
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,16 @@ def _use_kv_attention(model: Any) -> Any:
         if cfg is not None and cfg is not m.config and hasattr(cfg, "_attn_implementation"):
             cfg._attn_implementation = ATTN_NAME
     return m
+
+
+_KV_COPIES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _kv_copy(model: Any) -> Any:
+    """_use_kv_attention(model), made once per model (parity calls the reference sampler many times)."""
+    if model not in _KV_COPIES:
+        _KV_COPIES[model] = _use_kv_attention(model)
+    return _KV_COPIES[model]
 
 
 @dataclass
@@ -281,7 +292,7 @@ def reference_generate(model: Any, prompt_ids: Sequence[int], params: DiffusionP
     rng = np.random.default_rng(params.seed)
     p0 = len(prompt_ids)
     x = torch.tensor(list(prompt_ids) + [mask_id] * params.gen_length)
-    isolated = _use_kv_attention(model) if prompt_isolated(model) else None  # runs the model's attention rule
+    isolated = _kv_copy(model) if prompt_isolated(model) else None  # runs the model's attention rule
     out: list[int] = []
     n_step = 0
     for b in range(params.gen_length // params.block_length):

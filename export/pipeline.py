@@ -332,8 +332,9 @@ def make_plan(cfg: ExportConfig, ref: source.SourceRef, config: Any) -> Plan:
         if cfg.kv_cache == "fp16" and (algo == "gguf" or cfg.quant_format == "qdq"):
             raise ConfigError("--kv-cache fp16 runs the quantized graph in fp16, which --algo gguf (exact fp32 "
                               "carry-over) and --quant-format qdq do not support. HINT: use --algo rtn, hqq or gptq.")
-    lm_head = cfg.lm_head or ("int8" if algo == "gguf" and _gguf_head_is_q8(ref) else "fp32")
-    if lm_head == "int8" and not _gguf_head_is_q8(ref):
+    head_q8 = algo == "gguf" and _gguf_head_is_q8(ref)  # (a non-gguf --lm-head was refused above)
+    lm_head = cfg.lm_head or ("int8" if head_q8 else "fp32")
+    if lm_head == "int8" and not head_q8:
         raise ConfigError(f"--lm-head int8 carries the GGUF's Q8_0 output/embedding blocks over, but '{ref.spec}' has "
                           "none. HINT: use --lm-head fp32.")
     limit_default = profile.default_max_context if profile else DEFAULT_MAX_CONTEXT
