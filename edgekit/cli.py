@@ -9,7 +9,9 @@ from typing import Any
 
 import click
 
+from edgekit.export.methods import BLOCK_SIZES, KV_DTYPES, LM_HEADS, METHODS, PRECISIONS, QUANT_FORMATS
 from edgekit.runtimes.errors import EdgekitError, ParityError
+from edgekit.runtimes.unmasking import CACHE_MODES, Remasking
 
 
 class _Group(click.Group):
@@ -35,20 +37,21 @@ def main() -> None:
 @main.command()
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
-@click.option("--precision", default=None, help="fp32, fp16 (GPU targets), int8 or int4 "
-              "[the device's default, else fp32].")
-@click.option("--algo", default=None, help="int8/int4 method: gguf (carry GGUF blocks over unchanged), rtn, hqq or "
-              "gptq (int4, calibrated on --calibration text) [gguf when the source allows, else rtn].")
-@click.option("--block-size", default=32, show_default=True, help="Quantization block size (16..256).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="fp16 is for GPU targets [the device's default, else fp32].")
+@click.option("--algo", type=click.Choice(tuple(METHODS)), default=None, help="int8/int4 method: " + "; ".join(
+    f"{m.name}: {m.summary}" for m in METHODS.values()) + " [gguf when the source allows, else rtn].")
+@click.option("--block-size", type=click.Choice([str(b) for b in BLOCK_SIZES]), default="32", show_default=True,
+              callback=lambda ctx, param, value: int(value), help="Quantization block size.")
 @click.option("--accuracy-level", type=int, default=None,
               help="MatMulNBits compute: 0 = float activations (exact), 4 = int8 activations (faster) "
                    "[0 for gguf, 4 for rtn/hqq].")
-@click.option("--quant-format", default=None,
+@click.option("--quant-format", type=click.Choice(QUANT_FORMATS), default=None,
               help="rtn: nbits (MatMulNBits, onnxruntime's kernels) or qdq (symmetric blockwise DequantizeLinear + "
                    "MatMul, the weight-only form TensorRT consumes) [nbits].")
-@click.option("--kv-cache", "kv_cache", default=None,
+@click.option("--kv-cache", "kv_cache", type=click.Choice(KV_DTYPES), default=None,
               help="int8/int4: fp32, or fp16 (fp16 activations and half the KV-cache memory; GPU targets) [fp32].")
-@click.option("--lm-head", "lm_head", default=None,
+@click.option("--lm-head", "lm_head", type=click.Choice(LM_HEADS), default=None,
               help="gguf: the output layer as float32 (dequantized exactly) or int8 (the GGUF's Q8_0 blocks, int8 "
                    "activations; several times fewer bytes per token) [int8 when the GGUF has Q8_0 there].")
 @click.option("--device", default=None, help="Device profile (see 'edgekit devices') or a .toml file: picks "
@@ -72,12 +75,11 @@ def export(source: str, output: Path, parity_tokens: int, no_parity: bool, **opt
     from edgekit.parity import verifier
 
     cfg = ExportConfig(source=source, output=output, **options)
-    verify = None if no_parity else verifier(parity_tokens)
-    result = export_bundle(cfg, verify=verify)
+    result = export_bundle(cfg, verify=None if no_parity else verifier(parity_tokens))
     size = sum(p.stat().st_size for p in result.path.iterdir()) / 2**20
     click.echo(f"Bundle written to {result.path} ({size:.0f} MB).")
-    if verify is not None:
-        report = verify.last_report  # type: ignore[attr-defined]
+    report = result.parity
+    if report is not None:
         click.echo(report.table())
         if not report.passed:
             raise ParityError(f"the bundle at {result.path} was written but failed parity "
@@ -100,14 +102,14 @@ def export(source: str, output: Path, parity_tokens: int, no_parity: bool, **opt
 @click.option("--gen-length", type=int, default=None, help="Diffusion: tokens to generate.")
 @click.option("--block-length", type=int, default=None, help="Diffusion: tokens per semi-autoregressive block.")
 @click.option("--diffusion-steps", type=int, default=None, help="Diffusion: denoising steps in total.")
-@click.option("--remasking", type=click.Choice(["low_confidence", "random", "margin", "entropy"]), default=None,
+@click.option("--remasking", type=click.Choice([r.value for r in Remasking]), default=None,
               help="Diffusion: which masked positions each step commits.")
 @click.option("--threshold", type=float, default=None,
               help="Diffusion: commit every position whose confidence exceeds this (parallel decoding).")
 @click.option("--entropy-bound", type=float, default=None,
               help="Diffusion: EB-sampler; commit the most confident positions while their entropy sum minus the "
                    "largest stays within this many nats.")
-@click.option("--cache", type=click.Choice(["none", "prefix", "dual"]), default=None,
+@click.option("--cache", type=click.Choice(CACHE_MODES), default=None,
               help="Diffusion: KV cache mode (prefix/dual: Fast-dLLM's approximate cache, refreshed per block).")
 @click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider (repeatable, in order).")
 @click.option("--threads", type=int, default=None)
@@ -133,16 +135,7 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, provid
         stream.close()
     click.echo()
     if stats:
-        s = stream.stats
-        if model.kind == "diffusion":
-            click.echo(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated in {s.blocks} blocks, "
-                       f"{s.forward_passes} forward passes ({s.tokens_per_forward:.2f} tokens/forward, "
-                       f"{s.positions_computed} positions computed), first block "
-                       f"{s.first_block_s * 1000:.0f} ms, total {s.latency_s * 1000:.0f} ms, "
-                       f"finish={s.finish_reason}]", err=True)
-        else:
-            click.echo(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, finish={s.finish_reason}, "
-                       f"TTFT {s.ttft_s * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tok/s]", err=True)
+        click.echo(stream.stats.line(), err=True)
 
 
 @main.command()
@@ -191,7 +184,7 @@ def quality_cmd(bundle: Path, reference: str, text_file: str | None, plot_path: 
 @main.command()
 def devices() -> None:
     """List the known device profiles."""
-    from edgekit.devices import list_profiles, load_profile
+    from edgekit.export.device import list_profiles, load_profile
 
     head = f"{'device':<28} {'memory':>7} {'budget':>7} {'cc':>4}  {'precisions':<18} {'context':>7}  providers"
     click.echo(head)
@@ -223,7 +216,7 @@ def describe(bundle: Path, m: Any) -> str:
     lines = [
         f"bundle       {bundle}  (format v{m.format_version}, files verified)",
         f"kind         {m.kind}    architecture {m.architecture} ({m.model_type})    precision {m.precision}",
-        *([f"quantization {m.extra['quantization']}"] if m.extra.get("quantization") else []),
+        *([f"quantization {m.quantization}"] if m.quantization else []),
         *([f"device       {m.extra['device']} (fits: {m.extra['fit']['total_mb']:.0f} of "
            f"{m.extra['fit']['budget_mb']:.0f} MB)"] if m.extra.get("fit") else []),
         f"context      {m.max_context} tokens    vocab {m.vocab_size}",
@@ -242,9 +235,11 @@ def describe(bundle: Path, m: Any) -> str:
     if m.parity:
         s = m.parity.get("summary", {})
         verdict = "PASSED" if m.parity.get("passed") else "FAILED"
-        lines.append(f"parity       {verdict}: max|Δ| {s.get('max_abs_diff', 0):.2e}, "
-                     f"top-1 {s.get('top1', 0):.1%}, greedy identical {s.get('greedy_identical', 0):.0%} "
-                     f"({m.parity.get('new_tokens')} tokens x {len(m.parity.get('prompts', []))} prompts)")
+        rows = m.parity.get("rows", [])
+        lines.append(f"parity       {verdict} ({m.parity.get('precision')} tolerance): max|Δ| "
+                     f"{s.get('max_abs_diff', 0):.2e}, top-1 {s.get('top1', 0):.1%}, tokens identical "
+                     f"{s.get('tokens_identical', 0):.0%} ({len({r['prompt'] for r in rows})} prompts x "
+                     f"{len({r['setting'] for r in rows})} settings)")
     else:
         lines.append("parity       not run")
     return "\n".join(lines)

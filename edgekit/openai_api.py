@@ -1,14 +1,14 @@
 """OpenAI wire format: validate chat/completions request bodies, build responses, stream chunks and error bodies.
 
 Accepted fields: model, messages | prompt, stream, stream_options.include_usage, max_tokens | max_completion_tokens,
-temperature, top_p, top_k, seed, stop, n (must be 1), repetition_penalty. Rejected with 400 (never silently
-ignored because they would change the answer): n > 1, logprobs, tools / tool_choice / functions, response_format
-other than text, non-zero presence/frequency penalties, and the diffusion fields (diffusion_steps, block_length,
-remasking, threshold, gen_length, cache,
-entropy_bound) on an AR bundle. Other fields (user, metadata, ...) are ignored.
-Unset sampling fields take the bundle's generation defaults (greedy for SmolLM2), not OpenAI's temperature 1.
-Diffusion bundles take gen_length (default: max_tokens), block_length, diffusion_steps, remasking, threshold,
-entropy_bound, cache, temperature, top_k, top_p and seed, and refuse stop and repetition_penalty.
+n (must be 1), and the generation fields in ``FIELDS`` that the served model takes (its ``option_names``: AR
+bundles take temperature, top_p, top_k, seed, stop, repetition_penalty; diffusion bundles temperature, top_p, top_k,
+seed, gen_length (default: max_tokens), block_length, diffusion_steps, remasking, threshold, entropy_bound, cache).
+A generation field the model does not take is refused with 400, never silently ignored, and so are n > 1, logprobs,
+tools / tool_choice / functions, response_format other than text and non-zero presence/frequency penalties. Other
+fields (user, metadata, ...) are ignored. Here only types and shapes are checked; the model's ``params`` checks
+ranges (one set of bounds), and its errors become 400s. Unset fields take the bundle's generation defaults (greedy
+for SmolLM2), not OpenAI's temperature 1.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Endpoint = Literal["chat", "completions"]
-DIFFUSION_FIELDS = ("diffusion_steps", "block_length", "remasking", "threshold", "gen_length", "cache", "entropy_bound")
+FieldType = Literal["number", "integer", "string"]
+# request field -> its type; the option of the same name goes to the model's params()
+FIELDS: dict[str, FieldType] = {
+    "temperature": "number", "top_p": "number", "top_k": "integer", "seed": "integer",
+    "repetition_penalty": "number", "gen_length": "integer", "block_length": "integer",
+    "diffusion_steps": "integer", "remasking": "string", "threshold": "number", "entropy_bound": "number",
+    "cache": "string",
+}
 
 
 class APIError(Exception):
@@ -50,25 +57,15 @@ def _bad(message: str, param: str | None = None, code: str | None = "invalid_val
     return APIError(400, message, param=param, code=code)
 
 
-def _number(body: dict[str, Any], key: str, lo: float, hi: float, lo_open: bool = False) -> float | None:
+def _typed(body: dict[str, Any], key: str, kind: FieldType) -> Any:
     v = body.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(f"'{key}' must be a number, got {v!r}.", key, "invalid_type")
-    if v < lo or v > hi or (lo_open and v == lo):
-        raise _bad(f"'{key}' must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {v!r}.", key)
-    return float(v)
-
-
-def _integer(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(f"'{key}' must be an integer, got {v!r}.", key, "invalid_type")
-    if not lo <= v <= hi:
-        raise _bad(f"'{key}' must be between {lo} and {hi}, got {v}.", key)
+    ok = {"number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          "integer": isinstance(v, int) and not isinstance(v, bool),
+          "string": isinstance(v, str)}[kind]
+    if not ok:
+        raise _bad(f"'{key}' must be a{'n' if kind == 'integer' else ''} {kind}, got {v!r}.", key, "invalid_type")
     return v
 
 
@@ -87,32 +84,16 @@ def _text_content(content: Any, i: int) -> str:
                f"messages[{i}].content", "invalid_type")
 
 
-def parse(body: Any, endpoint: Endpoint, served_model: str, kind: str, max_tokens_cap: int) -> GenerationRequest:
-    """Validate a request body; raise APIError(400) naming the field, the value and what is allowed."""
+def parse(body: Any, endpoint: Endpoint, served_model: str, option_names: frozenset[str], max_tokens_cap: int,
+          model_kind: str = "") -> GenerationRequest:
+    """Validate a request body's shape; raise APIError(400) naming the field, the value and what is allowed."""
     if not isinstance(body, dict):
         raise _bad(f"The request body must be a JSON object, got {type(body).__name__}.", None, "invalid_type")
     model = body.get("model", served_model)
     if model != served_model:
         raise APIError(400, f"The model '{model}' does not exist here. This server serves '{served_model}'.",
                        "model", "model_not_found")
-    if endpoint == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _bad("'messages' must be a non-empty list of {role, content}.", "messages", "invalid_type")
-        prompt: Any = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-                raise _bad(f"messages[{i}] needs a role of system, user, assistant or developer; got {m!r}.",
-                           f"messages[{i}].role")
-            role = "system" if m["role"] == "developer" else m["role"]
-            prompt.append({"role": role, "content": _text_content(m.get("content"), i)})
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise _bad("'prompt' must be a non-empty string (batches of prompts are not supported).", "prompt",
-                       "invalid_type")
+    prompt = _messages(body) if endpoint == "chat" else _prompt(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad(f"'stream' must be a boolean, got {stream!r}.", "stream", "invalid_type")
@@ -121,62 +102,62 @@ def parse(body: Any, endpoint: Endpoint, served_model: str, kind: str, max_token
         raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
     include_usage = bool(stream_options.get("include_usage", False))
 
-    if _integer(body, "n", 1, 1) not in (None, 1):
-        raise _bad("Only n=1 is supported.", "n")
+    n = _typed(body, "n", "integer")
+    if n not in (None, 1):
+        raise _bad(f"Only n=1 is supported, got {n}.", "n")
     for key in ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call"):
         if body.get(key) not in (None, False, [], "none"):
             raise _bad(f"'{key}' is not supported by this server.", key, "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt not in (None, {"type": "text"}):
+    if body.get("response_format") not in (None, {"type": "text"}):
         raise _bad("Only response_format {'type': 'text'} is supported.", "response_format", "unsupported_parameter")
     for key in ("presence_penalty", "frequency_penalty"):
-        if _number(body, key, -2, 2) not in (None, 0.0):
+        if _typed(body, key, "number") not in (None, 0, 0.0):
             raise _bad(f"'{key}' is not supported; use 'repetition_penalty' (1 = off).", key, "unsupported_parameter")
-    if kind == "ar":
-        for key in DIFFUSION_FIELDS:
-            if key in body:
-                raise _bad(f"'{key}' applies to diffusion bundles only; '{served_model}' is autoregressive.", key,
-                           "unsupported_parameter")
-    else:
-        for key in ("stop", "repetition_penalty"):
-            if body.get(key) is not None:
-                raise _bad(f"'{key}' is not supported for diffusion bundles.", key, "unsupported_parameter")
 
-    max_tokens = _integer(body, "max_completion_tokens", 1, 10**9)
+    options: dict[str, Any] = {key: _typed(body, key, kind) for key, kind in FIELDS.items()}
+    max_tokens = _typed(body, "max_completion_tokens", "integer")
     if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, 10**9)
+        max_tokens = _typed(body, "max_tokens", "integer")
     if max_tokens is not None and max_tokens > max_tokens_cap:
         raise _bad(f"'max_tokens' is {max_tokens}, above this server's cap of {max_tokens_cap}.", "max_tokens")
+    options["max_new_tokens"] = max_tokens
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4
                              or not all(isinstance(s, str) and s for s in stop)):
         raise _bad(f"'stop' must be a non-empty string or a list of up to 4 of them, got {stop!r}.", "stop")
-    options: dict[str, Any] = {
-        "max_new_tokens": max_tokens,
-        "temperature": _number(body, "temperature", 0, 2),
-        "top_p": _number(body, "top_p", 0, 1, lo_open=True),
-        "top_k": _integer(body, "top_k", 0, 10**6),
-        "seed": _integer(body, "seed", 0, 2**63 - 1),
-        "repetition_penalty": _number(body, "repetition_penalty", 0, 10, lo_open=True),
-        "stop": tuple(stop) if stop else None,
-    }
-    if kind != "ar":  # diffusion: max_tokens is the generated length; AR-only fields were refused above
-        options = {k: v for k, v in options.items() if k not in ("max_new_tokens", "repetition_penalty", "stop")}
-        remasking = body.get("remasking")
-        if remasking is not None and not isinstance(remasking, str):
-            raise _bad(f"'remasking' must be a string, got {remasking!r}.", "remasking", "invalid_type")
-        cache = body.get("cache")
-        if cache is not None and not isinstance(cache, str):
-            raise _bad(f"'cache' must be a string (none, prefix or dual), got {cache!r}.", "cache", "invalid_type")
-        options.update(gen_length=_integer(body, "gen_length", 1, 10**6) or max_tokens,
-                       block_length=_integer(body, "block_length", 1, 10**6),
-                       diffusion_steps=_integer(body, "diffusion_steps", 1, 10**6), remasking=remasking,
-                       threshold=_number(body, "threshold", 0, 1, lo_open=True), cache=cache,
-                       entropy_bound=_number(body, "entropy_bound", 0, 100))
-    return GenerationRequest(endpoint, served_model, prompt, stream, include_usage,
-                             {k: v for k, v in options.items() if v is not None})
+    options["stop"] = tuple(stop) if stop else None
+    options = {k: v for k, v in options.items() if v is not None}
+    for key in options:
+        if key not in option_names:
+            raise _bad(f"'{key}' is not supported by '{served_model}' (a {model_kind or 'model'} bundle takes: "
+                       f"{', '.join(sorted(option_names))}).", key, "unsupported_parameter")
+    return GenerationRequest(endpoint, served_model, prompt, stream, include_usage, options)
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list of {role, content}.", "messages", "invalid_type")
+    prompt = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
+            raise _bad(f"messages[{i}] needs a role of system, user, assistant or developer; got {m!r}.",
+                       f"messages[{i}].role")
+        role = "system" if m["role"] == "developer" else m["role"]
+        prompt.append({"role": role, "content": _text_content(m.get("content"), i)})
+    return prompt
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise _bad("'prompt' must be a non-empty string (batches of prompts are not supported).", "prompt",
+                   "invalid_type")
+    return prompt
 
 
 class ResponseBuilder:

@@ -3,7 +3,8 @@
 Endpoints: GET /health, GET /metrics (Prometheus), GET /v1/models, POST /v1/chat/completions, POST /v1/completions
 (SSE streaming with ``stream: true``), WS /v1/ws (send one request object with "type": "chat.completions" or
 "completions"; receive the same chunks as SSE, then "[DONE]"; send {"type": "stop"} to end early).
-The model loads in the background: /health answers 503 until it is ready.
+The model loads in the background: /health answers 503 until it is ready. The server never asks what kind of
+model it serves: requests go through the model's ``params`` and the engine's batch.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from edgekit.metrics import ServerMetrics
 from edgekit.openai_api import APIError, GenerationRequest, ResponseBuilder, parse
 from edgekit.runtimes import load
-from edgekit.runtimes.batching import BatchEngine, Event, QueueFullError, Request, SerialEngine
 from edgekit.runtimes.bundle import read_manifest
-from edgekit.runtimes.errors import ConfigError, EdgekitError
+from edgekit.runtimes.engine import Engine, Event, Request
+from edgekit.runtimes.errors import ConfigError, EdgekitError, QueueFullError
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class ServerState:
         self.name = cfg.model_name or cfg.bundle.resolve().name
         self.kind = read_manifest(cfg.bundle).kind  # fail fast on a path that is not a bundle
         self.model: Any = None
-        self.engine: BatchEngine | SerialEngine | None = None
+        self.engine: Engine | None = None
         self.error: str | None = None
         self.created = int(time.time())
         self.metrics = ServerMetrics(lambda: self.engine.running if self.engine else 0,
@@ -76,17 +77,19 @@ class ServerState:
     def load(self) -> None:
         try:
             model = load(self.cfg.bundle, providers=self.cfg.providers, threads=self.cfg.threads)
-            if model.kind == "ar":
-                self.engine = BatchEngine(model, self.cfg.max_batch, self.cfg.max_queue,
-                                          self.cfg.prefix_cache_entries).start()
-            else:  # diffusion: one request at a time, streamed block by block
-                self.engine = SerialEngine(model, self.cfg.max_queue).start()
-            self.model = model
+            self.model = model  # (before the engine: a request is admitted once the engine is there)
+            self.engine = Engine(model, self.cfg.max_batch, self.cfg.max_queue, self.cfg.prefix_cache_entries).start()
         except EdgekitError as e:
             self.error = str(e)
             print(f"error: {e}", file=sys.stderr, flush=True)
 
-    def require_ready(self) -> BatchEngine | SerialEngine:
+    def parse(self, body: Any, endpoint: Any) -> GenerationRequest:
+        """Validate a request body against what the loaded model takes."""
+        model = self.model
+        names = model.option_names if model is not None else frozenset()
+        return parse(body, endpoint, self.name, names, self.cfg.max_tokens_cap, self.kind)
+
+    def require_ready(self) -> Engine:
         if self.error:
             raise APIError(500, f"The model failed to load: {self.error}", code="model_load_failed",
                            type_="server_error")
@@ -137,11 +140,9 @@ class _Job:
         model = state.model
         try:
             ids = model.tokenizer.encode_prompt(greq.prompt)
-            make_params = model.sampling_params if model.kind == "ar" else model.params
-            params = make_params(len(ids), **greq.options)
-        except ConfigError as e:
-            code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
-            raise APIError(400, str(e), code=code) from None
+            params = model.params(len(ids), **greq.options)
+        except EdgekitError as e:
+            raise api_error(e) from None
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         def on_event(ev: Event) -> None:  # engine thread: metrics here, so ended-by-disconnect requests count too
@@ -155,8 +156,7 @@ class _Job:
             engine.submit(self.req)
         except QueueFullError as e:
             state.metrics.count(state.metrics.rejected, reason="queue_full")
-            raise APIError(429, str(e), code="rate_limit_exceeded", type_="rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
+            raise api_error(e) from None
 
     def cancel(self) -> None:
         if not self.finished and self.state.engine is not None:
@@ -201,6 +201,14 @@ class _Job:
         return ResponseBuilder.usage(len(self.req.prompt_ids), gen, st.reused_prompt_tokens if st else 0)
 
 
+def api_error(e: EdgekitError) -> APIError:
+    """The OpenAI-format answer to an edgekit error: status and code from its class."""
+    kinds = {400: "invalid_request_error", 429: "rate_limit_error"}
+    headers = {"Retry-After": "1"} if e.http_status == 429 else None
+    return APIError(e.http_status, str(e), code=e.code, type_=kinds.get(e.http_status, "server_error"),
+                    headers=headers)
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -240,32 +248,38 @@ async def _generate(request: HTTPRequest, endpoint: Any) -> Response:
     _check_auth(state, request.headers, request.query_params)
     state.require_ready()
     body = await _read_json(request, state.cfg.max_body_bytes)
-    greq = parse(body, endpoint, state.name, state.kind, state.cfg.max_tokens_cap)
+    greq = state.parse(body, endpoint)
     job = _Job(state, greq)
     builder = ResponseBuilder(greq)
     if greq.stream:
-        return StreamingResponse(_stream(job, greq, builder), media_type="text/event-stream",
+        return StreamingResponse(_sse_stream(job, greq, builder), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _collect(request, job, builder)
 
 
-async def _stream(job: _Job, greq: GenerationRequest, builder: ResponseBuilder) -> AsyncIterator[str]:
+async def _chunks(job: _Job, greq: GenerationRequest, builder: ResponseBuilder) -> AsyncIterator[dict[str, Any]]:
+    """The stream's chunk objects (SSE and WebSocket send the same ones), ending with a finish chunk or an error."""
     first = True
     async for ev in job.events():
         if ev.kind == "token":
             if ev.text or (first and greq.endpoint == "chat"):
-                yield _sse(builder.chunk(ev.text, first=first))
+                yield builder.chunk(ev.text, first=first)
                 first = False
         elif ev.kind == "done" and ev.finish_reason == "timeout":
-            yield _sse(APIError(408, f"The request exceeded the server's timeout of {job.state.cfg.request_timeout} "
-                                     "s.", code="request_timeout", type_="timeout_error").body())
+            yield APIError(408, f"The request exceeded the server's timeout of {job.state.cfg.request_timeout} s.",
+                           code="request_timeout", type_="timeout_error").body()
         elif ev.kind == "done":
-            yield _sse(builder.chunk(finish_reason=ev.finish_reason or "stop", first=first))
+            yield builder.chunk(finish_reason=ev.finish_reason or "stop", first=first)
             if greq.include_usage:
-                yield _sse(builder.usage_chunk(job.usage(ev)))
+                yield builder.usage_chunk(job.usage(ev))
         else:
-            yield _sse(APIError(500, f"Generation failed: {ev.error}", code="generation_failed",
-                                type_="server_error").body())
+            yield APIError(500, f"Generation failed: {ev.error}", code="generation_failed",
+                           type_="server_error").body()
+
+
+async def _sse_stream(job: _Job, greq: GenerationRequest, builder: ResponseBuilder) -> AsyncIterator[str]:
+    async for obj in _chunks(job, greq, builder):
+        yield _sse(obj)
     yield "data: [DONE]\n\n"
 
 
@@ -312,8 +326,7 @@ async def websocket(ws: WebSocket) -> None:
         if kind not in ("chat.completions", "completions"):
             raise APIError(400, f"'type' must be 'chat.completions' or 'completions', got {kind!r}.", "type")
         state.require_ready()
-        greq = parse({**msg, "stream": True}, "chat" if kind == "chat.completions" else "completions", state.name,
-                     state.kind, state.cfg.max_tokens_cap)
+        greq = state.parse({**msg, "stream": True}, "chat" if kind == "chat.completions" else "completions")
         job = _Job(state, greq)
     except APIError as e:
         await ws.send_json(e.body())
@@ -339,15 +352,11 @@ async def websocket(ws: WebSocket) -> None:
     listener = asyncio.ensure_future(listen())
     builder = ResponseBuilder(greq)
     try:
-        async for chunk in _stream(job, greq, builder):
-            payload = chunk[len("data: "):].strip()
-            if payload == "[DONE]":
-                await ws.send_text("[DONE]")
-            else:
-                obj = json.loads(payload)
-                if stopped_by_client and obj.get("choices") and obj["choices"][0].get("finish_reason") == "cancelled":
-                    obj["choices"][0]["finish_reason"] = "stop"
-                await ws.send_json(obj)
+        async for obj in _chunks(job, greq, builder):
+            if stopped_by_client and obj.get("choices") and obj["choices"][0].get("finish_reason") == "cancelled":
+                obj["choices"][0]["finish_reason"] = "stop"
+            await ws.send_json(obj)
+        await ws.send_text("[DONE]")
         await ws.close()
     except (WebSocketDisconnect, RuntimeError):
         job.cancel()

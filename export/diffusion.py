@@ -1,22 +1,24 @@
-"""Diffusion LMs on the export side: the denoiser graph (torch.onnx) and a PyTorch reference of the sampler.
+"""Diffusion LMs on the export side: the denoiser graphs (torch.onnx) of a masked LM and their bundle entries.
 
-The reference re-implements runtimes/denoiser.py's algorithm with torch ops on the full PyTorch model, drawing
-random numbers from the same numpy Generator in the same order, so a bundle can be checked step by step.
+The cached graphs (prefix/dual modes) and prompt-isolated models run attention through edgekit's own function,
+registered in transformers' AttentionInterface with an explicit per-model context (``KVAttention``). Parity runs the
+runtime's one sampler over the PyTorch model's logits (``reference_logits``), not a copy of the sampler.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 
-from edgekit.runtimes.denoiser import DiffusionParams, Remasking
-from edgekit.runtimes.errors import ExportError
+from edgekit.runtimes.errors import ExportError, UnsupportedModelError
 
 DEFAULTS = {"gen_length": 64, "block_length": 32, "diffusion_steps": 64, "remasking": "low_confidence",
             "threshold": None}
@@ -68,25 +70,25 @@ class _KVContext:
         self.prompt_len: Any = None  # prompt-isolated models: prompt positions do not attend to the answer
 
 
-_CTX = _KVContext()
-ATTN_NAME = "edgekit_kv"
+_NAMES = itertools.count()
 
 
-def _kv_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None,
-                  dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
-    """An attention function for transformers' AttentionInterface (query/key/value [B, H, S, D], after rotary).
-    Bidirectional, with the module's sliding window if it has one; the HF mask is not used (batch 1, no padding)."""
+def _kv_attention(ctx: _KVContext, module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                  scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Any, None]:
+    """An attention function for transformers' AttentionInterface (query/key/value [B, H, S, D], after rotary),
+    bound to one model's context. Bidirectional, with the module's sliding window if it has one; the HF mask is not
+    used (batch 1, no padding)."""
     import torch
 
     s = query.shape[2]
-    if _CTX.mode == "block":
-        pk, pv = _CTX.past[2 * _CTX.layer], _CTX.past[2 * _CTX.layer + 1]
-        _CTX.layer += 1
+    if ctx.mode == "block":
+        pk, pv = ctx.past[2 * ctx.layer], ctx.past[2 * ctx.layer + 1]
+        ctx.layer += 1
         key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
-        q_pos, k_pos = _CTX.q_pos, _CTX.k_pos
+        q_pos, k_pos = ctx.q_pos, ctx.k_pos
     else:  # "encode" records the keys/values; "full" (training, reference) does not
-        if _CTX.mode == "encode":
-            _CTX.kv.append((key, value))
+        if ctx.mode == "encode":
+            ctx.kv.append((key, value))
         q_pos = k_pos = torch.arange(s)
     if key.shape[1] != query.shape[1]:  # grouped-query attention
         rep = query.shape[1] // key.shape[1]
@@ -97,35 +99,71 @@ def _kv_attention(module: Any, query: Any, key: Any, value: Any, attention_mask:
     if window:  # transformers passes flash-attention's inclusive size: |q - k| <= window - 1
         far = (q_pos[:, None] - k_pos[None, :]).abs() > window - 1
         scores = scores.masked_fill(far[None, None], torch.finfo(scores.dtype).min)
-    if _CTX.prompt_len is not None and _CTX.mode != "block":  # (block queries are answer positions: no limit)
-        hidden = (q_pos[:, None] < _CTX.prompt_len) & (k_pos[None, :] >= _CTX.prompt_len)
+    if ctx.prompt_len is not None and ctx.mode != "block":  # (block queries are answer positions: no limit)
+        hidden = (q_pos[:, None] < ctx.prompt_len) & (k_pos[None, :] >= ctx.prompt_len)
         scores = scores.masked_fill(hidden[None, None], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
-def _use_kv_attention(model: Any) -> Any:
-    """A copy of the model whose attention goes through _kv_attention (needs transformers' AttentionInterface)."""
+def _register(ctx: _KVContext) -> str:
+    """Register the attention function bound to ``ctx`` under a name of its own; return the name."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_NAME, _kv_attention)
-    m = copy.deepcopy(model).eval()
-    m.config._attn_implementation = ATTN_NAME
-    for sub in m.modules():
-        cfg = getattr(sub, "config", None)
-        if cfg is not None and cfg is not m.config and hasattr(cfg, "_attn_implementation"):
-            cfg._attn_implementation = ATTN_NAME
-    return m
+    name = f"edgekit_kv_{next(_NAMES)}"
+    AttentionInterface.register(name, functools.partial(_kv_attention, ctx))
+    return name
 
 
-_KV_COPIES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+class KVAttention:
+    """A copy of a masked LM whose attention runs through edgekit's function with its own context: ``encode``
+    records every layer's keys/values, ``block`` runs tokens against cached ones (needs AttentionInterface)."""
+
+    def __init__(self, model: Any) -> None:
+        self.ctx = _KVContext()
+        self.model = copy.deepcopy(model).eval()
+        self.model.set_attn_implementation(_register(self.ctx))
+
+    def encode(self, ids: Any, prompt_len: Any = None, record: bool = True) -> tuple[Any, list[Any]]:
+        ctx = self.ctx
+        ctx.mode, ctx.kv, ctx.prompt_len = ("encode" if record else "full"), [], prompt_len
+        try:
+            logits = self.model(input_ids=ids, attention_mask=None).logits
+            kv = [t for pair in ctx.kv for t in pair]
+        finally:
+            ctx.mode, ctx.kv, ctx.prompt_len = None, [], None
+        return logits, kv
+
+    def block(self, ids: Any, position_ids: Any, past_positions: Any, past: Sequence[Any]) -> Any:
+        import torch
+
+        ctx = self.ctx
+        ctx.mode, ctx.past, ctx.layer = "block", past, 0
+        ctx.q_pos = position_ids[0]
+        ctx.k_pos = torch.cat([past_positions, position_ids[0]])
+        try:
+            return self.model(input_ids=ids, position_ids=position_ids, attention_mask=None).logits
+        finally:
+            ctx.mode, ctx.past, ctx.q_pos, ctx.k_pos = None, (), None, None
 
 
-def _kv_copy(model: Any) -> Any:
-    """_use_kv_attention(model), made once per model (parity calls the reference sampler many times)."""
-    if model not in _KV_COPIES:
-        _KV_COPIES[model] = _use_kv_attention(model)
-    return _KV_COPIES[model]
+_KV_COPIES: weakref.WeakKeyDictionary[Any, KVAttention] = weakref.WeakKeyDictionary()
+
+
+def reference_logits(model: Any, tokens: np.ndarray, prompt_len: int) -> np.ndarray:
+    """The PyTorch model's logits [S, V] for a whole sequence, under the attention rule the bundle runs
+    (prompt-isolated models through edgekit's attention function, made once per model)."""
+    import torch
+
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
+    with torch.no_grad():
+        if prompt_isolated(model):
+            if model not in _KV_COPIES:
+                _KV_COPIES[model] = KVAttention(model)
+            logits = _KV_COPIES[model].encode(ids, torch.tensor(prompt_len), record=False)[0]
+        else:
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    return logits[0].float().numpy()
 
 
 @dataclass
@@ -151,47 +189,22 @@ def prompt_isolated(model: Any) -> bool:
     return bool(getattr(model.config, "attention_prompt_isolated", False))
 
 
-def _encode_torch(m: Any, ids: Any, prompt_len: Any = None, record: bool = True) -> tuple[Any, list[Any]]:
-    _CTX.mode, _CTX.kv, _CTX.prompt_len = ("encode" if record else "full"), [], prompt_len
-    try:
-        logits = m(input_ids=ids, attention_mask=None).logits
-        kv = [t for pair in _CTX.kv for t in pair]
-    finally:
-        _CTX.mode, _CTX.kv, _CTX.prompt_len = None, [], None
-    return logits, kv
-
-
 class PromptIsolation:
     """Train or run a masked LM with prompt-isolated attention through edgekit's attention function: inside the
-    ``with`` block, ``model`` (its config switched to the function) hides the answer from prompt positions."""
+    ``with`` block, ``model`` hides the answer from prompt positions."""
 
     def __init__(self, model: Any, prompt_len: int) -> None:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(ATTN_NAME, _kv_attention)
-        self.model, self.prompt_len = model, prompt_len
+        self.model, self.ctx = model, _KVContext()
+        self.ctx.mode, self.ctx.prompt_len = "full", prompt_len
+        self._name = _register(self.ctx)
 
     def __enter__(self) -> Any:
         self._saved = self.model.config._attn_implementation
-        self.model.config._attn_implementation = ATTN_NAME
-        _CTX.mode, _CTX.prompt_len = "full", self.prompt_len
+        self.model.set_attn_implementation(self._name)
         return self.model
 
     def __exit__(self, *exc: Any) -> None:
-        self.model.config._attn_implementation = self._saved
-        _CTX.mode, _CTX.prompt_len = None, None
-
-
-def _block_torch(m: Any, ids: Any, position_ids: Any, past_positions: Any, past: Sequence[Any]) -> Any:
-    import torch
-
-    _CTX.mode, _CTX.past, _CTX.layer = "block", past, 0
-    _CTX.q_pos = position_ids[0]
-    _CTX.k_pos = torch.cat([past_positions, position_ids[0]])
-    try:
-        return m(input_ids=ids, position_ids=position_ids, attention_mask=None).logits
-    finally:
-        _CTX.mode, _CTX.past, _CTX.q_pos, _CTX.k_pos = None, (), None, None
+        self.model.set_attn_implementation(self._saved)
 
 
 def build_cached_denoisers(model: Any) -> CacheGraphs:
@@ -201,9 +214,7 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
     or when its block forward with a fresh cache does not reproduce the full forward (checked in PyTorch first)."""
     import torch
 
-    from edgekit.runtimes.errors import UnsupportedModelError
-
-    m = _use_kv_attention(model)
+    kva = KVAttention(model)
     offset = _position_offset(model)
     n = 24
     vocab = int(model.config.vocab_size)
@@ -211,7 +222,7 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
     isolated = prompt_isolated(model)
     lo, hi = 10, 18  # dual-cache layout: prefix [0, lo), block [lo, hi), suffix [hi, n); the prompt is [0, lo)
     with torch.no_grad():
-        full, kv = _encode_torch(m, ids, torch.tensor(lo) if isolated else None)
+        full, kv = kva.encode(ids, torch.tensor(lo) if isolated else None)
         layers = len(kv) // 2
         if layers == 0:
             raise UnsupportedModelError(
@@ -221,7 +232,7 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
         keep = torch.cat([torch.arange(lo), torch.arange(hi, n)])
         past = [t[:, :, keep] for t in kv]
         pos = torch.arange(lo, hi)[None] + offset
-        got = _block_torch(m, ids[:, lo:hi], pos, keep + offset, past)
+        got = kva.block(ids[:, lo:hi], pos, keep + offset, past)
     diff = max(float((full - ref).abs().max()), float((got - ref[:, lo:hi]).abs().max()))
     if not diff <= 1e-3:
         raise UnsupportedModelError(
@@ -229,26 +240,26 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
             "(attention or position handling edgekit does not model). HINT: use cache mode 'none'.")
 
     class Encode(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
+        def __init__(self) -> None:
             super().__init__()
-            self.inner = inner
+            self.inner = kva.model  # (a submodule, so the exporter sees its weights)
 
         def forward(self, input_ids: Any) -> Any:
-            logits, kv = _encode_torch(self.inner, input_ids)
+            logits, kv = kva.encode(input_ids)
             return (logits, *kv)
 
     class EncodeIsolated(Encode):
         def forward(self, input_ids: Any, prompt_length: Any) -> Any:  # type: ignore[override]
-            logits, kv = _encode_torch(self.inner, input_ids, prompt_length[0])
+            logits, kv = kva.encode(input_ids, prompt_length[0])
             return (logits, *kv)
 
     class Block(torch.nn.Module):
-        def __init__(self, inner: Any) -> None:
+        def __init__(self) -> None:
             super().__init__()
-            self.inner = inner
+            self.inner = kva.model
 
         def forward(self, input_ids: Any, position_ids: Any, past_positions: Any, *past: Any) -> Any:
-            return _block_torch(self.inner, input_ids, position_ids, past_positions, past)
+            return kva.block(input_ids, position_ids, past_positions, past)
 
     limit = int(getattr(model.config, "max_position_embeddings", 512))
     kv_names = [f"{w}_{kind}_{i}" for i in range(layers) for kind in ("key", "value") for w in ("present",)]
@@ -259,15 +270,15 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
     torch._dynamo.reset()
     try:
         if isolated:
-            enc = torch.onnx.export(EncodeIsolated(m), (ids, torch.tensor([lo])),
+            enc = torch.onnx.export(EncodeIsolated(), (ids, torch.tensor([lo])),
                                     input_names=["input_ids", "prompt_length"], output_names=["logits", *kv_names],
                                     dynamic_shapes=({1: seq}, None), dynamo=True, verbose=False).model_proto
         else:
-            enc = torch.onnx.export(Encode(m), (ids,), input_names=["input_ids"], output_names=["logits", *kv_names],
+            enc = torch.onnx.export(Encode(), (ids,), input_names=["input_ids"], output_names=["logits", *kv_names],
                                     dynamic_shapes=({1: seq},), dynamo=True, verbose=False).model_proto
         torch._dynamo.reset()
         blk = torch.onnx.export(
-            Block(m), (ids[:, lo:hi], pos, keep + offset, *past),
+            Block(), (ids[:, lo:hi], pos, keep + offset, *past),
             input_names=["input_ids", "position_ids", "past_positions", *past_names], output_names=["logits"],
             dynamic_shapes=({1: tok}, {1: tok}, {0: cached}, tuple({2: cached} for _ in past)),
             dynamo=True, verbose=False).model_proto
@@ -275,84 +286,61 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
         raise ExportError(f"torch.onnx could not export the cached graphs of {type(model).__name__}: "
                           f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
     finally:
-        _CTX.mode = None
+        kva.ctx.mode = None
     return CacheGraphs(enc, blk, layers, offset, diff)
 
 
-def _schedule(masked: int, steps: int) -> list[int]:
-    base, rem = divmod(masked, steps)
-    return [base + (1 if i < rem else 0) for i in range(steps)]
+STAGES = 2  # progress stages of ``build``
 
 
-def reference_generate(model: Any, prompt_ids: Sequence[int], params: DiffusionParams, mask_id: int,
-                       stop_ids: set[int], on_step: Callable[[int, np.ndarray], None] | None = None) -> list[int]:
-    """The sampler in torch on the PyTorch model, no cache: the generated ids (cut before a stop token)."""
-    import torch
+def build(plan: Any, ref: Any, model: Any, tokenizer: Any, stage: Any, progress: Any) -> Any:
+    """A masked LM as a diffusion bundle: the whole-sequence denoiser graph and, when the model's attention allows,
+    the encode/block graphs of the cached modes; written into ``stage``. Returns its manifest entries."""
+    from edgekit.export import onnx_graph
+    from edgekit.export.manifest import Built
+    from edgekit.runtimes.bundle import GraphSpec
+    from edgekit.runtimes.unmasking import CACHE_MODES, Remasking
 
-    rng = np.random.default_rng(params.seed)
-    p0 = len(prompt_ids)
-    x = torch.tensor(list(prompt_ids) + [mask_id] * params.gen_length)
-    isolated = _kv_copy(model) if prompt_isolated(model) else None  # runs the model's attention rule
-    out: list[int] = []
-    n_step = 0
-    for b in range(params.gen_length // params.block_length):
-        lo, hi = p0 + b * params.block_length, p0 + (b + 1) * params.block_length
-        schedule = _schedule(params.block_length, params.steps_per_block)
-        step = 0
-        while bool((x[lo:hi] == mask_id).any()):
-            with torch.no_grad():
-                if isolated is not None:
-                    logits = _encode_torch(isolated, x[None], torch.tensor(p0), record=False)[0][0].double()
-                else:
-                    logits = model(input_ids=x[None], attention_mask=torch.ones_like(x)[None]).logits[0].double()
-            if on_step is not None:
-                on_step(n_step, logits[lo:hi].float().numpy())
-            n_step += 1
-            pos = lo + torch.nonzero(x[lo:hi] == mask_id).flatten()
-            lg = logits[pos]
-            filt = lg.clone()
-            if params.top_k and params.top_k < filt.shape[-1]:
-                kth = torch.topk(filt, params.top_k, dim=-1).values[:, -1:]
-                filt = torch.where(filt < kth, torch.tensor(-torch.inf, dtype=filt.dtype), filt)
-            if params.top_p < 1.0:
-                sp, si = torch.sort(torch.softmax(filt, -1), dim=-1, descending=True)
-                drop_sorted = torch.cumsum(sp, -1) - sp >= params.top_p
-                drop = torch.zeros_like(drop_sorted).scatter(-1, si, drop_sorted)
-                filt = filt.masked_fill(drop, -torch.inf)
-            if params.temperature > 0:
-                u = torch.from_numpy(rng.random(tuple(filt.shape)))
-                x0 = torch.argmax(filt / params.temperature - torch.log(-torch.log(u)), dim=-1)
-            else:
-                x0 = torch.argmax(filt, dim=-1)
-            p = torch.softmax(lg, -1)
-            p_x0 = p.gather(-1, x0[:, None])[:, 0]
-            rule = Remasking(params.remasking)
-            if rule is Remasking.LOW_CONFIDENCE:
-                conf = p_x0
-            elif rule is Remasking.RANDOM:
-                conf = torch.from_numpy(rng.random(len(pos)))
-            elif rule is Remasking.MARGIN:
-                top2 = torch.topk(p, 2, dim=-1).values
-                conf = top2[:, 0] - top2[:, 1]
-            else:
-                conf = (p * torch.log(p + 1e-30)).sum(-1)
-            order = torch.argsort(-conf, stable=True)
-            if params.threshold is not None:
-                chosen = torch.nonzero(p_x0 > params.threshold).flatten()
-                if len(chosen) == 0:
-                    chosen = order[:1]
-            elif params.entropy_bound is not None:
-                h = -(p * torch.log(p + 1e-30)).sum(-1)[order]
-                fits = torch.cumsum(h, 0) - torch.cummax(h, 0).values <= params.entropy_bound
-                chosen = order[: max(int(fits.sum()), 1)]
-            else:
-                k = schedule[step] if step < len(schedule) else len(pos)
-                chosen = order[: max(k, 1)]
-            x[pos[chosen]] = x0[chosen]
-            step += 1
-        block = [int(t) for t in x[lo:hi]]
-        stop_at = next((i for i, t in enumerate(block) if t in stop_ids), None)
-        out.extend(block if stop_at is None else block[:stop_at])
-        if stop_at is not None:
-            break
-    return out
+    mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else getattr(
+        model.config, "mask_token_id", None)
+    if mask_id is None:
+        raise UnsupportedModelError(
+            f"'{ref.spec}' has no mask token in its tokenizer; a diffusion LM needs one to mark the positions it "
+            "generates. HINT: set tokenizer.mask_token and re-save the folder.")
+    isolated = prompt_isolated(model)
+    graphs = {"denoiser": GraphSpec("model.onnx", ("input_ids", "attention_mask"), ("logits",))}
+    with progress.stage(f"Building the ONNX denoiser graph ({plan.spec.architecture}, torch.onnx)"):
+        if not isolated:  # (a prompt-isolated model's whole-sequence graph is the encode graph below)
+            onnx_graph.save_model(build_denoiser(model), stage / "model.onnx")
+    cache_info: dict[str, Any] = {}
+    with progress.stage("Building the cached graphs (prefix / dual cache: encode + block)"):
+        try:
+            cached: CacheGraphs | None = build_cached_denoisers(model)
+        except UnsupportedModelError as e:
+            if isolated:
+                raise UnsupportedModelError(f"'{ref.spec}' declares prompt-isolated attention "
+                                            f"(attention_prompt_isolated), which edgekit runs through its own "
+                                            f"attention function, but: {e}") from None
+            cached, cache_info = None, {"unavailable": str(e)}
+            progress.note(f"no cache modes: {e}")
+    if cached is not None:
+        onnx_graph.save_model(cached.encode, stage / "encode.onnx")
+        onnx_graph.save_model(cached.block, stage / "block.onnx")
+        kv = tuple(f"{k}_{i}" for i in range(cached.layers) for k in ("key", "value"))
+        enc_inputs = ("input_ids", "prompt_length") if isolated else ("input_ids",)
+        graphs["denoise_encode"] = GraphSpec("encode.onnx", enc_inputs, ("logits", *(f"present_{n}" for n in kv)))
+        if isolated:
+            graphs["denoiser"] = graphs["denoise_encode"]
+        graphs["denoise_block"] = GraphSpec(
+            "block.onnx", ("input_ids", "position_ids", "past_positions", *(f"past_{n}" for n in kv)), ("logits",))
+        cache_info = {"layers": cached.layers, "position_offset": cached.position_offset,
+                      "torch_block_vs_full_max_abs_diff": cached.max_abs_diff}
+    gen = dict(DEFAULTS)
+    gen["gen_length"] = min(gen["gen_length"], plan.max_context // 2)
+    gen["block_length"] = min(gen["block_length"], gen["gen_length"])
+    gen["diffusion_steps"] = gen["gen_length"]
+    return Built(graphs=graphs, generation=gen, add_special_tokens=False, mask_id=int(mask_id),
+                 extra={"diffusion": {"cache_modes": list(CACHE_MODES) if cached is not None else ["none"],
+                                      "cache": cache_info,
+                                      "attention": "prompt_isolated" if isolated else "bidirectional",
+                                      "remasking": [r.value for r in Remasking]}})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from edgekit.devices import DeviceProfile
+from edgekit.export.device import DeviceProfile
 from edgekit.runtimes.errors import ConfigError
 
 

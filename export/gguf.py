@@ -164,3 +164,34 @@ def verify_against(weights: GGUFWeights, reference: list[dict[str, np.ndarray]],
                     f"(max |Δ| {diff:.3g} > {tol:g}); refusing a lossy bundle. HINT: use --algo rtn or --algo hqq."
                 )
     return worst
+
+
+FAMILIES = ("llama", "mistral")  # GGUF layouts whose q/k row permutation ``read`` undoes
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What a GGUF file holds, read from its tensor table without loading the weights."""
+
+    linear_types: frozenset[str]  # ggml types of the layers' 2-D weights
+    embed_type: str | None
+    output_type: str | None  # None: tied to the embedding
+
+    def carries(self, bits: int) -> bool:
+        """Whether every layer weight can be carried over exactly at ``bits`` (Q8_0 layers fit int4 bundles too)."""
+        wanted = {t for t, b in SUPPORTED.items() if b == bits} | {"Q8_0"}
+        return bool(self.linear_types) and self.linear_types <= wanted
+
+    @property
+    def head_is_q8(self) -> bool:
+        """The embedding (and output layer, when it has its own) are Q8_0 blocks edgekit can carry."""
+        return self.embed_type == "Q8_0" and (self.output_type or "Q8_0") == "Q8_0"
+
+
+def inspect(path: Path) -> Inspection:
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(str(path)).tensors
+    types = {t.name: t.tensor_type.name for t in tensors}
+    linear = frozenset(t.tensor_type.name for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2)
+    return Inspection(linear, types.get("token_embd.weight"), types.get("output.weight"))

@@ -60,10 +60,6 @@ class BuildOptions:
     lm_head_quant: BlockQuantLinear | None = None
     accuracy_level: int = 0
     lm_head_accuracy_level: int | None = None  # None: accuracy_level
-    # Q4_1 (w = d*q + m) as MatMulNBits: "matmul" adds block_sums(x) @ offsets after each one (3-4 small ops per
-    # linear); "concat" runs one MatMulNBits over [x, x] whose second half has constant codes and the offsets as
-    # scales (one Concat per input, twice the 4-bit weight bytes)
-    q4_1: str = "matmul"
 
 
 @dataclass(frozen=True)
@@ -91,7 +87,7 @@ def output_names(n_layers: int) -> tuple[str, ...]:
 class _Graph:
     """A tiny node/initializer accumulator with unique names."""
 
-    def __init__(self, accuracy_level: int = 0, dtype: str = "float32", q4_1: str = "matmul") -> None:
+    def __init__(self, accuracy_level: int = 0, dtype: str = "float32") -> None:
         self.float_dtype = np.dtype(dtype)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
@@ -99,8 +95,6 @@ class _Graph:
         self.accuracy_level = accuracy_level
         self._names: set[str] = set()
         self._block_sums: dict[str, str] = {}  # input name -> its per-32-block sums, shared by the matmuls reading it
-        self._doubled: dict[str, str] = {}  # input name -> Concat([x, x]), shared likewise
-        self.q4_1 = q4_1
 
     def linear(self, x: str, w: np.ndarray | BlockQuantLinear, name: str, bias: np.ndarray | None = None,
                accuracy_level: int | None = None) -> str:
@@ -108,18 +102,6 @@ class _Graph:
         level = self.accuracy_level if accuracy_level is None else accuracy_level
         if isinstance(w, np.ndarray):
             y = self.op("MatMul", [x, self.init(f"{name}.weight", w.T.astype(np.float32))], name=name)
-        elif w.offsets is not None and w.bits == 4 and self.q4_1 == "concat":
-            n, k = w.shape
-            # second half: code 9 with the implicit zero point 8 -> 1 per element, scaled by the block's offset
-            ones = np.full((n, k // BLOCK, BLOCK // 2), 0x99, np.uint8)
-            packed = np.concatenate([w.packed, ones], axis=1)
-            scales = np.concatenate([w.scales, w.offsets], axis=1).astype(np.float32)
-            if x not in self._doubled:
-                self._doubled[x] = self.op("Concat", [x, x], axis=-1)
-            inputs = [self._doubled[x], self.init(f"{name}.qweight", packed), self.init(f"{name}.scales",
-                                                                                       scales.reshape(-1))]
-            y = self.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=2 * k, N=n, bits=4,
-                        block_size=BLOCK, accuracy_level=level)
         else:
             n, k = w.shape
             inputs = [x, self.init(f"{name}.qweight", w.packed), self.init(f"{name}.scales", w.scales.reshape(-1))]
@@ -172,7 +154,7 @@ def build_decoder(
 ) -> onnx.ModelProto:
     """Return the decoder ModelProto (weights inline; save with ``save_model`` to split them out)."""
     opt = options or BuildOptions()
-    g = _Graph(opt.accuracy_level, opt.dtype, opt.q4_1)
+    g = _Graph(opt.accuracy_level, opt.dtype)
     n, H, hd = dims.num_layers, dims.hidden, dims.head_dim
     f32 = TensorProto.FLOAT
     fkv = TensorProto.FLOAT16 if opt.dtype == "float16" else TensorProto.FLOAT

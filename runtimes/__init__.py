@@ -7,29 +7,45 @@
 """
 
 from edgekit.runtimes.bundle import FORMAT_VERSION, Manifest, read_manifest
-from edgekit.runtimes.decoder import ARModel, GenerationStats, TextStream
+from edgekit.runtimes.decoder import ARModel
+from edgekit.runtimes.denoiser import DiffusionModel
+from edgekit.runtimes.engine import Engine, Event, Request
 from edgekit.runtimes.errors import (
     BundleError,
     ConfigError,
     ContextLengthError,
     EdgekitError,
+    QueueFullError,
 )
 from edgekit.runtimes.kv_cache import KVCache
 from edgekit.runtimes.loader import load
+from edgekit.runtimes.model import Batch, FinishReason, Model, Stats, TextStream
 from edgekit.runtimes.sampling import SamplingParams
+from edgekit.runtimes.sequence import Sequence
 from edgekit.runtimes.tokenizer import StreamingDetokenizer, Tokenizer
+from edgekit.runtimes.unmasking import DiffusionParams
 
 __all__ = [
     "ARModel",
+    "Batch",
     "BundleError",
     "ConfigError",
     "ContextLengthError",
+    "DiffusionModel",
+    "DiffusionParams",
     "EdgekitError",
+    "Engine",
+    "Event",
     "FORMAT_VERSION",
-    "GenerationStats",
+    "FinishReason",
     "KVCache",
     "Manifest",
+    "Model",
+    "QueueFullError",
+    "Request",
     "SamplingParams",
+    "Sequence",
+    "Stats",
     "StreamingDetokenizer",
     "TextStream",
     "Tokenizer",

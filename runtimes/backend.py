@@ -1,27 +1,21 @@
-"""onnxruntime sessions: execution-provider choice, threads, and a clear error for a corrupt graph."""
+"""onnxruntime sessions: execution providers from the bundle (or the caller), threads, and graph I/O checks."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 
+from edgekit.runtimes.bundle import GraphSpec, RuntimeSpec
 from edgekit.runtimes.errors import BundleError, ConfigError, did_you_mean
-
-# Preferred order when the caller does not choose: the first one onnxruntime offers wins.
-PROVIDER_PREFERENCE: tuple[str, ...] = (
-    "TensorrtExecutionProvider",
-    "CUDAExecutionProvider",
-    "CoreMLExecutionProvider",
-    "CPUExecutionProvider",
-)
 
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """How sessions are created. ``providers=None`` picks from PROVIDER_PREFERENCE; ``threads=None`` lets ORT decide."""
+    """How sessions are created. ``providers=None``: the bundle's recorded order; ``threads=None``: ORT decides."""
 
     providers: tuple[str, ...] | None = None
     threads: int | None = None
@@ -31,24 +25,34 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def choose_providers(requested: Sequence[str] | None) -> list[str]:
+def choose_providers(requested: Sequence[str] | None, recorded: Sequence[str] = ("CPUExecutionProvider",)) -> list[str]:
+    """The caller's providers (each must exist), else the bundle's recorded preference filtered by what this
+    onnxruntime build has (with a warning when the first choice is missing), else CPU."""
     available = available_providers()
     if requested:
         unknown = [p for p in requested if p not in available]
         if unknown:
             raise ConfigError(
                 f"Execution provider {unknown[0]!r} is not available in this onnxruntime build. "
-                f"Available: {', '.join(available)}.{did_you_mean(unknown[0], available)}"
-            )
+                f"Available: {', '.join(available)}.{did_you_mean(unknown[0], available)}")
         return list(requested)
-    # TensorRT needs engines built for the device; it is only used when asked for by name.
-    return [p for p in PROVIDER_PREFERENCE if p in available and p != "TensorrtExecutionProvider"] or available
+    usable = [p for p in recorded if p in available] or ["CPUExecutionProvider"]
+    if recorded and recorded[0] not in available:
+        print(f"warning: the bundle prefers {recorded[0]}, which this onnxruntime build lacks; running on "
+              f"{usable[0]}. HINT: install the onnxruntime build for this device, or pass --provider.",
+              file=sys.stderr)
+    return usable
 
 
-def create_session(path: Path, options: BackendOptions,
-                   disabled_optimizers: Sequence[str] = ()) -> ort.InferenceSession:
-    """An onnxruntime session for one graph of a bundle. ``disabled_optimizers``: onnxruntime graph transformers the
-    bundle's manifest asks to skip (``extra.runtime.disabled_optimizers``), e.g. one that mishandles a QDQ graph."""
+def create_session(bundle_dir: Path, graph: GraphSpec, options: BackendOptions, runtime: RuntimeSpec,
+                   inputs: Sequence[str] = (), outputs: Sequence[str] = ()) -> ort.InferenceSession:
+    """A session for one graph of a bundle. ``inputs``/``outputs``: names the caller will feed and fetch; they must
+    be in the manifest's graph spec, and the spec must be what the graph really has."""
+    missing = [n for n in inputs if n not in graph.inputs] + [n for n in outputs if n not in graph.outputs]
+    if missing:
+        raise BundleError(f"The manifest's graph '{graph.file}' lacks the I/O name(s) {', '.join(missing[:4])} this "
+                          "runtime needs. HINT: re-export the bundle with this edgekit version.")
+    path = bundle_dir / graph.file
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if options.threads is not None:
@@ -57,13 +61,17 @@ def create_session(path: Path, options: BackendOptions,
         so.intra_op_num_threads = options.threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    providers = choose_providers(options.providers, runtime.providers)
     try:
-        return ort.InferenceSession(str(path), so, providers=choose_providers(options.providers),
-                                    disabled_optimizers=list(disabled_optimizers) or None)
-    except ConfigError:
-        raise
+        session = ort.InferenceSession(str(path), so, providers=providers,
+                                       disabled_optimizers=list(runtime.disabled_optimizers) or None)
     except Exception as e:  # onnxruntime raises several unrelated types for a corrupt or foreign graph
         raise BundleError(
             f"onnxruntime cannot load '{path}': {str(e).strip().splitlines()[0][:300]}. "
-            "HINT: the ONNX file is corrupt or was made for another onnxruntime; re-export the bundle."
-        ) from None
+            "HINT: the ONNX file is corrupt or was made for another onnxruntime; re-export the bundle.") from None
+    have = (tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs()))
+    if have != (tuple(graph.inputs), tuple(graph.outputs)):
+        raise BundleError(f"Graph '{path}' does not match its manifest entry: it has inputs {list(have[0])[:4]}... "
+                          f"and outputs {list(have[1])[:3]}..., the manifest says {list(graph.inputs)[:4]}... and "
+                          f"{list(graph.outputs)[:3]}.... HINT: re-export the bundle.")
+    return session

@@ -75,6 +75,34 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True)
+class RuntimeSpec:
+    """How the runtime runs the graphs: execution providers in order of preference (from the device profile the
+    bundle was exported for; the caller can override them) and onnxruntime graph transformers to skip (one that
+    mishandles a graph, e.g. QDQ propagation on a W8A8 graph)."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    disabled_optimizers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the weights were compressed: a row of export's table of methods, as data (never prose to parse back).
+    ``tolerance`` names the parity tolerance that applies (a key of edgekit.parity.TOLERANCES)."""
+
+    method: str  # gguf | rtn | hqq | gptq
+    bits: int
+    block_size: int
+    accuracy_level: int
+    tolerance: str
+    format: str = "nbits"  # nbits (MatMulNBits) | qdq (DequantizeLinear + MatMul)
+    activations: str = "float"  # float | int8 (static, calibrated)
+    kv_cache: str = "fp32"
+    embedding: str = "float32"
+    lm_head: str = "8-bit"
+    source_types: Mapping[str, int] = field(default_factory=dict)  # GGUF tensor types carried over
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the runtime knows about a bundle; serialised as ``edgekit.json``."""
 
@@ -88,7 +116,9 @@ class Manifest:
     tokens: SpecialTokens
     tokenizer: TokenizerSpec
     kv_cache: KVCacheLayout | None = None
-    generation: Mapping[str, Any] = field(default_factory=dict)
+    generation: Mapping[str, Any] = field(default_factory=dict)  # default settings of the model's generation loop
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    quantization: Quantization | None = None
     files: Mapping[str, str] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     parity: Mapping[str, Any] | None = None
@@ -108,6 +138,10 @@ class Manifest:
             d["tokenizer"] = TokenizerSpec(**d["tokenizer"])
             if d.get("kv_cache") is not None:
                 d["kv_cache"] = KVCacheLayout(**d["kv_cache"])
+            rt = d.get("runtime") or {}
+            d["runtime"] = RuntimeSpec(**{k: tuple(v) for k, v in rt.items()})
+            if d.get("quantization") is not None:
+                d["quantization"] = Quantization(**d["quantization"])
             return cls(**d)
         except (KeyError, TypeError, AttributeError) as e:
             raise BundleError(

@@ -1,213 +1,258 @@
-"""The KV-cached streaming decoder for AR bundles: prefill once, then one graph run per new token."""
+"""The KV-cached decoder for AR bundles: prefill once, then one graph run per new token for every sequence of a batch.
+
+``ARModel`` owns the graph's feeds (names from the manifest): ``forward`` runs one sequence's new tokens on its cache
+(prefill), ``decode_batch`` one token for every row of a ``BatchKV``. ``ARBatch`` is the loop both the single-stream
+API and the serving engine run: admit (prefill, reusing a cached prefix), then steps of one token per sequence.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions, create_session
 from edgekit.runtimes.bundle import Manifest
-from edgekit.runtimes.errors import BundleError, ConfigError, ContextLengthError
-from edgekit.runtimes.kv_cache import KVCache
+from edgekit.runtimes.errors import BundleError, ContextLengthError, UnsupportedOptionError
+from edgekit.runtimes.kv_cache import BatchKV, KVCache, PrefixCache
 from edgekit.runtimes.sampling import SamplingParams, sample_next
-from edgekit.runtimes.tokenizer import Prompt, StopStrings, StreamingDetokenizer, Tokenizer
+from edgekit.runtimes.sequence import Sequence
+from edgekit.runtimes.tokenizer import Prompt, Tokenizer
 
-FinishReason = Literal["stop", "length", "cancelled"]
-
-
-@dataclass
-class GenerationStats:
-    """Filled in as a stream runs; final once the stream is exhausted or closed."""
-
-    prompt_tokens: int = 0
-    reused_prompt_tokens: int = 0  # prompt positions taken from a cache instead of prefilled
-    generated_tokens: int = 0
-    ttft_s: float = 0.0  # start -> first token chosen
-    decode_s: float = 0.0  # first token -> last token
-    finish_reason: FinishReason | None = None
-    token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        steps = self.generated_tokens - 1
-        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
-
-
-class TextStream:
-    """Iterator over text pieces (complete UTF-8) with ``stats`` (GenerationStats, or DenoiseStats for diffusion
-    bundles); ``close()`` cancels generation."""
-
-    def __init__(self, gen: Iterator[str], stats: Any) -> None:
-        self._gen = gen
-        self.stats = stats
-
-    def __iter__(self) -> TextStream:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()  # type: ignore[attr-defined]
-        if self.stats.finish_reason is None:
-            self.stats.finish_reason = "cancelled"
+GRAPH = "decoder"
+FEEDS = ("input_ids", "attention_mask", "logits_to_keep")  # besides the KV cache, named by the manifest's layout
 
 
 class ARModel:
     """A loaded AR bundle. ``stream``/``generate`` take a prompt string or a list of chat messages."""
 
     kind = "ar"
+    option_names = frozenset(SamplingParams.__dataclass_fields__)
+    parity_settings = (mdl.ParitySetting("greedy", {"temperature": 0.0}),)
+    parity_prompts = 9  # how many of the built-in prompts parity runs (each setting on each)
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: BackendOptions) -> None:
-        if manifest.kv_cache is None or "decoder" not in manifest.graphs:
+        if manifest.kv_cache is None or GRAPH not in manifest.graphs:
             raise BundleError(f"AR bundle '{bundle_dir}' lacks a decoder graph or KV-cache layout in its manifest.")
         self.path = bundle_dir
         self.manifest = manifest
-        self.graph = manifest.graphs["decoder"]
-        self.session = create_session(bundle_dir / self.graph.file, backend,
-                                      manifest.extra.get("runtime", {}).get("disabled_optimizers", ()))
+        self.layout = manifest.kv_cache
+        names = KVCache(self.layout)
+        self.graph = manifest.graphs[GRAPH]
+        self.session = create_session(bundle_dir, self.graph, backend, manifest.runtime,
+                                      inputs=(*FEEDS, *names.past_names), outputs=("logits", *names.present_names))
         self.tokenizer = Tokenizer(bundle_dir / manifest.tokenizer.file, manifest.tokenizer)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
         self.defaults = SamplingParams.from_defaults(manifest.generation)
-        self._present_names = KVCache(manifest.kv_cache).present_names
-        self._outputs = ["logits", *self._present_names]
+        self._outputs = ["logits", *names.present_names]
 
     @property
     def max_context(self) -> int:
         return self.manifest.max_context
 
     def new_cache(self) -> KVCache:
-        assert self.manifest.kv_cache is not None
-        return KVCache(self.manifest.kv_cache)
+        return KVCache(self.layout)
 
-    # --- the algorithm -------------------------------------------------------------------------------------------
-    def forward(self, token_ids: Sequence[int], cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
+    # --- the graph -----------------------------------------------------------------------------------------------
+    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(self._outputs, feeds)
+
+    def forward(self, token_ids: Seq[int], cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
         """Run new tokens through the graph on top of ``cache`` (updated in place); return logits [K, V]."""
         past = len(cache)
         if past + len(token_ids) > self.max_context:
             raise ContextLengthError(
-                f"Sequence of {past + len(token_ids)} tokens exceeds the bundle's max context {self.max_context}."
-            )
-        feeds: dict[str, Any] = cache.feeds()
+                f"Sequence of {past + len(token_ids)} tokens exceeds the bundle's max context {self.max_context}.")
+        feeds = cache.feeds()
         feeds["input_ids"] = np.asarray([token_ids], dtype=np.int64)  # [1, S]
         feeds["attention_mask"] = np.ones((1, past + len(token_ids)), dtype=np.int64)  # [1, P + S]
         feeds["logits_to_keep"] = np.asarray([logits_to_keep], dtype=np.int64)
-        logits, *presents = self.session.run(self._outputs, feeds)
-        cache.update(presents, list(token_ids))
+        logits, *presents = self._run(feeds)
+        cache.update(presents, token_ids)
         return logits[0]  # [K, V]
 
-    def prefill(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
-        """Encode the prompt (or the part of it the cache lacks); return the last position's logits [V]."""
-        return self.forward(token_ids, cache, logits_to_keep=1)[-1]
-
-    def decode_step(self, token_id: int, cache: KVCache) -> np.ndarray:
-        return self.forward([token_id], cache, logits_to_keep=1)[-1]
+    def decode_batch(self, tokens: Seq[int], kv: BatchKV) -> np.ndarray:
+        """One new token per row of ``kv`` (updated in place); return logits [B, V]."""
+        lengths = np.asarray(kv.lengths)
+        feeds = dict(zip(kv.names, kv.arrays))
+        feeds["input_ids"] = np.asarray(tokens, dtype=np.int64)[:, None]  # [B, 1]
+        mask = np.arange(int(lengths.max()) + 1)[None, :] <= lengths[:, None]
+        feeds["attention_mask"] = mask.astype(np.int64)  # [B, T + 1]: row i has lengths[i] + 1 ones
+        feeds["logits_to_keep"] = np.asarray([1], dtype=np.int64)
+        logits, *kv.arrays = self._run(feeds)  # logits: [B, 1, V]
+        kv.lengths = [n + 1 for n in kv.lengths]
+        return logits[:, -1]
 
     # --- generation ----------------------------------------------------------------------------------------------
-    def sampling_params(self, prompt_len: int, **overrides: Any) -> SamplingParams:
-        unknown = set(overrides) - set(SamplingParams.__dataclass_fields__)
+    def params(self, prompt_len: int, **options: Any) -> SamplingParams:
+        """Validated settings for a prompt of ``prompt_len`` tokens (the bundle's defaults for what is not given)."""
+        unknown = set(options) - self.option_names
         if unknown:
-            raise ConfigError(
+            raise UnsupportedOptionError(
                 f"Unknown generation option(s) for an AR bundle: {', '.join(sorted(unknown))}. "
-                f"Known: {', '.join(SamplingParams.__dataclass_fields__)}."
-            )
-        params = self.defaults.with_overrides(**overrides)
+                f"Known: {', '.join(SamplingParams.__dataclass_fields__)}.")
+        params = self.defaults.with_overrides(**options)
         room = self.max_context - prompt_len
-        if overrides.get("max_new_tokens") is None and params.max_new_tokens > room > 0:
+        if options.get("max_new_tokens") is None and params.max_new_tokens > room > 0:
             params = params.with_overrides(max_new_tokens=room)  # default length: fill the context, no more
         if room < 1:
             raise ContextLengthError(
                 f"Prompt of {prompt_len} tokens does not fit the bundle's max context of {self.max_context} tokens "
                 f"(room is needed for at least one new token). HINT: shorten the prompt by {1 - room} tokens or "
-                "re-export with a larger --max-context."
-            )
+                "re-export with a larger --max-context.")
         if prompt_len + params.max_new_tokens > self.max_context:
             raise ContextLengthError(
                 f"Prompt of {prompt_len} tokens + max_new_tokens {params.max_new_tokens} = "
                 f"{prompt_len + params.max_new_tokens} exceeds the bundle's max context of {self.max_context} tokens. "
-                f"HINT: shorten the prompt or set max_new_tokens <= {room}."
-            )
+                f"HINT: shorten the prompt or set max_new_tokens <= {room}.")
         return params
 
-    def generate_ids(
-        self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats, cache: KVCache | None = None
-    ) -> Iterator[int]:
-        """Yield new token ids until a stop token (not yielded) or ``max_new_tokens``. Reuses ``cache``'s prefix."""
-        start = time.perf_counter()
-        cache = cache if cache is not None else self.new_cache()
-        keep = min(cache.common_prefix(list(prompt_ids)), len(prompt_ids) - 1)  # prefill at least one token
-        cache.rewind_to(keep)
-        stats.prompt_tokens, stats.reused_prompt_tokens = len(prompt_ids), keep
-        rng = np.random.default_rng(params.seed)
-        history = list(prompt_ids)
-        logits = self.prefill(prompt_ids[keep:], cache)
-        first_at = 0.0
-        for step in range(params.max_new_tokens):
-            token = sample_next(logits, params, rng, history if params.repetition_penalty != 1.0 else ())
-            now = time.perf_counter()
-            if step == 0:
-                stats.ttft_s = now - start
-                first_at = now
-            else:
-                stats.decode_s = now - first_at
-            stats.generated_tokens += 1
-            if token in self.stop_ids:
-                stats.finish_reason = "stop"
-                return
-            stats.token_ids.append(token)
-            history.append(token)
-            yield token
-            if step + 1 < params.max_new_tokens:
-                logits = self.decode_step(token, cache)
-        stats.finish_reason = "length"
+    def new_sequence(self, prompt_ids: Seq[int], params: SamplingParams) -> Sequence:
+        return Sequence(prompt_ids, params, self.tokenizer, self.stop_ids, params.max_new_tokens, params.seed,
+                        params.stop)
 
-    def stream(self, prompt: Prompt, cache: KVCache | None = None, **options: Any) -> TextStream:
+    def new_batch(self, max_batch: int = 1, prefix_cache_entries: int = 0) -> ARBatch:
+        return ARBatch(self, max_batch, prefix_cache_entries)
+
+    def stream(self, prompt: Prompt, batch: ARBatch | None = None, **options: Any) -> mdl.TextStream:
         """Stream the answer as text pieces. Options: max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, seed, stop. Close the returned stream to cancel."""
-        prompt_ids = self.tokenizer.encode_prompt(prompt)
-        params = self.sampling_params(len(prompt_ids), **options)
-        stats = GenerationStats()
-        return TextStream(self._text(prompt_ids, params, stats, cache), stats)
-
-    def _text(
-        self, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats, cache: KVCache | None
-    ) -> Iterator[str]:
-        detok = StreamingDetokenizer(self.tokenizer)
-        stops = StopStrings(params.stop)
-        ids = self.generate_ids(prompt_ids, params, stats, cache)
-        try:
-            for token in ids:
-                out, hit = stops.feed(detok.put(token))
-                if out:
-                    yield out
-                if hit:
-                    stats.finish_reason = "stop"
-                    return
-            out, hit = stops.feed(detok.flush())
-            if hit:
-                stats.finish_reason = "stop"
-            tail = out + ("" if hit else stops.flush())
-            if tail:
-                yield tail
-        finally:
-            ids.close()
+        repetition_penalty, seed, stop. ``batch``: reuse one across calls to keep a chat's KV prefix (made with
+        ``new_batch(1, prefix_cache_entries=N)``). Close the returned stream to cancel."""
+        return mdl.stream(self, prompt, batch, options)
 
     def generate(self, prompt: Prompt, **options: Any) -> str:
         """Return the whole answer as one string (same options as ``stream``)."""
         return "".join(self.stream(prompt, **options))
 
-    def greedy_ids(self, prompt_ids: Sequence[int], n: int) -> list[int]:
-        """Exactly ``n`` greedy tokens, ignoring stop tokens (for parity checks)."""
-        cache = self.new_cache()
-        logits = self.prefill(prompt_ids, cache)
-        out: list[int] = []
-        for i in range(n):
-            out.append(int(np.argmax(logits)))
-            if i + 1 < n:
-                logits = self.decode_step(out[-1], cache)
-        return out
+    def greedy_ids(self, prompt_ids: Seq[int], n: int) -> list[int]:
+        """Exactly ``n`` greedy tokens, ignoring stop tokens (for checks)."""
+        return self.trace(prompt_ids, {"temperature": 0.0}, new_tokens=n).tokens
+
+    def trace(self, prompt_ids: Seq[int], options: Mapping[str, Any], reference: Any = None,
+              new_tokens: int = 64) -> mdl.Trace:
+        """Exactly ``new_tokens`` tokens chosen by the runtime's sampler (stop tokens ignored) on the logits of
+        ``reference`` (``prefill(ids) -> [S, V]``, ``step(token) -> [V]``) or, by default, of this bundle's graph."""
+        provider = reference if reference is not None else _GraphLogits(self)
+        seq = self.new_sequence(prompt_ids, self.params(len(prompt_ids), **{**options, "max_new_tokens": new_tokens}))
+        logits = np.asarray(provider.prefill(list(prompt_ids)))
+        steps, tokens = [logits], []
+        for i in range(new_tokens):
+            tokens.append(self._sample(seq, logits[-1]))
+            seq.history.append(tokens[-1])
+            if i + 1 < new_tokens:
+                logits = np.asarray(provider.step(tokens[-1]))[None]
+                steps.append(logits[0])
+        return mdl.Trace(steps, tokens)
+
+    @staticmethod
+    def _sample(seq: Sequence, logits: np.ndarray) -> int:
+        p = seq.params
+        assert isinstance(p, SamplingParams)
+        return sample_next(logits, p, seq.rng, seq.history if p.repetition_penalty != 1.0 else ())
+
+
+class _GraphLogits:
+    """The bundle's graph as a logits provider for ``trace``: every prompt position, then one token at a time."""
+
+    def __init__(self, model: ARModel) -> None:
+        self.model, self.cache = model, model.new_cache()
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        return self.model.forward(ids, self.cache, logits_to_keep=len(ids))
+
+    def step(self, token: int) -> np.ndarray:
+        return self.model.forward([token], self.cache)[-1]
+
+
+class _Row:
+    """A sequence's place in the batch: the tokens whose KV is held, and its own cache until it is packed in."""
+
+    def __init__(self, tokens: list[int], cache: KVCache | None) -> None:
+        self.tokens, self.cache = tokens, cache
+        self.index = -1  # row in the batch KV once packed
+
+
+class ARBatch:
+    """Sequences decoding together on one ``ARModel``: each keeps its own KV row, settings, seed and stop rules; one
+    graph run per step advances them all by one token. Finished sequences' KV goes to the prefix cache."""
+
+    def __init__(self, model: ARModel, capacity: int = 1, prefix_cache_entries: int = 0) -> None:
+        self.model = model
+        self.capacity = capacity
+        self.prefix = PrefixCache(model.layout, prefix_cache_entries)
+        self.kv = BatchKV(model.layout)
+        self._seqs: list[Sequence] = []  # in row order once packed
+        self._dirty = False
+
+    @property
+    def active(self) -> list[Sequence]:
+        return list(self._seqs)
+
+    def admit(self, seq: Sequence) -> None:
+        """Prefill the part of the prompt no cached prefix covers and commit the first token."""
+        cache = self.prefix.lookup(seq.prompt_ids)
+        seq.stats.reused_prompt_tokens = len(cache)
+        logits = self.model.forward(seq.prompt_ids[len(cache):], cache)[-1]
+        self._count(seq, len(seq.prompt_ids) - len(cache))
+        row = _Row(list(seq.prompt_ids), cache)
+        seq.state = row
+        if seq.accept(ARModel._sample(seq, logits)):
+            self._retire(seq, row)
+        else:
+            self._seqs.append(seq)
+            self._dirty = True
+
+    def step(self) -> None:
+        """One token for every active sequence."""
+        if not self._seqs:
+            return
+        if self._dirty:
+            self._repack()
+        seqs = list(self._seqs)
+        fed = [s.stats.token_ids[-1] for s in seqs]
+        logits = self.model.decode_batch(fed, self.kv)
+        for seq, token, row_logits in zip(seqs, fed, logits):
+            self._row(seq).tokens.append(token)
+            self._count(seq, 1)
+            if seq.accept(ARModel._sample(seq, row_logits)):
+                self._retire(seq, self._row(seq))
+
+    def remove(self, seq: Sequence) -> None:
+        if seq in self._seqs:
+            self._seqs.remove(seq)
+            self._dirty = True
+
+    @staticmethod
+    def _row(seq: Sequence) -> _Row:
+        assert isinstance(seq.state, _Row)
+        return seq.state
+
+    @staticmethod
+    def _count(seq: Sequence, positions: int) -> None:
+        seq.stats.forward_passes += 1
+        seq.stats.positions_computed += positions
+
+    def _retire(self, seq: Sequence, row: _Row) -> None:
+        """A finished sequence leaves; its KV (prompt + fed tokens) is kept for prefix reuse."""
+        if seq.stats.finish_reason in ("stop", "length") and self.prefix.capacity > 0:
+            self.prefix.put(row.cache if row.cache is not None else self.kv.row(row.index, row.tokens))
+        self.remove(seq)
+
+    def _repack(self) -> None:
+        """Rebuild the batch KV after sequences joined or left: each row keeps its own valid length."""
+        sources: list[KVCache | tuple[int, int]] = []
+        for seq in self._seqs:
+            row = self._row(seq)
+            if row.cache is not None:
+                sources.append(row.cache)
+                row.cache = None
+            else:
+                sources.append((row.index, len(row.tokens)))
+        self.kv.pack(sources)
+        for i, seq in enumerate(self._seqs):
+            self._row(seq).index = i
+        self._dirty = False

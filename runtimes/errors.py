@@ -11,13 +11,19 @@ from collections.abc import Iterable
 
 
 class EdgekitError(Exception):
-    """Base class of every error edgekit raises on purpose."""
+    """Base class of every error edgekit raises on purpose. ``exit_code`` is the CLI's; ``http_status`` and
+    ``code`` are what ``edgekit serve`` answers with (the OpenAI error body's ``code``)."""
 
     exit_code: int = 2
+    http_status: int = 500
+    code: str = "internal_error"
 
 
 class ConfigError(EdgekitError, ValueError):
     """An option or argument has a bad value (sampling settings, prompt length, CLI flags)."""
+
+    http_status = 400
+    code = "invalid_value"
 
 
 class SourceError(EdgekitError):
@@ -48,6 +54,21 @@ class ParityError(EdgekitError):
 
 class ContextLengthError(ConfigError):
     """Prompt plus requested new tokens do not fit the bundle's context."""
+
+    code = "context_length_exceeded"
+
+
+class UnsupportedOptionError(ConfigError):
+    """An option this model does not take (e.g. a diffusion setting on an AR bundle)."""
+
+    code = "unsupported_parameter"
+
+
+class QueueFullError(EdgekitError):
+    """The engine's waiting queue is full; retry later."""
+
+    http_status = 429
+    code = "rate_limit_exceeded"
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:

@@ -1,4 +1,4 @@
-"""``load(bundle)``: read and verify a bundle's manifest, then build the model object for its kind."""
+"""``load(bundle)``: read and verify a bundle, then build its model. The one place a bundle's kind is decided."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from edgekit.runtimes.backend import BackendOptions
 from edgekit.runtimes.bundle import load_manifest
 from edgekit.runtimes.decoder import ARModel
 from edgekit.runtimes.denoiser import DiffusionModel
-from edgekit.runtimes.errors import BundleError
+from edgekit.runtimes.model import Model
 
 
 def load(
@@ -18,17 +18,16 @@ def load(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     verify_hashes: bool = True,
-) -> ARModel:
-    """Load a bundle for inference; ``providers`` overrides the provider choice (e.g. ["CPUExecutionProvider"]).
+) -> Model:
+    """Load a bundle for inference; ``providers`` overrides the bundle's recorded execution providers (e.g.
+    ["CPUExecutionProvider"]).
 
     The manifest's format version and every file's SHA-256 are checked first (``verify_hashes=False`` skips hashing,
     for fast restarts of a bundle already verified).
     """
     root = Path(bundle_dir)
-    manifest = load_manifest(root, check_hashes=verify_hashes)
+    manifest = load_manifest(root, check_hashes=verify_hashes)  # refuses kinds outside bundle.MODEL_KINDS
     backend = BackendOptions(providers=tuple(providers) if providers else None, threads=threads)
-    if manifest.kind == "ar":
-        return ARModel(root, manifest, backend)
     if manifest.kind == "diffusion":
-        return DiffusionModel(root, manifest, backend)  # type: ignore[return-value]
-    raise BundleError(f"Bundle '{root}' is of kind '{manifest.kind}', which this edgekit version cannot run yet.")
+        return DiffusionModel(root, manifest, backend)
+    return ARModel(root, manifest, backend)

@@ -15,6 +15,7 @@ import numpy as np
 from edgekit.runtimes.errors import ConfigError
 
 _NUCLEUS_PROBE = 1024  # candidates examined before falling back to a full sort for top-p
+TEMPERATURE_MAX = 2.0  # the OpenAI API's bound, and the one every model and the server validate against
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ def validate(p: SamplingParams) -> None:
         raise ConfigError(f"max_new_tokens must be an integer >= 1, got {p.max_new_tokens!r}.")
     if p.max_new_tokens > 1_000_000:
         raise ConfigError(f"max_new_tokens must be <= 1000000, got {p.max_new_tokens}.")
-    if not _is_number(p.temperature) or not 0 <= p.temperature <= 100:
-        raise ConfigError(f"temperature must be between 0 and 100 (0 = greedy), got {p.temperature!r}.")
+    if not _is_number(p.temperature) or not 0 <= p.temperature <= TEMPERATURE_MAX:
+        raise ConfigError(f"temperature must be between 0 and {TEMPERATURE_MAX:g} (0 = greedy), got {p.temperature!r}.")
     if not _is_number(p.top_p) or not 0 < p.top_p <= 1:
         raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {p.top_p!r}.")
     if not isinstance(p.top_k, int) or isinstance(p.top_k, bool) or p.top_k < 0:

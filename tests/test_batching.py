@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from edgekit.runtimes import load
-from edgekit.runtimes.batching import BatchEngine, QueueFullError, Request
+from edgekit.runtimes.engine import Engine, Request
+from edgekit.runtimes.errors import QueueFullError
 
 PROMPTS = ["Once upon a time", "The quick brown fox jumps over the lazy dog and then", "你好", "def reverse(s):",
            "Why is the sky blue? Because", "Summer 🌞", "1 2 3 4 5 6", "café"]
@@ -37,7 +38,7 @@ def run_all(engine, model, prompts, **opts):
     reqs = []
     for i, p in enumerate(prompts):
         ids = model.tokenizer.encode_prompt(p)
-        reqs.append(Request(ids, model.sampling_params(len(ids), **opts), make(i)))
+        reqs.append(Request(ids, model.params(len(ids), **opts), make(i)))
     for r in reqs:
         engine.submit(r)
     assert done.wait(60)
@@ -47,7 +48,7 @@ def run_all(engine, model, prompts, **opts):
 @pytest.mark.parametrize("opts", [dict(max_new_tokens=24, temperature=0),
                                   dict(max_new_tokens=24, temperature=0.9, top_p=0.9, seed=5)])
 def test_batched_results_equal_single_stream(model, opts):
-    engine = BatchEngine(model, max_batch=4).start()
+    engine = Engine(model, max_batch=4).start()
     try:
         results, _ = run_all(engine, model, PROMPTS, **opts)
     finally:
@@ -59,20 +60,20 @@ def test_batched_results_equal_single_stream(model, opts):
 
 
 def test_queue_full_is_refused(model):
-    engine = BatchEngine(model, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    engine = Engine(model, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
     ids = model.tokenizer.encode_prompt("hi")
     for _ in range(2):
-        engine.submit(Request(ids, model.sampling_params(len(ids)), lambda ev: None))
+        engine.submit(Request(ids, model.params(len(ids)), lambda ev: None))
     with pytest.raises(QueueFullError, match="queue is full \\(2 requests\\).*--max-queue"):
-        engine.submit(Request(ids, model.sampling_params(len(ids)), lambda ev: None))
+        engine.submit(Request(ids, model.params(len(ids)), lambda ev: None))
 
 
 def test_cancel_frees_the_slot(model, monkeypatch):
     monkeypatch.setattr(model, "stop_ids", frozenset())
-    engine = BatchEngine(model, max_batch=2)
+    engine = Engine(model, max_batch=2)
     events = []
     ids = model.tokenizer.encode_prompt("Once upon a time")
-    req = Request(ids, model.sampling_params(len(ids), max_new_tokens=100), events.append)
+    req = Request(ids, model.params(len(ids), max_new_tokens=100), events.append)
     engine.submit(req)
     engine.step()
     engine.step()
@@ -88,17 +89,17 @@ def test_cancel_frees_the_slot(model, monkeypatch):
 
 def test_timeout_ends_a_request(model, monkeypatch):
     monkeypatch.setattr(model, "stop_ids", frozenset())
-    engine = BatchEngine(model, max_batch=2)
+    engine = Engine(model, max_batch=2)
     events = []
     ids = model.tokenizer.encode_prompt("Once upon a time")
-    engine.submit(Request(ids, model.sampling_params(len(ids), max_new_tokens=100), events.append, timeout_s=0.0))
+    engine.submit(Request(ids, model.params(len(ids), max_new_tokens=100), events.append, timeout_s=0.0))
     engine.step()  # expired while waiting
     assert events[-1].kind == "done" and events[-1].finish_reason == "timeout"
     assert engine.running == 0 and engine.waiting == 0
 
 
 def test_prefix_of_a_previous_turn_is_reused(model):
-    engine = BatchEngine(model, max_batch=2).start()
+    engine = Engine(model, max_batch=2).start()
     try:
         turn1 = [{"role": "user", "content": "Hello there"}]
         first, _ = run_all(engine, model, [turn1], max_new_tokens=8, temperature=0)

@@ -52,14 +52,14 @@ def test_parity_against_the_wrong_model_fails_listing_misses(llama_bundle, tmp_p
     other = make_model("LlamaForCausalLM", tmp_path / "other", seed=1)
     r = invoke("parity", llama_bundle, "--reference", other, "--tokens", "8")
     assert r.exit_code == 1
-    assert "FAILED" in r.output and "prompt logits max|Δ|" in r.output
+    assert "FAILED" in r.output and "logits max|Δ|" in r.output
     assert r.output.count("✗ ") >= 9  # every prompt is listed
     assert "Traceback" not in r.output
 
 
 def test_run_bad_values(llama_bundle):
     for args, msg in [
-        (["--temperature", "-1"], "temperature must be between 0 and 100"),
+        (["--temperature", "-1"], "temperature must be between 0 and 2"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
         (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1, got 0"),
         (["--max-new-tokens", "100000"], "exceeds the bundle's max context"),

@@ -17,22 +17,22 @@ def model(llama_bundle):
 
 
 class CountingModel:
-    """Wraps forward() to record how many tokens each graph run gets."""
+    """Wraps the model's graph runs to record how many new tokens each one gets."""
 
     def __init__(self, model):
         self.model, self.calls = model, []
-        self._orig = model.forward
+        self._orig = model._run
 
     def __enter__(self):
-        def forward(ids, cache, logits_to_keep=1):
-            self.calls.append(len(ids))
-            return self._orig(ids, cache, logits_to_keep)
+        def run(feeds):
+            self.calls.append(feeds["input_ids"].shape[1])
+            return self._orig(feeds)
 
-        self.model.forward = forward
+        self.model._run = run
         return self
 
     def __exit__(self, *exc):
-        del self.model.forward
+        del self.model._run
 
 
 def test_prefill_once_then_one_token_per_step(model):
@@ -43,7 +43,8 @@ def test_prefill_once_then_one_token_per_step(model):
     n = stream.stats.generated_tokens
     assert c.calls[0] == prompt_len
     assert c.calls[1:] == [1] * (len(c.calls) - 1)
-    assert len(c.calls) == n if stream.stats.finish_reason == "stop" else n  # last chosen token is never fed
+    assert len(c.calls) == n  # one prefill, then one run per token but the last chosen one (never fed)
+    assert stream.stats.forward_passes == n
 
 
 def test_cached_decode_equals_full_recompute(model):
@@ -134,12 +135,12 @@ def test_unknown_and_bad_options(model):
 
 
 def test_cache_prefix_is_reused_across_turns(model):
-    cache = model.new_cache()
+    batch = model.new_batch(1, prefix_cache_entries=2)
     turn1 = [{"role": "user", "content": "Hello there"}]
-    s1 = model.stream(turn1, max_new_tokens=8, temperature=0, cache=cache)
+    s1 = model.stream(turn1, max_new_tokens=8, temperature=0, batch=batch)
     answer = "".join(s1)
     turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
-    s2 = model.stream(turn2, max_new_tokens=8, temperature=0, cache=cache)
+    s2 = model.stream(turn2, max_new_tokens=8, temperature=0, batch=batch)
     text2 = "".join(s2)
     assert s2.stats.reused_prompt_tokens > 0
     assert text2 == model.generate(turn2, max_new_tokens=8, temperature=0)  # same answer as from scratch

@@ -20,9 +20,9 @@ def test_export_each_architecture_passes_fp32_parity(tiny_bundle, arch):
     report = manifest["parity"]
     assert report["passed"], report["misses"]
     assert report["summary"]["max_abs_diff"] <= 1e-3
-    assert report["summary"]["greedy_identical"] == 1.0
-    assert all(p["tokenizer_match"] for p in report["prompts"])
-    assert len(report["prompts"]) >= 8
+    assert report["summary"]["tokens_identical"] == 1.0
+    assert all(p["tokenizer_match"] for p in report["rows"])
+    assert len(report["rows"]) >= 8
     assert manifest["architecture"] == arch
     assert manifest["tokens"]["turn_end_id"] is not None
     assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}

@@ -12,7 +12,7 @@ from edgekit.runtimes.sampling import SamplingParams, _nucleus, apply_repetition
 @pytest.mark.parametrize(
     "kw, message",
     [
-        ({"temperature": -0.1}, "temperature must be between 0 and 100"),
+        ({"temperature": -0.1}, "temperature must be between 0 and 2"),
         ({"temperature": float("nan")}, "temperature"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, "top_p"),

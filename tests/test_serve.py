@@ -382,13 +382,13 @@ def test_diffusion_bad_fields(diffusion_server, extra, code):
 def test_serial_engine_cancel_and_timeout(tmp_path):
     from edgekit.export.pipeline import ExportConfig, export_bundle
     from edgekit.export.progress import Silent
-    from edgekit.runtimes.batching import Request, SerialEngine
+    from edgekit.runtimes.engine import Engine, Request
     from tiny_models import make_mlm
 
     bundle = export_bundle(ExportConfig(source=str(make_mlm("BertForMaskedLM", tmp_path / "src")),
                                         output=tmp_path / "b"), progress=Silent()).path
     model = load(bundle)
-    engine = SerialEngine(model, max_queue=4)
+    engine = Engine(model, max_queue=4)
     ids = model.tokenizer.encode_prompt("Hello")
     events = []
     req = Request(ids, model.params(len(ids), gen_length=32, block_length=8, diffusion_steps=32), events.append)

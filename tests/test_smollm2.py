@@ -23,9 +23,9 @@ def test_smollm2_fp32_bundle_is_token_identical_to_pytorch(tmp_path):
                         verify=verifier(new_tokens=64), progress=Silent())
     report = res.manifest.parity
     assert report["passed"], report["misses"]
-    assert report["summary"]["greedy_identical"] == 1.0  # 64 greedy tokens identical on every built-in prompt
+    assert report["summary"]["tokens_identical"] == 1.0  # 64 greedy tokens identical on every built-in prompt
     assert report["summary"]["max_abs_diff"] <= 1e-3
-    assert len(report["prompts"]) >= 8
+    assert len(report["rows"]) >= 8
     m = res.manifest
     assert m.tokens.turn_end_id == 2 and 2 in m.tokens.stop_ids  # <|im_end|>
     model = load(res.path)
@@ -65,8 +65,8 @@ def _serve_checks(bundle):
 def test_smollm2_int4_carries_the_gguf_blocks_over_losslessly(tmp_path):
     res = export_bundle(ExportConfig(source="smollm2-135m-instruct", output=tmp_path / "int4", precision="int4"),
                         verify=verifier(new_tokens=32), progress=Silent())
-    q = res.manifest.extra["quantization"]
-    assert q["method"] == "gguf" and q["source_types"]["Q4_1"] == 210
+    q = res.manifest.quantization
+    assert q.method == "gguf" and q.source_types["Q4_1"] == 210 and q.tolerance == "int4/gguf-int8head"
     report = res.manifest.parity
     assert report["passed"], report["misses"]
     assert report["summary"]["top1"] >= 0.99  # the bar for the lossless carry-over

@@ -136,7 +136,7 @@ def make_llada(folder: Path, seed: int = 0) -> Path:
     for f in ("configuration_tiny_llada.py", "modeling_tiny_llada.py"):
         shutil.copy(FIXTURES / "tiny_llada" / f, folder / f)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["architectures"] = ["TinyLLaDAModelLM"]
+    cfg["architectures"] = ["LLaDAModelLM"]  # the class name LLaDA-8B declares; auto_map points at the fixture
     cfg["auto_map"] = {"AutoConfig": "configuration_tiny_llada.TinyLLaDAConfig",
                        "AutoModel": "modeling_tiny_llada.TinyLLaDAModelLM",
                        "AutoModelForMaskedLM": "modeling_tiny_llada.TinyLLaDAModelLM"}

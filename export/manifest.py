@@ -1,0 +1,102 @@
+"""The one manifest builder: what every bundle records (tokenizer, special tokens, device, provenance), plus what a
+model-specific export produced (its graphs, KV layout, quantization record and generation defaults)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgekit.export.plan import Plan
+from edgekit.export.source import SourceRef
+from edgekit.runtimes import bundle as bdl
+
+# Tokens that end a chat turn in common templates, most specific first.
+TURN_END_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token", "cls_token", "sep_token")
+
+
+@dataclass
+class Built:
+    """What a model-specific export wrote into the staging folder and what its manifest needs."""
+
+    graphs: dict[str, bdl.GraphSpec]
+    generation: dict[str, Any]
+    add_special_tokens: bool = True  # False for dLLMs: the prompt is followed by mask tokens, not by [SEP]
+    mask_id: int | None = None
+    kv_cache: bdl.KVCacheLayout | None = None
+    quantization: bdl.Quantization | None = None
+    disabled_optimizers: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+    # run on the bundle once it loads (e.g. its quality report); returns more ``extra`` fields
+    check: Callable[[Any, Path], Mapping[str, Any]] | None = None
+
+
+def special_tokens(model: Any, tokenizer: Any, mask_id: int | None) -> bdl.SpecialTokens:
+    """EOS ids (generation config and tokenizer; [SEP] for encoders), the chat turn-end token, BOS/CLS, mask."""
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if fallback is not None:
+        eos_ids.append(fallback)
+    vocab = tokenizer.get_vocab()
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    turn_end = next((vocab[t] for t in TURN_END_TOKENS if t in vocab and t in template), None)
+    stop = sorted({*eos_ids, *([turn_end] if turn_end is not None else [])})
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    return bdl.SpecialTokens(bos_id=bos, eos_id=eos_ids[0] if eos_ids else None, pad_id=tokenizer.pad_token_id,
+                             turn_end_id=turn_end, mask_id=mask_id, stop_ids=tuple(stop))
+
+
+def build(plan: Plan, ref: SourceRef, arch: str, model: Any, tokenizer: Any, built: Built) -> bdl.Manifest:
+    specials = {k: getattr(tokenizer, k, None) for k in SPECIAL_TOKEN_NAMES}
+    device = plan.device
+    providers = device.execution_providers if device is not None else ("CPUExecutionProvider",)
+    return bdl.Manifest(
+        kind=plan.spec.kind,
+        architecture=arch,
+        model_type=str(model.config.model_type),
+        precision=plan.precision,
+        max_context=plan.max_context,
+        vocab_size=int(model.config.vocab_size),
+        graphs=built.graphs,
+        tokens=special_tokens(model, tokenizer, built.mask_id),
+        tokenizer=bdl.TokenizerSpec(
+            file="tokenizer.json",
+            chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+            add_special_tokens=built.add_special_tokens,
+            special_token_strings={k: (str(v) if v is not None else None) for k, v in specials.items()},
+        ),
+        kv_cache=built.kv_cache,
+        generation=built.generation,
+        runtime=bdl.RuntimeSpec(providers=tuple(providers), disabled_optimizers=built.disabled_optimizers),
+        quantization=built.quantization,
+        provenance=provenance(ref, plan.spec.family),
+        extra={**built.extra, "device": device.name if device else None,
+               "fit": plan.fit.to_dict() if plan.fit else None},
+    )
+
+
+def provenance(ref: SourceRef, family: str) -> dict[str, Any]:
+    versions = {}
+    for dist in ("edgekit", "torch", "transformers", "onnx", "onnxruntime", "gguf", "tokenizers"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    src = ref.folder / ref.gguf_file if ref.gguf_file else ref.folder
+    return {
+        "source": ref.spec,
+        "source_path": str(src),
+        "source_sha256": bdl.sha256_file(src) if src.is_file() else None,
+        "description": ref.label,
+        "family": family,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "versions": versions,
+    }

@@ -1,0 +1,205 @@
+"""The export plan: the user's ``ExportConfig`` merged with the device profile and the source, every option
+validated against the tables in ``methods`` (and the memory fit checked) before any heavy work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekit.export import fit, gguf, prune, quality
+from edgekit.export.device import DeviceProfile, load_profile
+from edgekit.export.methods import (
+    ACCURACY_LEVELS,
+    BLOCK_SIZES,
+    KV_DTYPES,
+    LM_HEADS,
+    METHODS,
+    PRECISIONS,
+    QUANT_FORMATS,
+    QuantMethod,
+)
+from edgekit.export.registry import ArchSpec
+from edgekit.export.source import SourceRef
+from edgekit.runtimes.errors import ConfigError, did_you_mean
+
+DEFAULT_MAX_CONTEXT = 8192
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and how. ``None`` means: the device profile's default if a device is given, else the
+    built-in default (fp32; gguf carry-over when the source's blocks fit the precision, else rtn; the method's
+    accuracy level; the model's context up to 8192)."""
+
+    source: str
+    output: Path
+    precision: str | None = None
+    algo: str | None = None
+    block_size: int = 32
+    accuracy_level: int | None = None
+    lm_head: str | None = None  # gguf: "fp32" (exact) or "int8" (Q8_0 blocks, int8 activations)
+    quant_format: str | None = None  # "nbits" (MatMulNBits, default) or "qdq" (DequantizeLinear + MatMul)
+    kv_cache: str | None = None  # int8/int4: "fp32" (default) or "fp16" (fp16 activations and KV cache)
+    max_context: int | None = None
+    batch: int = 1
+    device: str | None = None
+    prune: str | None = None  # depth=N | width=F | sparsity=2:4
+    calibration: str | None = None  # a text file for pruning importance / calibration (a built-in text otherwise)
+    eval_text: str | None = None  # a text file for the perplexity in the quality report (a built-in text otherwise)
+    force: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every choice made, nothing left to default. ``method`` is None for float precisions."""
+
+    spec: ArchSpec
+    precision: str
+    method: QuantMethod | None
+    block_size: int
+    accuracy_level: int
+    max_context: int
+    device: DeviceProfile | None
+    fit: fit.FitReport | None
+    prune: prune.PruneSpec | None = None
+    calibration_text: str = ""
+    eval_text: str = ""
+    lm_head: str = "fp32"
+    quant_format: str = "nbits"
+    kv_cache: str = "fp32"
+
+    @property
+    def bits(self) -> int | None:
+        return {"int4": 4, "int8": 8}.get(self.precision)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether quantization runs the float graph on calibration text (GPTQ; static W8A8 activations)."""
+        return self.method is not None and (self.method.calibrated or (self.quant_format == "qdq" and self.bits == 8))
+
+    @property
+    def tolerance(self) -> str:
+        if self.method is None:
+            return self.precision
+        return self.method.tolerance(self.precision, self.quant_format, self.accuracy_level, self.lm_head == "int8")
+
+    def label(self) -> str:
+        return self.precision + (f" {self.method.name}, accuracy level {self.accuracy_level}" if self.method else "")
+
+
+def choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        near = did_you_mean(str(value), [str(a) for a in allowed])
+        raise ConfigError(f"Unknown {name} {value!r}. Choose one of: {', '.join(map(str, allowed))}.{near}")
+
+
+def max_context(config: Any, requested: int | None, default: int = DEFAULT_MAX_CONTEXT) -> int:
+    limit = int(getattr(config, "max_position_embeddings", DEFAULT_MAX_CONTEXT) or DEFAULT_MAX_CONTEXT)
+    if requested is None:
+        return min(limit, default)
+    if not 16 <= requested <= limit:
+        raise ConfigError(f"max_context must be between 16 and the model's limit {limit}, got {requested}.")
+    return requested
+
+
+def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) -> Plan:
+    """Merge the options with the device profile and the source; validate them; check the memory fit."""
+    profile = load_profile(cfg.device) if cfg.device else None
+    precision = cfg.precision or (profile.default_precision if profile else "fp32")
+    choice("precision", precision, PRECISIONS)
+    choice("block size", cfg.block_size, BLOCK_SIZES)
+    if cfg.batch < 1:
+        raise ConfigError(f"batch must be >= 1, got {cfg.batch}.")
+    if cfg.accuracy_level is not None:
+        choice("accuracy level", cfg.accuracy_level, ACCURACY_LEVELS)
+    if not spec.compressible and (precision != "fp32" or cfg.algo or cfg.prune or cfg.device):
+        raise ConfigError(f"{spec.architecture} bundles ({spec.kind}) are fp32 only for now: --precision/--algo/"
+                          "--prune/--device are not supported with this source yet.")
+    pruning = prune.parse(cfg.prune) if cfg.prune else None
+    if pruning is not None:
+        prune.check_amount(pruning, config)
+    inspection = gguf.inspect(ref.folder / ref.gguf_file) if ref.gguf_file else None
+    method = _method(cfg, precision, ref, config, inspection, pruning)
+    fmt = _format(cfg, precision, method)
+    kv_cache = _kv_cache(cfg, precision, method, fmt)
+    lm_head = _lm_head(cfg, precision, method, ref, inspection)
+    accuracy = cfg.accuracy_level if cfg.accuracy_level is not None else (method.accuracy_level if method else 0)
+    context = max_context(config, cfg.max_context, profile.default_max_context if profile else DEFAULT_MAX_CONTEXT)
+    kv_bytes = 2 if kv_cache == "fp16" else 4
+    report = fit.check(config, precision, context, cfg.batch, profile, cfg.block_size, kv_bytes) if profile else None
+    return Plan(spec, precision, method, cfg.block_size, accuracy, context, profile, report, pruning,
+                prune.read_calibration(cfg.calibration), quality.read_text(cfg.eval_text), lm_head, fmt, kv_cache)
+
+
+def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, inspection: gguf.Inspection | None,
+            pruning: prune.PruneSpec | None) -> QuantMethod | None:
+    if precision in ("fp32", "fp16"):
+        if cfg.algo is not None:
+            raise ConfigError(f"--algo {cfg.algo} applies to int8/int4 exports; this export is {precision}. "
+                              "HINT: add --precision int4 (or int8).")
+        return None
+    if cfg.algo is not None:
+        choice("quantization algorithm", cfg.algo, tuple(METHODS))
+    bits = 4 if precision == "int4" else 8
+    carries = (inspection is not None and config.model_type in gguf.FAMILIES and pruning is None
+               and inspection.carries(bits))
+    if pruning is not None and cfg.algo == "gguf":
+        raise ConfigError("--prune changes the weights, so GGUF blocks cannot be carried over unchanged. "
+                          "HINT: use --algo rtn or --algo hqq with --prune.")
+    if cfg.algo == "gguf" and not carries:
+        raise ConfigError(
+            f"--algo gguf carries GGUF blocks over unchanged, which needs a Llama/Mistral GGUF source whose "
+            f"linear weights are {'Q4_0/Q4_1' if bits == 4 else 'Q8_0'}; '{ref.spec}' is not. "
+            "HINT: use --algo rtn or --algo hqq.")
+    method = METHODS[cfg.algo or ("gguf" if carries else "rtn")]
+    if bits not in method.bits:
+        raise ConfigError(f"{method.name.upper()} writes {'/'.join(map(str, method.bits))}-bit weights only; use "
+                          f"--precision int{method.bits[0]} with --algo {method.name} (or --algo rtn for {precision}).")
+    if cfg.block_size not in method.block_sizes:
+        raise ConfigError(f"--algo {method.name} uses blocks of {'/'.join(map(str, method.block_sizes))}; "
+                          f"--block-size {cfg.block_size} cannot apply.")
+    return method
+
+
+def _format(cfg: ExportConfig, precision: str, method: QuantMethod | None) -> str:
+    if cfg.quant_format is None:
+        return "nbits"
+    choice("quantization format", cfg.quant_format, QUANT_FORMATS)
+    if method is None or cfg.quant_format not in method.formats:
+        writers = ", ".join(f"--algo {m.name}" for m in METHODS.values() if cfg.quant_format in m.formats)
+        raise ConfigError(f"--quant-format {cfg.quant_format} (the graph form of the weights) is written by {writers};"
+                          f" this export is {precision}{' ' + method.name if method else ''}. HINT: add --precision "
+                          "int8 --algo rtn (or int4).")
+    return cfg.quant_format
+
+
+def _kv_cache(cfg: ExportConfig, precision: str, method: QuantMethod | None, fmt: str) -> str:
+    if cfg.kv_cache is None:
+        return "fp16" if precision == "fp16" else "fp32"
+    choice("KV cache dtype", cfg.kv_cache, KV_DTYPES)
+    if method is None and cfg.kv_cache != precision:
+        raise ConfigError(f"--kv-cache {cfg.kv_cache} applies to int8/int4 exports; a {precision} bundle keeps its "
+                          f"KV cache in {precision}. HINT: use --precision fp16 for an fp16 cache.")
+    if cfg.kv_cache == "fp16" and method is not None and (not method.fp16_kv or fmt == "qdq"):
+        raise ConfigError(f"--kv-cache fp16 runs the quantized graph in fp16, which --algo {method.name} / "
+                          f"--quant-format {fmt} do not support. HINT: use --algo rtn, hqq or gptq.")
+    return cfg.kv_cache
+
+
+def _lm_head(cfg: ExportConfig, precision: str, method: QuantMethod | None, ref: SourceRef,
+             inspection: gguf.Inspection | None) -> str:
+    carried = method is not None and method.gguf_source
+    if cfg.lm_head is not None:
+        choice("lm_head precision", cfg.lm_head, LM_HEADS)
+        if not carried:
+            raise ConfigError(f"--lm-head {cfg.lm_head} chooses how a GGUF's output layer is carried over; this "
+                              f"export is {precision}{' ' + method.name if method else ''}. HINT: drop --lm-head, or "
+                              "use --algo gguf.")
+    head_q8 = carried and inspection is not None and inspection.head_is_q8
+    lm_head = cfg.lm_head or ("int8" if head_q8 else "fp32")
+    if lm_head == "int8" and not head_q8:
+        raise ConfigError(f"--lm-head int8 carries the GGUF's Q8_0 output/embedding blocks over, but '{ref.spec}' has "
+                          "none. HINT: use --lm-head fp32.")
+    return lm_head
