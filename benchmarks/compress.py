@@ -78,13 +78,13 @@ class EdgekitEngine:
         return self.model.forward(ids, self.model.new_cache(), logits_to_keep=len(ids))
 
     def speed(self, ids: list[int], n: int) -> tuple[float, float]:
-        params = self.model.sampling_params(len(ids), max_new_tokens=n, temperature=0)
-        from edgekit.runtimes.decoder import GenerationStats
+        from edgekit.runtimes.model import run_one
 
-        st = GenerationStats()
-        for _ in self.model.generate_ids(ids, params, st):
+        model = self.model
+        seq = model.new_sequence(ids, model.params(len(ids), max_new_tokens=n, temperature=0))
+        for _ in run_one(model.new_batch(1), seq):
             pass
-        return st.ttft_s * 1000, st.decode_tokens_per_s
+        return seq.stats.ttft_s * 1000, seq.stats.decode_tokens_per_s
 
 
 class LlamaCppEngine:

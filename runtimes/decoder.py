@@ -17,7 +17,7 @@ import numpy as np
 from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions, create_session
 from edgekit.runtimes.bundle import Manifest
-from edgekit.runtimes.errors import BundleError, ContextLengthError, UnsupportedOptionError
+from edgekit.runtimes.errors import BundleError, ContextLengthError
 from edgekit.runtimes.kv_cache import BatchKV, KVCache, PrefixCache
 from edgekit.runtimes.sampling import SamplingParams, sample_next
 from edgekit.runtimes.sequence import Sequence
@@ -90,11 +90,7 @@ class ARModel:
     # --- generation ----------------------------------------------------------------------------------------------
     def params(self, prompt_len: int, **options: Any) -> SamplingParams:
         """Validated settings for a prompt of ``prompt_len`` tokens (the bundle's defaults for what is not given)."""
-        unknown = set(options) - self.option_names
-        if unknown:
-            raise UnsupportedOptionError(
-                f"Unknown generation option(s) for an AR bundle: {', '.join(sorted(unknown))}. "
-                f"Known: {', '.join(SamplingParams.__dataclass_fields__)}.")
+        mdl.refuse_unknown(self, options)
         params = self.defaults.with_overrides(**options)
         room = self.max_context - prompt_len
         if options.get("max_new_tokens") is None and params.max_new_tokens > room > 0:

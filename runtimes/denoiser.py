@@ -26,7 +26,7 @@ import numpy as np
 from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions, create_session
 from edgekit.runtimes.bundle import Manifest
-from edgekit.runtimes.errors import BundleError, ConfigError, ContextLengthError, UnsupportedOptionError
+from edgekit.runtimes.errors import BundleError, ConfigError, ContextLengthError
 from edgekit.runtimes.sequence import Sequence
 from edgekit.runtimes.tokenizer import Prompt, Tokenizer
 from edgekit.runtimes.unmasking import CacheMode, DiffusionParams, select, transfer_schedule
@@ -174,11 +174,7 @@ class DiffusionModel:
     # --- generation ----------------------------------------------------------------------------------------------
     def params(self, prompt_len: int, **options: Any) -> DiffusionParams:
         """Validated settings; ``max_new_tokens`` is an alias of ``gen_length``."""
-        unknown = set(options) - self.option_names
-        if unknown:
-            raise UnsupportedOptionError(
-                f"Unknown option(s) for a diffusion bundle: {', '.join(sorted(unknown))}. "
-                f"Known: {', '.join(sorted(self.option_names))}.")
+        mdl.refuse_unknown(self, options)
         given = {k: v for k, v in options.items() if v is not None}
         alias = given.pop("max_new_tokens", None)
         if alias is not None:

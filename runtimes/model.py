@@ -152,6 +152,17 @@ class Model(Protocol):
               new_tokens: int = 64) -> Trace: ...
 
 
+def refuse_unknown(model: Model, options: Mapping[str, Any]) -> None:
+    """Refuse options the model does not take, naming the ones it does."""
+    from edgekit.runtimes.errors import UnsupportedOptionError
+
+    unknown = set(options) - model.option_names
+    if unknown:
+        raise UnsupportedOptionError(
+            f"Unknown option(s) for this {model.kind} bundle: {', '.join(sorted(unknown))}. "
+            f"Known: {', '.join(sorted(model.option_names))}.")
+
+
 def run_one(batch: Batch, seq: Sequence) -> Iterator[str]:
     """Generate one sequence on ``batch`` and yield its text as it is committed (``Model.stream``'s loop)."""
     try:

@@ -124,7 +124,7 @@ def test_default_length_fits_the_context(model):
 
 
 def test_unknown_and_bad_options(model):
-    with pytest.raises(ConfigError, match="Unknown generation option.*diffusion_steps"):
+    with pytest.raises(ConfigError, match="Unknown option.*ar bundle: diffusion_steps"):
         model.stream(CHAT, diffusion_steps=8)
     with pytest.raises(ConfigError, match="temperature"):
         model.stream(CHAT, temperature=-1)
