@@ -17,8 +17,6 @@ import onnx
 
 from edgekit.runtimes.errors import ConfigError
 
-ALGOS: tuple[str, ...] = ("gguf", "rtn", "hqq", "gptq")
-
 
 def _reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
@@ -39,9 +37,6 @@ def _reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
     return Reader()
 
 
-QUANT_FORMATS: tuple[str, ...] = ("nbits", "qdq")
-
-
 def quantize_weights(
     model: onnx.ModelProto, bits: int, algo: str, block_size: int, accuracy_level: int,
     on_step: Callable[[str], None] | None = None, calibration: Sequence[dict[str, np.ndarray]] = (),
@@ -50,7 +45,7 @@ def quantize_weights(
     """Quantize every MatMul with a constant weight; lm_head (node name 'lm_head') to 8 bits. ``calibration``:
     graph feeds for GPTQ (required there). ``quant_format``: "nbits" writes MatMulNBits (onnxruntime's kernels);
     "qdq" writes blockwise DequantizeLinear(int4/int8 weight) -> MatMul, the weight-only form TensorRT consumes
-    (rtn only)."""
+    (rtn only). Which combinations exist is the plan's business (export.methods); they are not re-checked here."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         GPTQWeightOnlyQuantConfig,
@@ -61,8 +56,6 @@ def quantize_weights(
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     fmt = QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator
-    if quant_format == "qdq" and algo != "rtn":
-        raise ConfigError(f"--quant-format qdq is written by rtn only, got --algo {algo}. HINT: use --algo rtn.")
     if quant_format == "qdq" and bits == 8:
         return _check(_int8_qdq(model, calibration, on_step), "int8 QDQ")
     if algo == "rtn":
@@ -71,16 +64,13 @@ def quantize_weights(
     elif algo == "hqq":
         body_cfg = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
     elif algo == "gptq":
-        if bits != 4:
-            raise ConfigError("onnxruntime's GPTQ writes 4-bit weights only; use --precision int4 with --algo gptq "
-                              "(or --algo rtn for int8).")
         if not calibration:
             raise ConfigError("GPTQ needs calibration sequences (the built-in text or --calibration FILE).")
         logging.getLogger("onnxruntime.quantization.neural_compressor").setLevel(logging.WARNING)
         body_cfg = GPTQWeightOnlyQuantConfig(calibration_data_reader=_reader(calibration), percdamp=0.01,
                                              block_size=128, actorder=False, mse=False, perchannel=True)
     else:
-        raise ConfigError(f"algo {algo!r} cannot re-quantize a graph; use rtn or hqq.")
+        raise ConfigError(f"algo {algo!r} cannot re-quantize a graph; use rtn, hqq or gptq.")
     # lm_head first: once it is a MatMulNBits the body pass cannot touch it (GPTQ ignores nodes_to_exclude). In QDQ
     # form onnxruntime writes 4-bit only, so there the head stays float (TensorRT runs it in fp16)
     if quant_format != "qdq":

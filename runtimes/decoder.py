@@ -100,11 +100,7 @@ class ARModel:
                 f"Prompt of {prompt_len} tokens does not fit the bundle's max context of {self.max_context} tokens "
                 f"(room is needed for at least one new token). HINT: shorten the prompt by {1 - room} tokens or "
                 "re-export with a larger --max-context.")
-        if prompt_len + params.max_new_tokens > self.max_context:
-            raise ContextLengthError(
-                f"Prompt of {prompt_len} tokens + max_new_tokens {params.max_new_tokens} = "
-                f"{prompt_len + params.max_new_tokens} exceeds the bundle's max context of {self.max_context} tokens. "
-                f"HINT: shorten the prompt or set max_new_tokens <= {room}.")
+        mdl.check_fits(self, prompt_len, "max_new_tokens", params.max_new_tokens)
         return params
 
     def new_sequence(self, prompt_ids: Seq[int], params: SamplingParams) -> Sequence:
@@ -193,7 +189,7 @@ class ARBatch:
         cache = self.prefix.lookup(seq.prompt_ids)
         seq.stats.reused_prompt_tokens = len(cache)
         logits = self.model.forward(seq.prompt_ids[len(cache):], cache)[-1]
-        self._count(seq, len(seq.prompt_ids) - len(cache))
+        self._count(seq, len(seq.prompt_ids) - seq.stats.reused_prompt_tokens)
         row = _Row(list(seq.prompt_ids), cache)
         seq.state = row
         if seq.accept(ARModel._sample(seq, logits)):

@@ -26,7 +26,7 @@ import numpy as np
 from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions, create_session
 from edgekit.runtimes.bundle import Manifest
-from edgekit.runtimes.errors import BundleError, ConfigError, ContextLengthError
+from edgekit.runtimes.errors import BundleError, ConfigError
 from edgekit.runtimes.sequence import Sequence
 from edgekit.runtimes.tokenizer import Prompt, Tokenizer
 from edgekit.runtimes.unmasking import CacheMode, DiffusionParams, select, transfer_schedule
@@ -188,11 +188,7 @@ class DiffusionModel:
         if p.cache not in self.cache_modes:
             raise ConfigError(f"cache mode {p.cache!r} is not in this bundle (it has: {', '.join(self.cache_modes)}). "
                               "HINT: re-export it with this edgekit version, or use cache='none'.")
-        if prompt_len + p.gen_length > self.max_context:
-            raise ContextLengthError(
-                f"Prompt of {prompt_len} tokens + gen_length {p.gen_length} = {prompt_len + p.gen_length} exceeds the "
-                f"bundle's max context of {self.max_context} tokens. HINT: set gen_length <= "
-                f"{self.max_context - prompt_len}.")
+        mdl.check_fits(self, prompt_len, "gen_length", p.gen_length)
         return p
 
     def new_sequence(self, prompt_ids: Seq[int], params: DiffusionParams) -> Sequence:

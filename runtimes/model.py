@@ -163,6 +163,17 @@ def refuse_unknown(model: Model, options: Mapping[str, Any]) -> None:
             f"Known: {', '.join(sorted(model.option_names))}.")
 
 
+def check_fits(model: Model, prompt_len: int, option: str, new_tokens: int) -> None:
+    """Refuse a prompt plus ``new_tokens`` (the ``option`` that set them) that exceeds the bundle's context."""
+    from edgekit.runtimes.errors import ContextLengthError
+
+    if prompt_len + new_tokens > model.max_context:
+        raise ContextLengthError(
+            f"Prompt of {prompt_len} tokens + {option} {new_tokens} = {prompt_len + new_tokens} exceeds the bundle's "
+            f"max context of {model.max_context} tokens. HINT: shorten the prompt or set {option} <= "
+            f"{model.max_context - prompt_len}.")
+
+
 def run_one(batch: Batch, seq: Sequence) -> Iterator[str]:
     """Generate one sequence on ``batch`` and yield its text as it is committed (``Model.stream``'s loop)."""
     try:

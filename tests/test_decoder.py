@@ -44,7 +44,7 @@ def test_prefill_once_then_one_token_per_step(model):
     assert c.calls[0] == prompt_len
     assert c.calls[1:] == [1] * (len(c.calls) - 1)
     assert len(c.calls) == n  # one prefill, then one run per token but the last chosen one (never fed)
-    assert stream.stats.forward_passes == n
+    assert stream.stats.forward_passes == n and stream.stats.positions_computed == prompt_len + n - 1
 
 
 def test_cached_decode_equals_full_recompute(model):

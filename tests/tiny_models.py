@@ -44,7 +44,6 @@ def make_tokenizer(vocab_size: int = 400):
 
 def make_model(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """Save a tiny random ``arch`` model plus tokenizer into ``folder`` and return it."""
-    import torch
     import transformers
 
     tok = make_tokenizer()
@@ -61,7 +60,14 @@ def make_model(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
         "GPT2LMHeadModel": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4)),
     }
     config_cls, extra = per_arch[arch]
-    config = getattr(transformers, config_cls)(**{**common, **extra, **overrides})
+    return _save(arch, getattr(transformers, config_cls)(**{**common, **extra, **overrides}), tok, folder, seed)
+
+
+def _save(arch: str, config, tok, folder: Path, seed: int) -> Path:
+    """Build ``arch`` from ``config`` with seeded random weights; save it and the tokenizer into ``folder``."""
+    import torch
+    import transformers
+
     config.architectures = [arch]
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
@@ -73,7 +79,6 @@ def make_model(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
 
 def make_mlm(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """A tiny random masked LM (BERT family) with the byte-level BPE tokenizer plus a mask token."""
-    import torch
     import transformers
 
     tok = make_tokenizer()
@@ -94,14 +99,7 @@ def make_mlm(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
     if arch == "DistilBertForMaskedLM":
         for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             kw.pop(k)
-    config = getattr(transformers, config_cls)(**kw)
-    config.architectures = [arch]
-    torch.manual_seed(seed)
-    model = getattr(transformers, arch)(config).eval()
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return _save(arch, getattr(transformers, config_cls)(**kw), tok, folder, seed)
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
