@@ -200,10 +200,10 @@ def devices() -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def info(bundle: Path, as_json: bool) -> None:
-    """Show what is in BUNDLE (and verify its files)."""
-    from edgekit.runtimes.bundle import load_manifest
+    """Show what is in BUNDLE (after the checks a load makes: files, hashes, manifest against its graphs)."""
+    from edgekit.runtimes import load
 
-    m = load_manifest(bundle)
+    m = load(bundle).manifest
     if as_json:
         click.echo(json.dumps(m.to_dict(), indent=2, ensure_ascii=False))
         return
@@ -249,7 +249,8 @@ def describe(bundle: Path, m: Any) -> str:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback unless told).")
 @click.option("--port", default=8000, show_default=True)
-@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1 endpoints.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every endpoint but /health "
+              "(the WebSocket handshake may pass ?api_key=).")
 @click.option("--max-batch", default=8, show_default=True, help="Requests decoded together.")
 @click.option("--max-queue", default=32, show_default=True, help="Requests allowed to wait; more get 429.")
 @click.option("--request-timeout", default=60.0, show_default=True, help="Seconds before a request is ended.")
@@ -258,6 +259,9 @@ def describe(bundle: Path, m: Any) -> str:
 @click.option("--model-name", default=None, help="Model id clients use [bundle folder name].")
 @click.option("--prefix-cache-entries", default=8, show_default=True,
               help="Finished conversations whose KV cache is kept for reuse by the next turn (0 = off).")
+@click.option("--header-timeout", default=10.0, show_default=True, help="Seconds a client has to send headers.")
+@click.option("--body-timeout", default=30.0, show_default=True, help="Seconds a client has to send its body.")
+@click.option("--max-connections", default=256, show_default=True, help="Open connections beyond this get 503.")
 @click.option("--threads", type=int, default=None)
 @click.option("--provider", "providers", multiple=True)
 def serve(bundle: Path, providers: tuple[str, ...], **opts: Any) -> None:

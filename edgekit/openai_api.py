@@ -21,6 +21,12 @@ from typing import Any, Literal
 
 Endpoint = Literal["chat", "completions"]
 FieldType = Literal["number", "integer", "string"]
+# fields that would change the answer and are not implemented, with the values that mean "off" (accepted)
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",), "logit_bias": ({},), "best_of": (1,), "echo": (False,), "suffix": ("",),
+    "min_p": (0, 0.0),
+}
 # request field -> its type; the option of the same name goes to the model's params()
 FIELDS: dict[str, FieldType] = {
     "temperature": "number", "top_p": "number", "top_k": "integer", "seed": "integer",
@@ -69,6 +75,11 @@ def _typed(body: dict[str, Any], key: str, kind: FieldType) -> Any:
     return v
 
 
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _text_content(content: Any, i: int) -> str:
     if isinstance(content, str):
         return content
@@ -105,9 +116,11 @@ def parse(body: Any, endpoint: Endpoint, served_model: str, option_names: frozen
     n = _typed(body, "n", "integer")
     if n not in (None, 1):
         raise _bad(f"Only n=1 is supported, got {n}.", "n")
-    for key in ("logprobs", "top_logprobs", "tools", "tool_choice", "functions", "function_call"):
-        if body.get(key) not in (None, False, [], "none"):
-            raise _bad(f"'{key}' is not supported by this server.", key, "unsupported_parameter")
+    for key, off in UNSUPPORTED.items():
+        value = body.get(key)
+        if value is not None and not any(value == o and type(value) is type(o) for o in off):
+            raise _bad(f"'{key}' is not supported by this server (it would change the answer), got {_short(value)}.",
+                       key, "unsupported_parameter")
     if body.get("response_format") not in (None, {"type": "text"}):
         raise _bad("Only response_format {'type': 'text'} is supported.", "response_format", "unsupported_parameter")
     for key in ("presence_penalty", "frequency_penalty"):

@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from edgekit import limits
 from edgekit.metrics import ServerMetrics
 from edgekit.openai_api import APIError, GenerationRequest, ResponseBuilder, parse
 from edgekit.runtimes import load
@@ -50,8 +53,17 @@ class ServeConfig:
     threads: int | None = None
     providers: tuple[str, ...] | None = None
     prefix_cache_entries: int = 8
+    header_timeout: float = 10.0  # seconds a client has to send a request's headers
+    body_timeout: float = 30.0  # ... and its body
+    max_connections: int = 256  # open connections beyond this get 503
 
     def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key is empty, which would turn authentication off. HINT: pass a real key, or "
+                              "leave --api-key out to serve without one.")
+        if min(self.header_timeout, self.body_timeout) <= 0 or self.max_connections < 1:
+            raise ConfigError(f"header/body timeouts must be > 0 and max_connections >= 1, got {self.header_timeout}, "
+                              f"{self.body_timeout} and {self.max_connections}.")
         for name in ("max_batch", "max_tokens_cap", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -104,31 +116,25 @@ def _state(conn: HTTPRequest | WebSocket) -> ServerState:
     return conn.app.state.edgekit
 
 
-def _check_auth(state: ServerState, headers: Any, query: Any) -> None:
+def _check_auth(state: ServerState, headers: Any, query: Any = None) -> None:
+    """With an API key, every endpoint but /health needs it, in the Authorization header (``query``: the WebSocket
+    handshake may pass ``?api_key=``, since browsers cannot set headers there)."""
     key = state.cfg.api_key
     if key is None:
         return
     given = headers.get("authorization", "")
-    token = given[7:] if given.lower().startswith("bearer ") else query.get("api_key", "")
-    if not hmac.compare_digest(token.encode(), key.encode()):
+    token = given[7:] if given.lower().startswith("bearer ") else (query.get("api_key", "") if query else "")
+    if not hmac.compare_digest(token.encode("utf-8", "replace"), key.encode()):
         raise APIError(401, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
 
 
-async def _read_json(request: HTTPRequest, limit: int) -> Any:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"Request body of {declared} bytes exceeds the limit of {limit} bytes.",
-                       code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="body_too_large")
-        chunks.append(chunk)
+async def _read_json(request: HTTPRequest, cfg: ServeConfig) -> Any:
     try:
-        return json.loads(b"".join(chunks) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"The request body is not valid JSON: {e}.", code="invalid_json") from None
+        raw = await limits.read_body(request, cfg.max_body_bytes, cfg.body_timeout)
+    except ClientDisconnect:
+        limits.log_disconnect("while sending its request")
+        raise APIError(400, "The client disconnected while sending the request.", code="client_disconnected") from None
+    return limits.parse_json(raw)
 
 
 class _Job:
@@ -225,12 +231,13 @@ async def health(request: HTTPRequest) -> Response:
 
 
 async def metrics(request: HTTPRequest) -> Response:
+    _check_auth(_state(request), request.headers)
     return PlainTextResponse(_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 async def models(request: HTTPRequest) -> Response:
     state = _state(request)
-    _check_auth(state, request.headers, request.query_params)
+    _check_auth(state, request.headers)
     return JSONResponse({"object": "list", "data": [
         {"id": state.name, "object": "model", "created": state.created, "owned_by": "edgekit"}]})
 
@@ -245,9 +252,9 @@ async def completions(request: HTTPRequest) -> Response:
 
 async def _generate(request: HTTPRequest, endpoint: Any) -> Response:
     state = _state(request)
-    _check_auth(state, request.headers, request.query_params)
+    _check_auth(state, request.headers)
     state.require_ready()
-    body = await _read_json(request, state.cfg.max_body_bytes)
+    body = await _read_json(request, state.cfg)
     greq = state.parse(body, endpoint)
     job = _Job(state, greq)
     builder = ResponseBuilder(greq)
@@ -321,7 +328,7 @@ async def websocket(ws: WebSocket) -> None:
         return
     await ws.accept()
     try:
-        msg = await ws.receive_json()
+        msg = limits.parse_json((await ws.receive_text()).encode("utf-8", "surrogatepass"))
         kind = msg.pop("type", "chat.completions") if isinstance(msg, dict) else None
         if kind not in ("chat.completions", "completions"):
             raise APIError(400, f"'type' must be 'chat.completions' or 'completions', got {kind!r}.", "type")
@@ -332,18 +339,22 @@ async def websocket(ws: WebSocket) -> None:
         await ws.send_json(e.body())
         await ws.close(code=1008 if e.status < 500 else 1011)
         return
-    except (json.JSONDecodeError, ValueError, KeyError) as e:
-        await ws.send_json(APIError(400, f"The first message must be a JSON request object: {e}").body())
-        await ws.close(code=1003)
+    except (WebSocketDisconnect, RuntimeError):
+        limits.log_disconnect("WebSocket, before its request")
         return
 
     stopped_by_client = False
 
     async def listen() -> None:
         nonlocal stopped_by_client
-        with contextlib.suppress(WebSocketDisconnect, json.JSONDecodeError, RuntimeError):
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             while True:
-                m = await ws.receive_json()
+                text = await ws.receive_text()
+                try:  # a malformed message is answered and ignored; it does not end the answer
+                    m = limits.parse_json(text.encode("utf-8", "surrogatepass"))
+                except APIError as e:
+                    await ws.send_json(e.body())
+                    continue
                 if isinstance(m, dict) and m.get("type") == "stop":
                     stopped_by_client = True
                     job.cancel()
@@ -359,6 +370,7 @@ async def websocket(ws: WebSocket) -> None:
         await ws.send_text("[DONE]")
         await ws.close()
     except (WebSocketDisconnect, RuntimeError):
+        limits.log_disconnect("WebSocket, during its answer")
         job.cancel()
     finally:
         listener.cancel()
@@ -367,6 +379,15 @@ async def websocket(ws: WebSocket) -> None:
 async def _api_error(request: HTTPRequest, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: HTTPRequest, exc: Exception) -> Response:
+    """Starlette's own refusals (404, 405, ...) in OpenAI's error format."""
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    body = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                    code=codes.get(exc.status_code, "http_error")).body()
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 async def _internal_error(request: HTTPRequest, exc: Exception) -> Response:
@@ -394,9 +415,10 @@ def create_app(cfg: ServeConfig) -> Starlette:
             Route("/v1/completions", completions, methods=["POST"]),
             WebSocketRoute("/v1/ws", websocket),
         ],
-        exception_handlers={APIError: _api_error, Exception: _internal_error},
+        exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # a redirect would be built from the client's Host header
     app.state.edgekit = state
     return app
 
@@ -413,4 +435,5 @@ def serve(cfg: ServeConfig) -> None:
     print(f"edgekit: serving '{state.name}' ({state.kind}) on http://{cfg.host}:{cfg.port}  (OpenAI API under /v1)",
           file=sys.stderr, flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", ws="websockets-sansio", lifespan="on",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=limits.guarded_protocol(cfg.header_timeout),
+                limit_concurrency=cfg.max_connections, timeout_keep_alive=5, ws_max_size=cfg.max_body_bytes)

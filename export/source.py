@@ -117,6 +117,7 @@ def load_model(ref: SourceRef, trust_remote_code: bool = False,
     Auto* class names, from the registry record) that accepts its config."""
     import torch
     import transformers
+    from safetensors import SafetensorError
 
     autos = [getattr(transformers, name) for name in auto_classes]
     kw = dict(dtype=torch.float32, trust_remote_code=trust_remote_code, **ref.hf_kwargs())
@@ -128,8 +129,9 @@ def load_model(ref: SourceRef, trust_remote_code: bool = False,
             except ValueError:  # "Unrecognized configuration class ... for this kind of AutoModel"
                 if i == len(autos) - 1:
                     raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise SourceError(f"Cannot load the weights of '{ref.spec}': {e}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        raise SourceError(f"Cannot load the weights of '{ref.spec}' ({type(e).__name__}: {str(e)[:300]}). HINT: the "
+                          "weights file may be truncated or corrupt; re-copy it.") from None
     return model.eval()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgekit.runtimes.bundle import GraphSpec, RuntimeSpec
+from edgekit.runtimes.bundle import GraphSpec, RuntimeSpec, bundle_file
 from edgekit.runtimes.errors import BundleError, ConfigError, did_you_mean
 
 
@@ -52,7 +52,7 @@ def create_session(bundle_dir: Path, graph: GraphSpec, options: BackendOptions, 
     if missing:
         raise BundleError(f"The manifest's graph '{graph.file}' lacks the I/O name(s) {', '.join(missing[:4])} this "
                           "runtime needs. HINT: re-export the bundle with this edgekit version.")
-    path = bundle_dir / graph.file
+    path = bundle_file(bundle_dir, graph.file, "graph")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if options.threads is not None:
@@ -75,3 +75,25 @@ def create_session(bundle_dir: Path, graph: GraphSpec, options: BackendOptions, 
                           f"and outputs {list(have[1])[:3]}..., the manifest says {list(graph.inputs)[:4]}... and "
                           f"{list(graph.outputs)[:3]}.... HINT: re-export the bundle.")
     return session
+
+
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+def check_dims(session: ort.InferenceSession, where: str, expected: dict[str, dict[int, int]],
+               dtypes: dict[str, str] | None = None) -> None:
+    """Refuse a graph whose declared tensor dims (where the graph fixes them) or element types disagree with what the
+    manifest says: ``expected`` maps a tensor name to {axis: size}; ``dtypes`` a name to "float32"/"float16"."""
+    args = {a.name: a for a in (*session.get_inputs(), *session.get_outputs())}
+    for name, axes in expected.items():
+        shape = args[name].shape
+        for axis, size in axes.items():
+            got = shape[axis] if -len(shape) <= axis < len(shape) else None
+            if isinstance(got, int) and got != size:
+                raise BundleError(f"Bundle manifest disagrees with graph '{where}': '{name}' has size {got} on axis "
+                                  f"{axis}, the manifest says {size}. HINT: the manifest or the graph was altered; "
+                                  "re-export the bundle.")
+    for name, dtype in (dtypes or {}).items():
+        if args[name].type != ORT_TYPES.get(dtype, dtype):
+            raise BundleError(f"Bundle manifest disagrees with graph '{where}': '{name}' is {args[name].type}, the "
+                              f"manifest says {dtype}. HINT: re-export the bundle.")

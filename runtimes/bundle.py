@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from edgekit.runtimes import schema
 from edgekit.runtimes.errors import BundleError, ExportError
 
 FORMAT_NAME = "edgekit-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "edgekit.json"
+MAX_MANIFEST_BYTES = 16 << 20  # ours are ~100 KB (chat template and parity report included)
+KV_DTYPES: tuple[str, ...] = ("float32", "float16")
 
 ModelKind = Literal["ar", "diffusion"]
 MODEL_KINDS: tuple[str, ...] = ("ar", "diffusion")
@@ -130,27 +133,70 @@ class Manifest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "edgekit.json") -> Manifest:
-        try:
-            d = dict(data)
-            d["graphs"] = {k: _graph_from(v) for k, v in d["graphs"].items()}
-            d["tokens"] = SpecialTokens(**{**d["tokens"], "stop_ids": tuple(d["tokens"].get("stop_ids", ()))})
-            d["tokenizer"] = TokenizerSpec(**d["tokenizer"])
-            if d.get("kv_cache") is not None:
-                d["kv_cache"] = KVCacheLayout(**d["kv_cache"])
-            rt = d.get("runtime") or {}
-            d["runtime"] = RuntimeSpec(**{k: tuple(v) for k, v in rt.items()})
-            if d.get("quantization") is not None:
-                d["quantization"] = Quantization(**d["quantization"])
-            return cls(**d)
-        except (KeyError, TypeError, AttributeError) as e:
-            raise BundleError(
-                f"{where} is malformed ({type(e).__name__}: {e}). HINT: re-export the bundle with this edgekit version."
-            ) from None
+    def from_dict(cls, data: Any, where: str = MANIFEST_FILE) -> Manifest:
+        """Parse an untrusted manifest: every field typed and in range, or a BundleError naming it."""
+        r = schema.Reader(data, where)
+        vocab = r.int("vocab_size", lo=1, hi=1 << 24)
+        tokens, tokenizer, kv, quant = r.obj("tokens"), r.obj("tokenizer"), r.obj("kv_cache", False), \
+            r.obj("quantization", False)
+        runtime = r.obj("runtime", False)
+        assert tokens is not None and tokenizer is not None
+        token_id = dict(required=False, lo=0, hi=vocab - 1)
+        return cls(
+            kind=r.str("kind", choices=MODEL_KINDS),
+            architecture=r.str("architecture", max_len=200),
+            model_type=r.str("model_type", max_len=200),
+            precision=r.str("precision", max_len=64),
+            max_context=r.int("max_context", lo=1, hi=1 << 22),
+            vocab_size=vocab,
+            graphs=r.each("graphs", lambda g: GraphSpec(g.str("file", max_len=255), g.strings("inputs"),
+                                                          g.strings("outputs"))),
+            tokens=SpecialTokens(bos_id=tokens.int("bos_id", **token_id), eos_id=tokens.int("eos_id", **token_id),
+                                 pad_id=tokens.int("pad_id", **token_id),
+                                 turn_end_id=tokens.int("turn_end_id", **token_id),
+                                 mask_id=tokens.int("mask_id", **token_id), stop_ids=tokens.ints("stop_ids", 0,
+                                                                                               vocab - 1)),
+            tokenizer=TokenizerSpec(
+                file=tokenizer.str("file", max_len=255),
+                chat_template=tokenizer.str("chat_template", required=False, max_len=1 << 18),
+                add_special_tokens=tokenizer.bool("add_special_tokens", True),
+                special_token_strings=tokenizer.mapping("special_token_strings",
+                                                        lambda v: v is None or isinstance(v, str),
+                                                        "an object of strings")),
+            kv_cache=None if kv is None else _kv_layout(kv),
+            generation=r.mapping("generation"),
+            runtime=RuntimeSpec() if runtime is None else RuntimeSpec(
+                providers=runtime.strings("providers", required=False) or RuntimeSpec().providers,
+                disabled_optimizers=runtime.strings("disabled_optimizers", required=False)),
+            quantization=None if quant is None else Quantization(
+                method=quant.str("method", max_len=64), bits=quant.int("bits", lo=1, hi=16),
+                block_size=quant.int("block_size", lo=1, hi=1 << 16), accuracy_level=quant.int("accuracy_level",
+                                                                                              hi=4),
+                tolerance=quant.str("tolerance", max_len=64), format=quant.str("format", False, "nbits"),
+                activations=quant.str("activations", False, "float"), kv_cache=quant.str("kv_cache", False, "fp32"),
+                embedding=quant.str("embedding", False, "float32"), lm_head=quant.str("lm_head", False, "8-bit"),
+                source_types=quant.mapping("source_types", lambda v: isinstance(v, int), "an object of counts")),
+            files=r.mapping("files", schema.is_hex_digest, "an object of SHA-256 hex digests"),
+            provenance=r.mapping("provenance"),
+            parity=r.mapping("parity") or None,
+            extra=r.mapping("extra"),
+            format=r.str("format", choices=(FORMAT_NAME,)),
+            format_version=r.int("format_version", lo=1, hi=FORMAT_VERSION),
+        )
 
 
-def _graph_from(v: Mapping[str, Any]) -> GraphSpec:
-    return GraphSpec(file=v["file"], inputs=tuple(v["inputs"]), outputs=tuple(v["outputs"]))
+def _kv_layout(r: schema.Reader) -> KVCacheLayout:
+    names = {k: r.str(k, False, getattr(KVCacheLayout, k), max_len=200)
+             for k in ("past_key", "past_value", "present_key", "present_value")}
+    for k, v in names.items():
+        if v.count("{layer}") != 1 or "{" in v.replace("{layer}", "") or "}" in v.replace("{layer}", ""):
+            raise BundleError(f"{r.where}: '{k}' must hold '{{layer}}' exactly once and no other braces, got {v!r}. "
+                              f"{schema.HINT}")
+    return KVCacheLayout(num_layers=r.int("num_layers", lo=1, hi=4096), num_kv_heads=r.int("num_kv_heads", lo=1,
+                                                                                           hi=4096),
+                         head_dim=r.int("head_dim", lo=1, hi=1 << 14),
+                         dtype=r.str("dtype", False, "float32", choices=KV_DTYPES),
+                         layout=r.str("layout", False, "BNSH", choices=("BNSH",)), **names)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -162,52 +208,76 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def read_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
-    """Read and check ``edgekit.json`` (format name and version); does not hash the payload files."""
+    """Read and check ``edgekit.json`` (size, nesting, format name and version, every field); no payload hashing."""
     root = Path(bundle_dir)
     if not root.is_dir():
         raise BundleError(
-            f"Bundle '{root}' does not exist or is not a folder. HINT: create one with 'edgekit export SRC -o {root}'."
-        )
+            f"Bundle '{root}' does not exist or is not a folder. HINT: create one with 'edgekit export SRC -o {root}'.")
     mpath = root / MANIFEST_FILE
-    if not mpath.is_file():
+    if mpath.is_symlink() or not mpath.is_file():
         raise BundleError(
-            f"'{root}' has no {MANIFEST_FILE}, so it is not an edgekit bundle (or it is a partial one). "
-            "HINT: re-run 'edgekit export' into a fresh folder."
-        )
-    try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath} is not valid JSON ({e}). HINT: re-export the bundle.") from None
+            f"'{root}' has no {MANIFEST_FILE} (or it is a link), so it is not an edgekit bundle (or it is a partial "
+            "one). HINT: re-run 'edgekit export' into a fresh folder.")
+    with open(mpath, "rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    data = schema.loads(raw, str(mpath), MAX_MANIFEST_BYTES)
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise BundleError(f"{mpath} is not an edgekit manifest (format={data.get('format')!r}, want '{FORMAT_NAME}').")
+        got = data.get("format") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise BundleError(f"{mpath} is not an edgekit manifest (format={got!r}, want '{FORMAT_NAME}').")
     version = data.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION or version < 1:
         raise BundleError(
             f"Bundle '{root}' has format_version {version!r}, but this edgekit reads versions 1..{FORMAT_VERSION}. "
-            "HINT: upgrade edgekit ('pip install -U edgekit') or re-export the bundle with this version."
-        )
-    manifest = Manifest.from_dict(data, where=str(mpath))
-    if manifest.kind not in MODEL_KINDS:
-        raise BundleError(f"{mpath} has kind {manifest.kind!r}; known kinds: {', '.join(MODEL_KINDS)}.")
-    return manifest
+            "HINT: upgrade edgekit ('pip install -U edgekit') or re-export the bundle with this version.")
+    return Manifest.from_dict(data, where=str(mpath))
+
+
+def bundle_file(root: Path, name: str, what: str = "file") -> Path:
+    """The path of a file the manifest names: a plain relative name inside the bundle (no '..', no absolute path,
+    no link anywhere on the way), or a BundleError naming it."""
+    parts = Path(name).parts
+    if (not name or "\0" in name or "\\" in name or Path(name).is_absolute() or not parts
+            or any(p in ("..", ".") for p in parts) or name != "/".join(parts)):
+        raise BundleError(f"{MANIFEST_FILE} names {what} {name!r}, which is not a plain relative path inside the "
+                          "bundle. HINT: a bundle from a stranger may be hostile; re-export it yourself.")
+    path = root
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            raise BundleError(f"Bundle '{root}': {what} {name!r} is (or goes through) a symbolic link; bundles hold "
+                              "plain files only. HINT: copy the real files in (cp -L) or re-export.")
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise BundleError(f"{MANIFEST_FILE} names {what} {name!r}, which resolves outside the bundle.")
+    return path
 
 
 def verify_files(bundle_dir: str | os.PathLike[str], manifest: Manifest, check_hashes: bool = True) -> None:
-    """Refuse a bundle with a missing file or (when ``check_hashes``) a file whose SHA-256 differs."""
+    """Refuse a bundle whose file list is missing, leaves out a file the bundle holds or the manifest names (graphs,
+    tokenizer), names a path outside the folder or a link, lacks a listed file, or (when ``check_hashes``) holds a
+    file whose SHA-256 differs."""
     root = Path(bundle_dir)
-    missing = [name for name in manifest.files if not (root / name).is_file()]
+    if not manifest.files:
+        raise BundleError(f"Bundle '{root}': {MANIFEST_FILE} lists no files, so nothing could be verified. "
+                          "HINT: re-export the bundle.")
+    paths = {name: bundle_file(root, name) for name in manifest.files}
+    named = [g.file for g in manifest.graphs.values()] + [manifest.tokenizer.file]
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*")
+               if (p.is_file() or p.is_symlink()) and p.name != MANIFEST_FILE}
+    unlisted = sorted((set(named) | present) - set(manifest.files))
+    if unlisted:
+        raise BundleError(f"Bundle '{root}' holds or names files its manifest does not list (and so cannot verify): "
+                          f"{', '.join(unlisted[:5])}. HINT: remove them, or re-export the bundle.")
+    missing = [name for name, p in paths.items() if not p.is_file()]
     if missing:
         raise BundleError(
-            f"Bundle '{root}' is incomplete: missing {', '.join(missing)}. HINT: copy the whole folder or re-export."
-        )
+            f"Bundle '{root}' is incomplete: missing {', '.join(missing)}. HINT: copy the whole folder or re-export.")
     if not check_hashes:
         return
-    bad = [name for name, digest in manifest.files.items() if sha256_file(root / name) != digest]
+    bad = [name for name, digest in manifest.files.items() if sha256_file(paths[name]) != digest]
     if bad:
         raise BundleError(
             f"Bundle '{root}' failed its integrity check: SHA-256 of {', '.join(bad)} does not match {MANIFEST_FILE}. "
-            "The file was modified or truncated. HINT: re-copy or re-export the bundle."
-        )
+            "The file was modified or truncated. HINT: re-copy or re-export the bundle.")
 
 
 def load_manifest(bundle_dir: str | os.PathLike[str], check_hashes: bool = True) -> Manifest:
@@ -234,6 +304,32 @@ def hash_payload(bundle_dir: str | os.PathLike[str]) -> dict[str, str]:
     }
 
 
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove the staging folders that exports to ``target`` killed before their cleanup left behind (those whose
+    process is gone); return them."""
+    stale = []
+    for p in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, rest = p.name[len(target.name) + 2:].partition("-")
+        pid = rest.split("-", 1)[0]
+        if kind not in ("partial", "old") or not p.is_dir() or p.is_symlink():
+            continue
+        if pid.isdigit() and _alive(int(pid)):
+            continue  # another export is writing it now
+        shutil.rmtree(p, ignore_errors=True)
+        stale.append(p)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def staging_dir(target: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it is renamed to ``target``, on failure removed.
@@ -248,11 +344,12 @@ def staging_dir(target: str | os.PathLike[str], force: bool = False) -> Iterator
     if target.exists() and not target.is_dir():
         raise ExportError(f"Output path '{target}' exists and is a file, not a folder. HINT: choose another -o path.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    remove_stale_staging(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     try:
         yield tmp
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
             os.replace(target, old / target.name)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)

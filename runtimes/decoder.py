@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from edgekit.runtimes import model as mdl
-from edgekit.runtimes.backend import BackendOptions, create_session
-from edgekit.runtimes.bundle import Manifest
+from edgekit.runtimes.backend import BackendOptions, check_dims, create_session
+from edgekit.runtimes.bundle import Manifest, bundle_file
 from edgekit.runtimes.errors import BundleError, ContextLengthError
 from edgekit.runtimes.kv_cache import BatchKV, KVCache, PrefixCache
 from edgekit.runtimes.sampling import SamplingParams, sample_next
@@ -43,9 +43,17 @@ class ARModel:
         self.layout = manifest.kv_cache
         names = KVCache(self.layout)
         self.graph = manifest.graphs[GRAPH]
-        self.session = create_session(bundle_dir, self.graph, backend, manifest.runtime,
-                                      inputs=(*FEEDS, *names.past_names), outputs=("logits", *names.present_names))
-        self.tokenizer = Tokenizer(bundle_dir / manifest.tokenizer.file, manifest.tokenizer)
+        inputs, outputs = (*FEEDS, *names.past_names), ("logits", *names.present_names)
+        if (tuple(self.graph.inputs), tuple(self.graph.outputs)) != (inputs, outputs):
+            raise BundleError(f"Bundle '{bundle_dir}': the KV-cache layout ({self.layout.num_layers} layers) does not "
+                              f"match the decoder graph's I/O ({len(self.graph.inputs) - len(FEEDS)} past tensors). "
+                              "HINT: the manifest was altered; re-export the bundle.")
+        self.session = create_session(bundle_dir, self.graph, backend, manifest.runtime, inputs, outputs)
+        kv_axes = {1: self.layout.num_kv_heads, 3: self.layout.head_dim}
+        check_dims(self.session, self.graph.file, {"logits": {-1: manifest.vocab_size},
+                                                   **{n: kv_axes for n in (*names.past_names, *names.present_names)}},
+                   {n: self.layout.dtype for n in names.past_names})
+        self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
         self.defaults = SamplingParams.from_defaults(manifest.generation)
         self._outputs = ["logits", *names.present_names]

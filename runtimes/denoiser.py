@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgekit.runtimes import model as mdl
-from edgekit.runtimes.backend import BackendOptions, create_session
-from edgekit.runtimes.bundle import Manifest
+from edgekit.runtimes.backend import BackendOptions, check_dims, create_session
+from edgekit.runtimes.bundle import Manifest, bundle_file
 from edgekit.runtimes.errors import BundleError, ConfigError
 from edgekit.runtimes.sequence import Sequence
 from edgekit.runtimes.tokenizer import Prompt, Tokenizer
@@ -96,10 +96,11 @@ class DiffusionModel:
         self.isolated = info.get("attention") == "prompt_isolated"
         self._full_inputs = ("input_ids", "prompt_length") if self.isolated else ("input_ids", "attention_mask")
         self.session = self._session("denoiser", self._full_inputs, ("logits",))
+        check_dims(self.session, manifest.graphs["denoiser"].file, {"logits": {-1: manifest.vocab_size}})
         self._cached: tuple[Any, Any] | None = None  # (encode, block) sessions, created on first use
         self.cache_modes = tuple(info.get("cache_modes", ["none"]))
         self.position_offset = int(info.get("cache", {}).get("position_offset", 0))
-        self.tokenizer = Tokenizer(bundle_dir / manifest.tokenizer.file, manifest.tokenizer)
+        self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
         self.mask_id = int(manifest.tokens.mask_id)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
         known = DiffusionParams.__dataclass_fields__

@@ -6,6 +6,7 @@ The streaming detokenizer only ever returns complete UTF-8 text: a token that en
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -53,9 +54,8 @@ class Tokenizer:
             )
         _check_messages(messages)
         specials = {k: v for k, v in self.spec.special_token_strings.items() if v is not None}
-        return self._template.render(
-            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **specials
-        )
+        return _render(self._template, messages=[dict(m) for m in messages],
+                       add_generation_prompt=add_generation_prompt, **specials)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids for a plain prompt string, or for a chat (list of {role, content}) through the template."""
@@ -98,6 +98,51 @@ def _compile_template(source: str) -> Any:
         return env.from_string(source)
     except jinja2.TemplateError as e:
         raise BundleError(f"The bundle's chat template does not compile: {e}. HINT: re-export the bundle.") from None
+
+
+TEMPLATE_BUDGET = 2_000_000  # template lines a chat rendering may execute (real templates: a few thousand)
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def _render(template: Any, **context: Any) -> str:
+    """Render a sandboxed chat template with a bound on its work; its refusals become ConfigErrors."""
+    import jinja2
+
+    left = [TEMPLATE_BUDGET]
+
+    def count(frame: Any, event: str, arg: Any) -> Any:
+        left[0] -= 1
+        if left[0] < 0:
+            raise _OverBudget
+        return count
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:  # only the template's own compiled code is counted
+        return count if frame.f_code.co_filename == "<template>" else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        text = template.render(**context)
+    except _OverBudget:
+        raise ConfigError(f"The bundle's chat template did more than {TEMPLATE_BUDGET:,} steps of work rendering "
+                          "these messages and was stopped. HINT: the template may be hostile; re-export the bundle "
+                          "with a known template.") from None
+    except ConfigError:
+        raise
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise ConfigError(f"The bundle's chat template could not render these messages "
+                          f"({type(e).__name__}: {str(e)[:200]}).") from None
+    finally:
+        sys.settrace(previous)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ConfigError(f"The chat template rendered {len(text):,} characters, above {MAX_PROMPT_CHARS:,}.")
+    return text
+
+
+MAX_PROMPT_CHARS = 16 << 20
 
 
 class StreamingDetokenizer:

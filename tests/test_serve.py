@@ -185,7 +185,7 @@ def test_sixteen_concurrent_streams_all_complete(server, model):
 def _metric(server, name, **labels):
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers=AUTH).text
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
@@ -235,7 +235,7 @@ def test_metrics_parse_as_prometheus(server):
     from prometheus_client.parser import text_string_to_metric_families
 
     post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 3})
-    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics").text)}
+    fams = {f.name: f for f in text_string_to_metric_families(httpx.get(server.url + "/metrics", headers=AUTH).text)}
     for name in ("edgekit_time_to_first_token_seconds", "edgekit_inter_token_latency_seconds",
                  "edgekit_e2e_request_latency_seconds", "edgekit_request_queue_time_seconds"):
         assert fams[name].type == "histogram"
