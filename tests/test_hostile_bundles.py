@@ -251,3 +251,21 @@ def test_fuzz_the_manifest_parser(llama_bundle):
         except BundleError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 1000 and outcomes["parsed"] > 0
+
+
+def test_external_data_pointing_outside_the_bundle_is_refused(bundle, tmp_path):
+    """An ONNX file may name its weights' file itself; onnxruntime refuses a path that leaves the model's folder
+    (checked here because the bundle's safety depends on it)."""
+    import onnx
+
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    shutil.copy(bundle / "model.onnx.data", tmp_path / "outside.data")
+    for t in graph.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    onnx.save_model(graph, str(bundle / "model.onnx"))
+    m = manifest(bundle)
+    m["files"]["model.onnx"] = sha256_file(bundle / "model.onnx")  # a stranger's bundle hashes what it ships
+    write(bundle, m)
+    refused(bundle, "onnxruntime cannot load.*External data path")
