@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from edgekit.openai_api import APIError
+from edgekit.runtimes.schema import walk
 
 MAX_DEPTH = 64  # nesting a request body may have (a chat request: 5)
 MAX_DIGITS = 100  # digits an integer may have
@@ -52,20 +53,12 @@ def parse_json(raw: bytes) -> Any:
 
 
 def check(data: Any) -> None:
-    """Depth and string checks of parsed JSON (iterative: a hostile nesting cannot exhaust the stack)."""
-    stack = [(data, 1)]
-    while stack:
-        node, depth = stack.pop()
+    """Depth and string checks of parsed JSON."""
+    for node, depth in walk(data):
         if depth > MAX_DEPTH:
             raise _bad_json(f"The request body nests deeper than {MAX_DEPTH} levels.")
         if isinstance(node, str):
             _text(node)
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                _text(k)
-                stack.append((v, depth + 1))
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
 
 
 def _text(s: str) -> None:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from edgekit.runtimes.errors import BundleError
@@ -30,16 +30,24 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def check_depth(data: Any, where: str, limit: int = MAX_DEPTH) -> None:
+def walk(data: Any) -> Iterator[tuple[Any, int]]:
+    """Every value of parsed JSON, object keys included, with its depth; iterative, so a hostile nesting cannot
+    exhaust the stack (stop early by raising)."""
     stack = [(data, 1)]
     while stack:
         node, depth = stack.pop()
-        if depth > limit:
-            raise BundleError(f"{where} nests deeper than {limit} levels. {HINT}")
+        yield node, depth
         if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
+            for k, v in node.items():
+                yield k, depth + 1
+                stack.append((v, depth + 1))
         elif isinstance(node, list):
             stack.extend((v, depth + 1) for v in node)
+
+
+def check_depth(data: Any, where: str, limit: int = MAX_DEPTH) -> None:
+    if any(depth > limit for _, depth in walk(data)):
+        raise BundleError(f"{where} nests deeper than {limit} levels. {HINT}")
 
 
 class Reader:

@@ -126,15 +126,16 @@ def test_slow_clients_are_timed_out_while_streams_go_on(server):
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=AUTH, timeout=30) as r:
         text = "".join(r.iter_text())
     assert r.status_code == 200 and text.rstrip().endswith("[DONE]")
-    time.sleep(max(0.0, 2.5 - (time.time() - start)))
+    time.sleep(max(0.0, 1.5 - (time.time() - start)))
     closed = 0
-    for s in slow:
-        s.settimeout(2)
+    for s in slow:  # the server closes each one (1 s header timeout); a busy machine may take longer
+        s.settimeout(20)
         try:
-            s.sendall(b"X-Trickle: 1\r\n")
             closed += s.recv(1) == b""
-        except OSError:
+        except ConnectionResetError:
             closed += 1
+        except TimeoutError:
+            pass  # still open after 20 s: not timed out
         s.close()
     assert closed == len(slow)
     trickle = socket.create_connection(("127.0.0.1", server.port))  # a body that never finishes: 408
@@ -190,7 +191,8 @@ def test_after_the_attack_answers_are_unchanged(server, model):
     r = post(server, "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0})
     assert r.status_code == 200
     assert r.json()["choices"][0]["text"] == model.generate("Once upon a time", max_new_tokens=12, temperature=0)
-    assert "Traceback" not in server.logs()
+    logs = server.logs()
+    assert "Traceback" not in logs, logs[-3000:]
 
 
 def test_fuzz_the_request_parser():
