@@ -29,6 +29,7 @@ from edgekit.runtimes.bundle import KVCacheLayout
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
+ROTARY_POSITIONS = "edgekit.rotary_positions"  # model metadata: rows of the rotary cos/sin caches
 
 
 @dataclass(frozen=True)
@@ -267,6 +268,8 @@ def build_decoder(
         producer_name="edgekit",
     )
     model.ir_version = 10
+    # what the runtime checks the manifest against (initializers are out of a torch-free runtime's reach)
+    helper.set_model_props(model, {ROTARY_POSITIONS: str(dims.max_positions)})
     return model
 
 

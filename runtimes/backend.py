@@ -97,3 +97,13 @@ def check_dims(session: ort.InferenceSession, where: str, expected: dict[str, di
         if args[name].type != ORT_TYPES.get(dtype, dtype):
             raise BundleError(f"Bundle manifest disagrees with graph '{where}': '{name}' is {args[name].type}, the "
                               f"manifest says {dtype}. HINT: re-export the bundle.")
+
+
+def run_graph(session: ort.InferenceSession, outputs: Sequence[str], feeds: dict, where: str) -> list:
+    """``session.run``, with onnxruntime's failures (a graph that disagrees with its manifest in a way the load
+    checks cannot see) as a BundleError."""
+    try:
+        return session.run(list(outputs), feeds)
+    except Exception as e:  # onnxruntime raises its own unrelated types
+        raise BundleError(f"onnxruntime failed running graph '{where}': {str(e).strip().splitlines()[0][:300]}. "
+                          "HINT: the bundle may be damaged or made for another onnxruntime; re-export it.") from None

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.runtimes import model as mdl
-from edgekit.runtimes.backend import BackendOptions, check_dims, create_session
+from edgekit.runtimes.backend import BackendOptions, check_dims, create_session, run_graph
 from edgekit.runtimes.bundle import Manifest, bundle_file
 from edgekit.runtimes.errors import BundleError, ContextLengthError
 from edgekit.runtimes.kv_cache import BatchKV, KVCache, PrefixCache
@@ -53,6 +53,11 @@ class ARModel:
         check_dims(self.session, self.graph.file, {"logits": {-1: manifest.vocab_size},
                                                    **{n: kv_axes for n in (*names.past_names, *names.present_names)}},
                    {n: self.layout.dtype for n in names.past_names})
+        rotary = self.session.get_modelmeta().custom_metadata_map.get("edgekit.rotary_positions", "")
+        if rotary.isdigit() and int(rotary) < manifest.max_context:
+            raise BundleError(f"Bundle '{bundle_dir}': max_context {manifest.max_context} is beyond the decoder "
+                              f"graph's rotary cache of {rotary} positions. HINT: the manifest was altered; re-export "
+                              "the bundle (with --max-context).")
         self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
         self.defaults = SamplingParams.from_defaults(manifest.generation)
@@ -67,7 +72,7 @@ class ARModel:
 
     # --- the graph -----------------------------------------------------------------------------------------------
     def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self._outputs, feeds)
+        return run_graph(self.session, self._outputs, feeds, self.graph.file)
 
     def forward(self, token_ids: Seq[int], cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
         """Run new tokens through the graph on top of ``cache`` (updated in place); return logits [K, V]."""

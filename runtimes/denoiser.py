@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgekit.runtimes import model as mdl
-from edgekit.runtimes.backend import BackendOptions, check_dims, create_session
+from edgekit.runtimes.backend import BackendOptions, check_dims, create_session, run_graph
 from edgekit.runtimes.bundle import Manifest, bundle_file
 from edgekit.runtimes.errors import BundleError, ConfigError
 from edgekit.runtimes.sequence import Sequence
@@ -133,7 +133,8 @@ class DiffusionModel:
         prompt-isolated bundles."""
         ids = tokens[None, :].astype(np.int64)  # [1, S]
         second = self._prompt(prompt_len) if self.isolated else np.ones_like(ids)
-        return self.session.run(["logits"], dict(zip(self._full_inputs, (ids, second))))[0][0]
+        feeds = dict(zip(self._full_inputs, (ids, second)))
+        return run_graph(self.session, ["logits"], feeds, self.manifest.graphs["denoiser"].file)[0][0]
 
     forward = full
 
@@ -158,7 +159,7 @@ class DiffusionModel:
         feeds = {"input_ids": tokens[None, :].astype(np.int64)}
         if self.isolated:
             feeds["prompt_length"] = self._prompt(prompt_len)
-        out = enc.run(list(spec.outputs), feeds)
+        out = run_graph(enc, spec.outputs, feeds, spec.file)
         return out[0][0], out[1:]
 
     def forward_cached(self, tokens: np.ndarray, positions: np.ndarray, past_positions: np.ndarray,
@@ -170,7 +171,7 @@ class DiffusionModel:
                  "past_positions": (past_positions + self.position_offset).astype(np.int64)}
         names = [n for n in self.manifest.graphs["denoise_block"].inputs if n not in feeds]  # the cached K/V
         feeds.update(zip(names, past))
-        return blk.run(["logits"], feeds)[0][0]
+        return run_graph(blk, ["logits"], feeds, self.manifest.graphs["denoise_block"].file)[0][0]
 
     # --- generation ----------------------------------------------------------------------------------------------
     def params(self, prompt_len: int, **options: Any) -> DiffusionParams:

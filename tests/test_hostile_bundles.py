@@ -168,6 +168,13 @@ def test_a_kv_layout_that_disagrees_with_the_graph(bundle, key, value):
     refused(bundle, "does not match|disagrees with graph")
 
 
+def test_a_max_context_beyond_the_graphs_rotary_cache(bundle):
+    m = manifest(bundle)
+    m["max_context"] += 1
+    write(bundle, m)
+    refused(bundle, "beyond the decoder graph's rotary cache of 256 positions")
+
+
 def test_a_graph_of_another_vocabulary(bundle):
     m = manifest(bundle)
     m["vocab_size"] += 7
