@@ -156,6 +156,23 @@ def parity(bundle: Path, reference: str, new_tokens: int, trust_remote_code: boo
         raise ParityError(f"parity failed for {bundle}: {len(report.misses)} misses (listed above).")
 
 
+@main.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider (repeatable, in order).")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report here.")
+def verify_cmd(bundle: Path, providers: tuple[str, ...], threads: int | None, json_out: Path | None) -> None:
+    """Parity on this device without PyTorch: BUNDLE's loop against the reference stored at export; exit 1 on a miss."""
+    from edgekit.verify import verify
+
+    report = verify(bundle, providers=providers or None, threads=threads)
+    click.echo(report.table())
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    if not report.passed:
+        raise ParityError(f"verify failed for {bundle}: {len(report.misses)} misses (listed above).")
+
+
 @main.command("quality")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--reference", required=True, help="The uncompressed source (name, folder or .gguf).")

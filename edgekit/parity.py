@@ -10,6 +10,7 @@ quantization; a report lists every miss, and ``passed`` is true only when there 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 from edgekit.export.progress import Progress, Silent
 from edgekit.export.prompts import PROMPTS, reference_ids
 from edgekit.runtimes import load
-from edgekit.runtimes.model import Model
+from edgekit.runtimes.model import Model, Trace
 from edgekit.runtimes.tokenizer import Prompt
 
 
@@ -88,6 +89,13 @@ class ParityReport:
     rows: list[Row]
     # alternative settings of the same model (e.g. approximate caches): fraction of tokens equal to the base setting's
     agreement: dict[str, float] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None  # the reference runs' summaries, stored in the bundle for `verify`
+
+    def files(self) -> dict[str, bytes]:
+        """Files the export adds to the bundle: the stored reference (`edgekit verify` on the device reads it)."""
+        if self.reference is None:
+            return {}
+        return {REFERENCE_FILE: json.dumps(self.reference, ensure_ascii=False).encode("utf-8")}
 
     @property
     def misses(self) -> list[str]:
@@ -113,6 +121,7 @@ class ParityReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "precision": self.precision, "tolerance": asdict(self.tolerance),
+                "reference_file": REFERENCE_FILE if self.reference is not None else None,
                 "new_tokens": self.new_tokens, "summary": self.summary(), "agreement": self.agreement,
                 "rows": [{**asdict(r), "greedy": r.greedy} for r in self.rows], "misses": self.misses}
 
@@ -188,7 +197,7 @@ def compare(runtime: Model, torch_model: Any, hf_tokenizer: Any, new_tokens: int
     prompts = PROMPTS[: runtime.parity_prompts] if prompts is None else prompts
     has_template = runtime.tokenizer.has_chat_template
     jobs = [(name, prompt, s) for name, prompt in prompts for s in runtime.parity_settings]
-    rows, agreement = [], {}
+    rows, agreement, references = [], {}, []
     for j, (name, prompt, setting) in enumerate(jobs):
         progress.tick(j, len(jobs))
         if not isinstance(prompt, str) and not has_template:
@@ -197,35 +206,77 @@ def compare(runtime: Model, torch_model: Any, hf_tokenizer: Any, new_tokens: int
         ours = runtime.tokenizer.encode_prompt(prompt)
         want = runtime.trace(ids, setting.options, reference=TorchLogits(torch_model), new_tokens=new_tokens)
         got = runtime.trace(ids, setting.options, new_tokens=new_tokens)
-        agree = _first_difference(got.tokens, want.tokens)
-        # steps taken on identical inputs: those up to (and including) the one that chose the first differing token
-        same = min(len(got.steps), len(want.steps), agree + 1)
-        r0, g0 = want.steps[0], got.steps[0]
-        row = Row(name, setting.name, len(ids), ours == ids, len(got.steps),
-                  max(float(np.abs(a - b).max()) for a, b in zip(got.steps[:same], want.steps[:same])),
-                  max(_kl(r0, g0), 0.0), float(np.mean(r0.argmax(-1) == g0.argmax(-1))), int(np.prod(r0.shape[:-1])),
-                  max(len(want.tokens), len(got.tokens)), agree)
-        if not row.tokenizer_match:
-            row.misses.append(f"runtime tokenizer gives {len(ours)} ids, reference {len(ids)} (first differ at "
-                              f"{_first_difference(ours, ids)})")
-        if len(got.steps) != len(want.steps) and tol.greedy == 1.0:
-            row.misses.append(f"{len(got.steps)} steps vs the reference's {len(want.steps)}")
-        if row.max_abs_diff > tol.max_abs_diff:
-            row.misses.append(f"logits max|Δ| {row.max_abs_diff:.3g} > {tol.max_abs_diff:g}")
-        if row.kl > tol.kl:
-            row.misses.append(f"KL {row.kl:.3g} > {tol.kl:g}")
-        if row.top1 < tol.top1_prompt:
-            row.misses.append(f"top-1 agreement {row.top1:.1%} < {tol.top1_prompt:.0%}")
-        if row.greedy < tol.greedy:
-            row.misses.append(f"generated tokens agree {agree}/{row.tokens} (first divergence at token {agree}) "
-                              f"< {tol.greedy:.0%}")
-        rows.append(row)
+        rows.append(score(name, setting.name, ids, ours, got, want, tol))
+        references.append({"prompt": name, "text": prompt, "setting": setting.name, "options": dict(setting.options),
+                           "ids": list(ids), "tokens": want.tokens,
+                           "steps": [TopK.of(s).to_dict() for s in want.steps]})
         for variant, options in setting.variants.items():
             alt = runtime.trace(ids, {**setting.options, **options}, new_tokens=new_tokens).tokens
             same_tokens = sum(a == b for a, b in zip(alt, got.tokens)) / max(len(alt), len(got.tokens), 1)
             agreement.setdefault(f"{variant}/{setting.name}", []).append(same_tokens)
     progress.tick(len(jobs), len(jobs))
-    return ParityReport(key, tol, new_tokens, rows, {k: float(np.mean(v)) for k, v in agreement.items()})
+    return ParityReport(key, tol, new_tokens, rows, {k: float(np.mean(v)) for k, v in agreement.items()},
+                        {"format": REFERENCE_FORMAT, "k": TOP_K, "new_tokens": new_tokens, "rows": references})
+
+
+def score(prompt: str, setting: str, ids: Sequence[int], ours: Sequence[int], got: Trace, want: Trace,
+          tol: Tolerance) -> Row:
+    """One report row: ``got`` (the bundle's run) against ``want`` (the reference run on the same ids), whose steps
+    are full logits (parity) or stored top-k summaries (verify; KL then cannot be computed and is NaN)."""
+    agree = _first_difference(got.tokens, want.tokens)
+    # steps taken on identical inputs: those up to (and including) the one that chose the first differing token
+    same = min(len(got.steps), len(want.steps), agree + 1)
+    diffs = [_distance(g, w) for g, w in zip(got.steps[:same], want.steps[:same])]
+    g0, w0 = np.atleast_2d(got.steps[0]), want.steps[0]
+    top1 = w0.ids[:, 0] if isinstance(w0, TopK) else np.atleast_2d(w0).argmax(-1)
+    kl = float("nan") if isinstance(w0, TopK) else max(_kl(np.atleast_2d(w0), g0), 0.0)
+    row = Row(prompt, setting, len(ids), list(ours) == list(ids), len(got.steps), max(diffs, default=0.0), kl,
+              float(np.mean(g0.argmax(-1) == top1)), len(g0), max(len(want.tokens), len(got.tokens)), agree)
+    if not row.tokenizer_match:
+        row.misses.append(f"runtime tokenizer gives {len(ours)} ids, reference {len(ids)} (first differ at "
+                          f"{_first_difference(ours, ids)})")
+    if len(got.steps) != len(want.steps) and tol.greedy == 1.0:
+        row.misses.append(f"{len(got.steps)} steps vs the reference's {len(want.steps)}")
+    if row.max_abs_diff > tol.max_abs_diff:
+        row.misses.append(f"logits max|Δ| {row.max_abs_diff:.3g} > {tol.max_abs_diff:g}")
+    if row.kl > tol.kl:
+        row.misses.append(f"KL {row.kl:.3g} > {tol.kl:g}")
+    if row.top1 < tol.top1_prompt:
+        row.misses.append(f"top-1 agreement {row.top1:.1%} < {tol.top1_prompt:.0%}")
+    if row.greedy < tol.greedy:
+        row.misses.append(f"generated tokens agree {agree}/{row.tokens} (first divergence at token {agree}) "
+                          f"< {tol.greedy:.0%}")
+    return row
+
+
+REFERENCE_FORMAT = "edgekit-reference-1"
+REFERENCE_FILE = "reference.json"
+TOP_K = 8  # logits kept per position of the stored reference
+
+
+@dataclass
+class TopK:
+    """The ``TOP_K`` largest logits of each position of one step: what a bundle stores of its PyTorch reference."""
+
+    ids: np.ndarray  # [P, k]
+    values: np.ndarray  # [P, k]
+
+    @classmethod
+    def of(cls, logits: np.ndarray, k: int = TOP_K) -> TopK:
+        x = np.atleast_2d(logits)
+        ids = np.argsort(-x, axis=-1, kind="stable")[:, :k]
+        return cls(ids, np.take_along_axis(x, ids, -1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ids": self.ids.tolist(), "values": [[float(v) for v in row] for row in self.values]}
+
+
+def _distance(got: np.ndarray, want: np.ndarray | TopK) -> float:
+    """max |Δ| of one step's logits: over every entry, or over the reference's stored top-k entries."""
+    g = np.atleast_2d(got)
+    if isinstance(want, TopK):
+        return float(np.abs(np.take_along_axis(g, want.ids, -1) - want.values).max())
+    return float(np.abs(g - np.atleast_2d(want)).max())
 
 
 def verifier(new_tokens: int = 64):

@@ -35,6 +35,8 @@ class Report(Protocol):
 
     def table(self) -> str: ...
 
+    def files(self) -> dict[str, bytes]: ...  # files to add to the bundle (the stored reference)
+
 
 # (loaded bundle, torch_model, hf_tokenizer, progress) -> parity report
 Verifier = Callable[[Any, Any, Any, Progress], Report]
@@ -76,6 +78,10 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
         if verify is not None:
             with progress.stage("Parity against the PyTorch model"):
                 report = verify(runtime, model, tokenizer, progress)
-            manifest = replace(manifest, parity=report.to_dict())
+            added = report.files()
+            for name, data in added.items():
+                (stage / name).write_bytes(data)
+            manifest = replace(manifest, parity=report.to_dict(),
+                               files={**manifest.files, **{n: bdl.sha256_file(stage / n) for n in added}})
         bdl.write_manifest(stage, manifest)
     return ExportResult(cfg.output, manifest, report)

@@ -12,8 +12,6 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import numpy as np
-
 if TYPE_CHECKING:
     from edgekit.runtimes.bundle import Manifest
     from edgekit.runtimes.sequence import Sequence
@@ -104,7 +102,7 @@ class Trace:
     """What one run of a model's generation loop saw and chose: ``steps[i]`` are the logits the i-th decision was
     made on (the first one covers every prompt position for AR models), ``tokens`` the ids generated."""
 
-    steps: list[np.ndarray]
+    steps: list[Any]  # logits arrays (or a stored reference's summaries of them)
     tokens: list[int]
 
 

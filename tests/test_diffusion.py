@@ -171,6 +171,8 @@ def test_cli_run_and_parity_on_a_diffusion_bundle(mlm_bundle):
     r = CliRunner().invoke(main, ["info", str(res.path)], catch_exceptions=False)  # the same report shape as AR's
     assert r.exit_code == 0 and "PASSED (fp32 tolerance)" in r.output and "tokens identical 100%" in r.output
     assert "3 prompts x 7 settings" in r.output and "None" not in r.output.split("parity")[-1]
+    r = CliRunner().invoke(main, ["verify", str(res.path)], catch_exceptions=False)  # the stored reference, no torch
+    assert r.exit_code == 0 and "PASSED" in r.output and r.output.count("✓") == 21, r.output
     r = CliRunner().invoke(main, ["run", str(res.path), "Hi", "--diffusion-steps", "0"])
     assert r.exit_code == 2 and "diffusion_steps must be" in r.output
 
