@@ -25,7 +25,7 @@ def test_export_each_architecture_passes_fp32_parity(tiny_bundle, arch):
     assert len(report["rows"]) >= 8
     assert manifest["architecture"] == arch
     assert manifest["tokens"]["turn_end_id"] is not None
-    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json"}
+    assert set(manifest["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json", "reference.json"}
     assert load(bundle).generate("Hello", max_new_tokens=4) is not None
 
 
