@@ -199,6 +199,18 @@ def quality_cmd(bundle: Path, reference: str, text_file: str | None, plot_path: 
 
 
 @main.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--root", default="/", show_default=True, type=click.Path(path_type=Path),
+              help="Filesystem root to read the machine from (a mounted device image, or tests).")
+def doctor(bundle: Path | None, root: Path) -> None:
+    """What this machine is, what onnxruntime/CUDA/TensorRT it has, its device profile; for BUNDLE, where it runs
+    and whether it fits."""
+    from edgekit.doctor import inspect
+
+    click.echo(inspect(root=root, bundle=bundle).table())
+
+
+@main.command()
 def devices() -> None:
     """List the known device profiles."""
     from edgekit.export.device import list_profiles, load_profile

@@ -1,0 +1,68 @@
+"""`edgekit doctor` on faked filesystem roots: a Jetson, a desktop GPU box and a plain CPU machine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from edgekit.cli import main
+from edgekit.doctor import inspect
+
+TEGRA = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 01:49:37 UTC\n"
+TRT_HEADER = "#define NV_TENSORRT_MAJOR 10\n#define NV_TENSORRT_MINOR 3\n#define NV_TENSORRT_PATCH 0\n"
+
+
+def fake_root(tmp: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_text(text)
+    return tmp
+
+
+def jetson(tmp: Path, model: str, mem_kb: int) -> Path:
+    return fake_root(tmp, {
+        "proc/device-tree/model": model + "\x00",
+        "etc/nv_tegra_release": TEGRA,
+        "proc/meminfo": f"MemTotal:       {mem_kb} kB\nMemFree:  100 kB\nMemAvailable:   {mem_kb // 2} kB\n",
+        "proc/cpuinfo": "processor : 0\nmodel name : ARMv8 Processor rev 1 (v8l)\n",
+        "usr/local/cuda/version.json": '{"cuda": {"name": "CUDA SDK", "version": "12.6.68"}}',
+        "usr/include/aarch64-linux-gnu/NvInferVersion.h": TRT_HEADER,
+    })
+
+
+def test_a_jetson_orin_nx(tmp_path):
+    root = jetson(tmp_path, "NVIDIA Jetson Orin NX Engineering Reference Developer Kit", 15_995_084)
+    m = inspect(root, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], arch="aarch64")
+    assert m.jetson_model.startswith("NVIDIA Jetson Orin NX") and m.l4t_release == "R36.4.3"
+    assert (m.cuda, m.tensorrt, m.profile) == ("12.6.68", "10.3.0", "jetson-orin-nx-16gb")
+    assert round(m.memory_total_mb / 1024, 1) == 15.3 and m.arch == "aarch64"
+
+
+def test_orin_nano_and_agx_pick_their_profiles(tmp_path):
+    nano = inspect(jetson(tmp_path / "n", "NVIDIA Jetson Orin Nano Developer Kit", 7_800_000), providers=[],
+                   arch="aarch64")
+    agx = inspect(jetson(tmp_path / "a", "NVIDIA Jetson AGX Orin Developer Kit", 64_000_000), providers=[],
+                  arch="aarch64")
+    assert (nano.profile, agx.profile) == ("jetson-orin-nano-8gb", "jetson-agx-orin-64gb")
+
+
+def test_a_desktop_gpu_and_a_plain_cpu(tmp_path):
+    gpu = fake_root(tmp_path / "g", {"proc/driver/nvidia/gpus/0000:01:00.0/information":
+                                     "Model: \t\t NVIDIA GeForce RTX 4090\nIRQ: 130\n",
+                                     "proc/meminfo": "MemTotal: 65000000 kB\n"})
+    m = inspect(gpu, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], arch="x86_64")
+    assert m.gpu == "NVIDIA GeForce RTX 4090" and m.profile == "rtx-4090" and m.jetson_model is None
+    plain = fake_root(tmp_path / "c", {"proc/meminfo": "MemTotal: 16000000 kB\n"})
+    cpu = inspect(plain, providers=["CPUExecutionProvider"], arch="x86_64")
+    assert cpu.profile == "generic-x86-cpu" and cpu.cuda is None and cpu.tensorrt is None
+
+
+def test_what_a_bundle_runs_on_and_whether_it_fits(llama_bundle, tmp_path):
+    root = jetson(tmp_path, "NVIDIA Jetson Orin Nano Developer Kit", 7_800_000)
+    m = inspect(root, providers=["CPUExecutionProvider"], arch="aarch64", bundle=llama_bundle)
+    assert m.bundle["runs_on"] == "CPUExecutionProvider" and m.bundle["fits"]
+    small = fake_root(tmp_path / "tiny", {"proc/meminfo": "MemTotal: 100000 kB\nMemAvailable: 50000 kB\n"})
+    assert not inspect(small, providers=["CPUExecutionProvider"], arch="x86_64", bundle=llama_bundle).bundle["fits"]
+    r = CliRunner().invoke(main, ["doctor", str(llama_bundle), "--root", str(root)])
+    assert r.exit_code == 0 and "R36.4.3" in r.output and "jetson-orin-nano-8gb" in r.output and "fits" in r.output
