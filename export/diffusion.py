@@ -13,12 +13,20 @@ import itertools
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from edgekit.runtimes.errors import ExportError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from edgekit.export.manifest import Built
+    from edgekit.export.plan import Plan
+    from edgekit.export.progress import Progress
+    from edgekit.export.source import SourceRef
 
 DEFAULTS = {"gen_length": 64, "block_length": 32, "diffusion_steps": 64, "remasking": "low_confidence",
             "threshold": None}
@@ -293,7 +301,7 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
 STAGES = 2  # progress stages of ``build``
 
 
-def build(plan: Any, ref: Any, model: Any, tokenizer: Any, stage: Any, progress: Any) -> Any:
+def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, progress: Progress) -> Built:
     """A masked LM as a diffusion bundle: the whole-sequence denoiser graph and, when the model's attention allows,
     the encode/block graphs of the cached modes; written into ``stage``. Returns its manifest entries."""
     from edgekit.export import onnx_graph

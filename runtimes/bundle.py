@@ -261,8 +261,11 @@ def verify_files(bundle_dir: str | os.PathLike[str], manifest: Manifest, check_h
                           "HINT: re-export the bundle.")
     paths = {name: bundle_file(root, name) for name in manifest.files}
     named = [g.file for g in manifest.graphs.values()] + [manifest.tokenizer.file]
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*")
-               if (p.is_file() or p.is_symlink()) and p.name != MANIFEST_FILE}
+    present = set()
+    for folder, dirs, names in os.walk(root):  # never follows links: a linked folder is reported, not walked
+        here = Path(folder).relative_to(root)
+        present |= {(here / n).as_posix() for n in names + [d for d in dirs if (Path(folder) / d).is_symlink()]}
+    present.discard(MANIFEST_FILE)
     unlisted = sorted((set(named) | present) - set(manifest.files))
     if unlisted:
         raise BundleError(f"Bundle '{root}' holds or names files its manifest does not list (and so cannot verify): "

@@ -12,6 +12,8 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from edgekit.runtimes.errors import ContextLengthError, UnsupportedOptionError
+
 if TYPE_CHECKING:
     from edgekit.runtimes.bundle import Manifest
     from edgekit.runtimes.sequence import Sequence
@@ -152,8 +154,6 @@ class Model(Protocol):
 
 def refuse_unknown(model: Model, options: Mapping[str, Any]) -> None:
     """Refuse options the model does not take, naming the ones it does."""
-    from edgekit.runtimes.errors import UnsupportedOptionError
-
     unknown = set(options) - model.option_names
     if unknown:
         raise UnsupportedOptionError(
@@ -163,8 +163,6 @@ def refuse_unknown(model: Model, options: Mapping[str, Any]) -> None:
 
 def check_fits(model: Model, prompt_len: int, option: str, new_tokens: int) -> None:
     """Refuse a prompt plus ``new_tokens`` (the ``option`` that set them) that exceeds the bundle's context."""
-    from edgekit.runtimes.errors import ContextLengthError
-
     if prompt_len + new_tokens > model.max_context:
         raise ContextLengthError(
             f"Prompt of {prompt_len} tokens + {option} {new_tokens} = {prompt_len + new_tokens} exceeds the bundle's "

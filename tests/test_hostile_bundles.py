@@ -74,6 +74,11 @@ def test_graph_and_tokenizer_files_outside_the_bundle_are_refused(bundle, secret
     refused(bundle, "not a plain relative path|does not list")
 
 
+def test_a_linked_folder_is_refused_without_being_walked(bundle, secret):
+    os.symlink("/", bundle / "everything")  # walking it would read the whole filesystem
+    refused(bundle, "does not list .*everything")
+
+
 def test_symlinks_are_refused(bundle, secret):
     (bundle / "tokenizer.json").unlink()
     os.symlink(secret, bundle / "tokenizer.json")

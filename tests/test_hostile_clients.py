@@ -22,34 +22,10 @@ from edgekit.runtimes.errors import ConfigError
 CHAT = [{"role": "user", "content": "Hi"}]
 
 
-class LoggedServer(Server):
-    """The real server, its output in a file (read by the tests) instead of a pipe."""
-
-    def __init__(self, bundle, log, *args):
-        import subprocess
-
-        self._log = log
-        real_popen = subprocess.Popen
-
-        def popen(cmd, **kw):
-            kw.update(stdout=open(log, "w"), stderr=subprocess.STDOUT)
-            return real_popen(cmd, **kw)
-
-        subprocess.Popen = popen
-        try:
-            super().__init__(bundle, *args)
-        finally:
-            subprocess.Popen = real_popen
-
-    def logs(self) -> str:
-        return self._log.read_text()
-
-
 @pytest.fixture(scope="module")
-def server(llama_bundle, tmp_path_factory):
-    s = LoggedServer(llama_bundle, tmp_path_factory.mktemp("logs") / "server.log", "--api-key", KEY,
-                     "--max-tokens-cap", "200", "--max-body-bytes", "1000000", "--header-timeout", "1",
-                     "--body-timeout", "2")
+def server(llama_bundle):
+    s = Server(llama_bundle, "--api-key", KEY, "--max-tokens-cap", "200", "--max-body-bytes", "1000000",
+               "--header-timeout", "1", "--body-timeout", "2")
     yield s
     s.stop()
 

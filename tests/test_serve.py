@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,12 +28,15 @@ def _free_port() -> int:
 
 
 class Server:
+    """The real server as a subprocess; its output goes to a file (a pipe nobody reads could fill and block it)."""
+
     def __init__(self, bundle: Path, *args: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="edgekit-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgekit.cli", "serve", str(bundle), "--port", str(self.port), "--model-name",
-             "tiny", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             "tiny", *args], stdout=self._log, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -40,9 +44,12 @@ class Server:
                     return
             except httpx.HTTPError:
                 pass
-            assert self.proc.poll() is None, self.proc.stdout.read()
+            assert self.proc.poll() is None, self.logs()
             time.sleep(0.2)
         raise AssertionError("server did not become healthy")
+
+    def logs(self) -> str:
+        return Path(self._log.name).read_text()
 
     def stop(self) -> None:
         self.proc.terminate()
