@@ -53,7 +53,8 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
         quantization=quant,
         # onnxruntime 1.31's QDQ propagation gives an int8-activation graph a uint8 zero point it then refuses
         disabled_optimizers=("QDQPropagationTransformer",) if quant and quant.activations == "int8" else (),
-        extra={"attention": {"num_heads": dims.num_heads, "local_window": dims.local_window}, "pruning": pruning,
+        extra={"attention": {"num_heads": dims.num_heads, "local_window": dims.local_window,
+                             "layer_windows": list(dims.layer_windows)}, "pruning": pruning,
                "sparse_2_4": bool(pruning and pruning.get("pattern") == "2:4")},
         check=check,
     )
@@ -74,12 +75,12 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
         spec = plan.spec
         carried = gguf.read(ref.folder / ref.gguf_file, model.config)
         sd = model.state_dict()
-        reference = [{k: getattr(spec.layer_weights(sd, i), k) for k in ("qkv", "o", "gate_up", "down")}
+        reference = [{k: getattr(spec.layer(sd, i), k) for k in ("qkv", "o", "gate_up", "down")}
                      for i in range(dims.num_layers)]
         worst = gguf.verify_against(carried, reference)
         progress.note(f"GGUF blocks carried over unchanged ({carried.types}); dequantized max |Δ| vs "
                       f"transformers' weights: {worst:.1e}")
-        layers = lambda i: replace(spec.layer_weights(sd, i), **carried.layers[i])  # noqa: E731
+        layers = lambda i: replace(spec.layer(sd, i), **carried.layers[i])  # noqa: E731
         fast_head = plan.lm_head == "int8"
         opts = onnx_graph.BuildOptions(
             accuracy_level=plan.accuracy_level,
@@ -117,46 +118,105 @@ def calibration_feeds(dims: onnx_graph.DecoderDims, tokenizer: Any, text: str, l
     return feeds
 
 
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
 def decoder_parts(model: Any, spec: ArchSpec, max_context: int) -> tuple[onnx_graph.DecoderDims,
                                                                            onnx_graph.DecoderWeights]:
-    """The graph builder's dimensions and (lazily built, one layer at a time) weights of an HF decoder."""
+    """The graph builder's dimensions and (lazily built, one layer at a time) weights of an HF decoder: the
+    family's record says which config fields apply; anything the graph cannot honour is refused by name."""
     cfg = model.config
-    if getattr(cfg, "hidden_act", "silu") != spec.activation:
-        raise UnsupportedModelError(f"{spec.architecture} with hidden_act={cfg.hidden_act!r} is not supported "
+    act = getattr(cfg, spec.activation_attr, None) or getattr(cfg, "hidden_act", "silu")
+    if act != spec.activation or act not in ACTIVATIONS:
+        raise UnsupportedModelError(f"{spec.architecture} with {spec.activation_attr}={act!r} is not supported "
                                     f"(edgekit supports {spec.activation!r} for this family).")
-    rotary = model.model.rotary_emb
-    rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type in ("dynamic", "longrope"):
-        raise UnsupportedModelError(f"RoPE type '{rope_type}' changes with sequence length and is not supported yet. "
-                                    "Supported: default, linear, llama3, yarn (static frequencies).")
+    for flag in ("use_bidirectional_attention", "attention_chunk_size"):
+        if getattr(cfg, flag, None):
+            raise UnsupportedModelError(f"{spec.architecture} with {flag}={getattr(cfg, flag)!r} is not supported "
+                                        "(edgekit's decoder graph is causal with full or sliding-window attention).")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = rotary.inv_freq.detach().float().numpy()
-    if inv_freq.shape[0] * 2 != head_dim:
-        raise UnsupportedModelError(f"Partial rotary embedding (rotary dim {inv_freq.shape[0] * 2} of head dim "
-                                    f"{head_dim}) is not supported yet.")
-    window = -1
-    if spec.sliding_window_attr and getattr(cfg, spec.sliding_window_attr, None):
-        if spec.sliding_window_flag is None or getattr(cfg, spec.sliding_window_flag, False):
-            window = int(getattr(cfg, spec.sliding_window_attr))
+    n_layers = cfg.num_hidden_layers
+    layer_types = list(getattr(cfg, "layer_types", None) or []) if "layer_types" in spec.honours else []
+    ropes, layer_rope = _rope_tables(model.model.rotary_emb, layer_types, head_dim, n_layers)
+    if "no_rope_layers" in spec.honours and getattr(cfg, "no_rope_layers", None):
+        layer_rope = tuple(r if use else -1 for r, use in zip(layer_rope, cfg.no_rope_layers))
     sd = model.state_dict()
     tied = bool(getattr(cfg, "tie_word_embeddings", False)) or "lm_head.weight" not in sd
-    assert spec.layer_weights is not None, "AR records name their layer hook"
-    layer_weights = spec.layer_weights
+    honour = lambda name, default: getattr(cfg, name, None) if name in spec.honours and getattr(  # noqa: E731
+        cfg, name, None) is not None else default
+    scale = honour("attention_multiplier", None)
+    if honour("query_pre_attn_scalar", None) is not None:
+        scale = float(cfg.query_pre_attn_scalar) ** -0.5
     dims = onnx_graph.DecoderDims(
-        num_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+        num_layers=n_layers, hidden=cfg.hidden_size, num_heads=cfg.num_attention_heads,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim=head_dim,
         vocab_size=cfg.vocab_size, rms_eps=float(cfg.rms_norm_eps), max_positions=max_context,
-        local_window=window if window < max_context else -1,
+        layer_windows=_windows(cfg, spec, layer_types, max_context), layer_rope=layer_rope, activation=act,
+        attn_scale=None if scale is None else float(scale),
+        attn_softcap=float(honour("attn_logit_softcapping", 0.0)),
+        embed_scale=(float(np.float32(cfg.hidden_size ** 0.5)) if spec.embed_scale == "sqrt_hidden"
+                     else float(honour("embedding_multiplier", 1.0))),
+        residual_scale=float(honour("residual_multiplier", 1.0)),
+        logits_divisor=float(honour("logits_scaling", 1.0)),
+        final_softcap=float(honour("final_logit_softcapping", 0.0)),
     )
+    dims = replace(dims, local_window=max(dims.layer_windows))
+    final_norm = sd["model.norm.weight"].float().numpy() + spec.norm_offset
     weights = onnx_graph.DecoderWeights(
         embed=sd["model.embed_tokens.weight"].float().numpy(),
         lm_head=None if tied else sd["lm_head.weight"].float().numpy(),
-        final_norm=sd["model.norm.weight"].float().numpy(),
-        inv_freq=inv_freq,
-        rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
-        layers=lambda i: layer_weights(sd, i),
+        final_norm=final_norm, rope=ropes, layers=lambda i: spec.layer(sd, i),
     )
     return dims, weights
+
+
+def _windows(cfg: Any, spec: ArchSpec, layer_types: list[str], max_context: int) -> tuple[int, ...]:
+    """Per layer: the local attention window, or -1 (full causal attention, also when the window covers the
+    whole context)."""
+    window = getattr(cfg, "sliding_window", None) if "sliding_window" in spec.honours else None
+    if window and spec.sliding_window_flag is not None and not getattr(cfg, spec.sliding_window_flag, False):
+        window = None
+    if not window or int(window) >= max_context:
+        return (-1,) * cfg.num_hidden_layers
+    if layer_types:
+        return tuple(int(window) if t == "sliding_attention" else -1 for t in layer_types)
+    return (int(window),) * cfg.num_hidden_layers
+
+
+def _rope_tables(rotary: Any, layer_types: list[str], head_dim: int,
+                 n_layers: int) -> tuple[tuple[onnx_graph.Rope, ...], tuple[int, ...]]:
+    """The rotary tables of an HF rotary module (one, or one per layer type as in Gemma 3 / OLMo 3) and the
+    table each layer uses. Static RoPE types (default, linear, llama3, yarn) are one table; LongRoPE adds its
+    long table; types whose frequencies follow the sequence length otherwise (dynamic NTK) are refused."""
+    types = sorted(set(layer_types)) if isinstance(getattr(rotary, "rope_type", None), dict) else [None]
+    ropes = []
+    for lt in types:
+        prefix = "" if lt is None else f"{lt}_"
+        rope_type = rotary.rope_type if lt is None else rotary.rope_type[lt]
+        if rope_type == "dynamic":
+            raise UnsupportedModelError("RoPE type 'dynamic' changes with sequence length and is not supported. "
+                                        "Supported: default, linear, llama3, yarn, longrope.")
+        inv_freq = getattr(rotary, f"{prefix}original_inv_freq", getattr(rotary, f"{prefix}inv_freq"))
+        inv_freq = inv_freq.detach().float().numpy()
+        if inv_freq.shape[0] * 2 > head_dim or inv_freq.shape[0] % 8:
+            raise UnsupportedModelError(
+                f"Rotary dim {inv_freq.shape[0] * 2} (head dim {head_dim}) is not supported: onnxruntime's "
+                "GroupQueryAttention needs half the rotary dim to be a multiple of 8 and at most half the head dim.")
+        long_inv, original = None, 0
+        if rope_type == "longrope":
+            params = rotary.config.rope_parameters if lt is None else rotary.config.rope_parameters[lt]
+            original = int(params.get("original_max_position_embeddings")
+                           or rotary.config.original_max_position_embeddings)
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            kw = {} if lt is None else {"layer_type": lt}
+            long_inv = ROPE_INIT_FUNCTIONS["longrope"](rotary.config, None, seq_len=original + 1, **kw)[0]
+            long_inv = long_inv.detach().float().numpy()
+        scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+        ropes.append(onnx_graph.Rope(inv_freq, scaling, long_inv, original))
+    if types == [None]:
+        return tuple(ropes), (0,) * n_layers
+    return tuple(ropes), tuple(types.index(t) for t in layer_types)
 
 
 def generation_defaults(model: Any) -> dict[str, Any]:

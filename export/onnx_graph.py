@@ -34,6 +34,8 @@ ROTARY_POSITIONS = "edgekit.rotary_positions"  # model metadata: rows of the rot
 
 @dataclass(frozen=True)
 class DecoderDims:
+    """Shapes and the per-family scalars of the decoder (defaults: a Llama)."""
+
     num_layers: int
     hidden: int
     num_heads: int
@@ -42,7 +44,33 @@ class DecoderDims:
     vocab_size: int
     rms_eps: float
     max_positions: int
-    local_window: int = -1  # -1: full causal attention
+    local_window: int = -1  # -1: full causal attention (every layer, unless layer_windows says otherwise)
+    layer_windows: tuple[int, ...] = ()  # per layer: local window or -1 (empty: local_window everywhere)
+    layer_rope: tuple[int, ...] = ()  # per layer: index into DecoderWeights.rope, -1 for none (empty: all 0)
+    activation: str = "silu"  # MLP gate activation: silu | gelu_pytorch_tanh
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    attn_softcap: float = 0.0  # softcap * tanh(scores / softcap); 0: off
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0  # branch outputs multiplied before each residual add
+    logits_divisor: float = 1.0
+    final_softcap: float = 0.0
+
+    def window(self, layer: int) -> int:
+        return self.layer_windows[layer] if self.layer_windows else self.local_window
+
+    def rope(self, layer: int) -> int:
+        return self.layer_rope[layer] if self.layer_rope else 0
+
+
+@dataclass(frozen=True)
+class Rope:
+    """One rotary table: ``inv_freq`` [rotary_dim / 2] (rotary_dim < head_dim: partial rotary), cos/sin scaled
+    by ``scaling``. LongRoPE: ``long_inv_freq`` replaces it once the sequence is longer than ``original``."""
+
+    inv_freq: np.ndarray
+    scaling: float = 1.0
+    long_inv_freq: np.ndarray | None = None
+    original: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,8 +96,7 @@ class DecoderWeights:
     embed: np.ndarray  # [V, H]
     lm_head: np.ndarray | None  # [V, H]; None when tied to embed
     final_norm: np.ndarray  # [H]
-    inv_freq: np.ndarray  # [head_dim / 2]
-    rope_scaling: float
+    rope: tuple[Rope, ...]  # rotary tables; DecoderDims.layer_rope picks one per layer
     layers: Callable[[int], LayerWeights]  # built lazily, one layer at a time, to bound peak memory
 
 
@@ -123,6 +150,26 @@ class _Graph:
             self._block_sums[x] = self.op("ReduceSum", [self.op("Reshape", [x, shape]), last], keepdims=0)
         return self._block_sums[x]
 
+    def scalar(self, name: str, value: float) -> str:
+        """A float constant in the compute dtype."""
+        return self.init(f"const.{name}", np.array(value, self.float_dtype))
+
+    def norm(self, x: str, w: np.ndarray, name: str, eps: float) -> str:
+        """RMSNorm over the last axis."""
+        return self.op("SimplifiedLayerNormalization", [x, self.init(name if name.endswith(".weight") else
+                                                                     f"{name}.weight", w)],
+                       axis=-1, epsilon=eps, stash_type=1)
+
+    def head_norm(self, x: str, w: np.ndarray, name: str, head_dim: int, eps: float) -> str:
+        """RMSNorm of [M, heads * head_dim] per head (w: [head_dim]) or over the whole row (w: [heads * hd])."""
+        if w.shape[0] != head_dim:
+            return self.norm(x, w, name, eps)
+        width = self.op("Shape", [x], start=1, end=2)
+        per_head = self.op("Reshape", [x, self.init(f"const.heads{head_dim}", np.array([-1, head_dim], np.int64))])
+        normed = self.norm(per_head, w, name, eps)
+        return self.op("Reshape", [normed, self.op("Concat", [self.init("const.minus1", np.array([-1], np.int64)),
+                                                              width], axis=0)])
+
     def init(self, name: str, arr: np.ndarray) -> str:
         if name in self._names:
             assert name.startswith("const."), f"duplicate initializer {name}"  # shared constants are reused
@@ -160,17 +207,12 @@ def build_decoder(
     f32 = TensorProto.FLOAT
     fkv = TensorProto.FLOAT16 if opt.dtype == "float16" else TensorProto.FLOAT
 
-    # rotary caches: [max_positions, head_dim / 2]
-    pos = np.arange(dims.max_positions, dtype=np.float32)[:, None]
-    freqs = pos * weights.inv_freq.astype(np.float32)[None, :]
-    cos = g.init("rotary.cos_cache", (np.cos(freqs) * weights.rope_scaling).astype(np.float32))
-    sin = g.init("rotary.sin_cache", (np.sin(freqs) * weights.rope_scaling).astype(np.float32))
-
     # seqlens_k: [B] int32 = valid tokens - 1; total_sequence_length: scalar int32
     mask_sum = g.op("ReduceSum", ["attention_mask", g.init("const.axis1", np.array([1], np.int64))], keepdims=0)
     seqlens = g.op("Cast", [g.op("Sub", [mask_sum, g.init("const.one", np.array(1, np.int64))])], to=TensorProto.INT32)
     total = g.op("Shape", ["attention_mask"], start=1, end=2)
     total = g.op("Cast", [g.op("Squeeze", [total])], to=TensorProto.INT32)
+    tables = [_rotary(g, j, rope, dims.max_positions, total) for j, rope in enumerate(weights.rope)]
 
     if opt.embed_quant is not None:  # [V, H] as 8-bit blocks along H
         eq = opt.embed_quant
@@ -188,43 +230,72 @@ def build_decoder(
     shape_bs_any = g.op("Concat", [bs, g.init("const.minus1", np.array([-1], np.int64))], axis=0)
     flat_shape = g.init("const.flat", np.array([-1, H], np.int64))
     hidden = g.op("Reshape", [hidden, flat_shape])  # [B*S, H]
+    if dims.embed_scale != 1.0:
+        hidden = g.op("Mul", [hidden, g.scalar("embed_scale", dims.embed_scale)])
     lw = weights.layers(0)
-    norm_w = g.init("model.layers.0.input_layernorm.weight", lw.input_norm)
-    x = g.op("SimplifiedLayerNormalization", [hidden, norm_w], axis=-1, epsilon=dims.rms_eps, stash_type=1)
     residual = hidden
+    x = hidden if lw.input_norm is None else g.norm(hidden, lw.input_norm, "model.layers.0.input_layernorm",
+                                                    dims.rms_eps)
     kv = KVCacheLayout(n, dims.num_kv_heads, hd)
 
+    def add_residual(branch: str, residual: str, norm: np.ndarray | None, norm_name: str) -> tuple[str, str]:
+        """(next block's input, new residual) = (norm(residual + branch), residual + branch)."""
+        if dims.residual_scale != 1.0:
+            branch = g.op("Mul", [branch, g.scalar("residual_scale", dims.residual_scale)])
+        if norm is None:
+            total_ = g.op("Add", [branch, residual])
+            return total_, total_
+        out, _, _, total_ = g.op("SkipSimplifiedLayerNormalization", [branch, residual, g.init(norm_name, norm)],
+                                 n_out=4, domain=MS_DOMAIN, epsilon=dims.rms_eps)
+        return out, total_
+
+    q_width, kv_width = dims.num_heads * hd, dims.num_kv_heads * hd
     for i in range(n):
         lw_next = weights.layers(i + 1) if i + 1 < n else None
         p = f"model.layers.{i}"
         qkv = g.linear(x, lw.qkv, f"{p}/qkv", bias=lw.qkv_bias)
-        qkv = g.op("Reshape", [qkv, shape_bs_any])  # [B, S, (heads + 2 kv_heads) * head_dim]
+        if lw.q_norm is not None and lw.k_norm is not None:  # q/k RMSNorm before the rotary embedding
+            q, k, v = g.op("Split", [qkv, g.init(f"const.qkv_split{q_width}_{kv_width}", np.array(
+                [q_width, kv_width, kv_width], np.int64))], n_out=3, axis=-1)
+            q = g.head_norm(q, lw.q_norm, f"{p}.self_attn.q_norm", hd, dims.rms_eps)
+            k = g.head_norm(k, lw.k_norm, f"{p}.self_attn.k_norm", hd, dims.rms_eps)
+            qkv_in = [g.op("Reshape", [t, shape_bs_any]) for t in (q, k, v)]
+        else:
+            qkv_in = [g.op("Reshape", [qkv, shape_bs_any]), "", ""]  # packed [B, S, (heads + 2 kv) * head_dim]
+        table = dims.rope(i)
+        cos, sin = tables[table] if table >= 0 else ("", "")
+        attrs = dict(num_heads=dims.num_heads, kv_num_heads=dims.num_kv_heads, do_rotary=int(table >= 0),
+                     rotary_interleaved=0, local_window_size=dims.window(i))
+        if dims.attn_scale is not None:
+            attrs["scale"] = float(dims.attn_scale)
+        if dims.attn_softcap:
+            attrs["softcap"] = float(dims.attn_softcap)
         attn = g.op(
             "GroupQueryAttention",
-            [qkv, "", "", kv.past_key.format(layer=i), kv.past_value.format(layer=i), seqlens, total, cos, sin],
-            n_out=3, domain=MS_DOMAIN, name=f"{p}/attn",
-            num_heads=dims.num_heads, kv_num_heads=dims.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-            local_window_size=dims.local_window,
+            [*qkv_in, kv.past_key.format(layer=i), kv.past_value.format(layer=i), seqlens, total, cos, sin],
+            n_out=3, domain=MS_DOMAIN, name=f"{p}/attn", **attrs,
         )
         g.op_named("Identity", [attn[1]], [kv.present_key.format(layer=i)])
         g.op_named("Identity", [attn[2]], [kv.present_value.format(layer=i)])
-        attn_flat = g.op("Reshape", [attn[0], g.init("const.flat_attn", np.array([-1, dims.num_heads * hd], np.int64))])
+        attn_flat = g.op("Reshape", [attn[0], g.init("const.flat_attn", np.array([-1, q_width], np.int64))])
         o = g.linear(attn_flat, lw.o, f"{p}/o")
-        post_norm = g.init(f"{p}.post_attention_layernorm.weight", lw.post_norm)
-        x, _, _, residual = g.op(
-            "SkipSimplifiedLayerNormalization", [o, residual, post_norm],
-            n_out=4, domain=MS_DOMAIN, epsilon=dims.rms_eps,
-        )
+        if lw.attn_out_norm is not None:
+            o = g.norm(o, lw.attn_out_norm, f"{p}.attn_out_norm", dims.rms_eps)
+        x, residual = add_residual(o, residual, lw.post_norm, f"{p}.post_attention_layernorm.weight")
         gate_up = g.linear(x, lw.gate_up, f"{p}/gate_up")
         gate, up = g.op("Split", [gate_up], n_out=2, axis=-1, num_outputs=2)
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])  # SiLU
+        if dims.activation == "silu":
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+        else:  # gelu_pytorch_tanh
+            act = g.op("Gelu", [gate], approximate="tanh")
         down = g.linear(g.op("Mul", [act, up]), lw.down, f"{p}/down")
-        next_norm = weights.final_norm if lw_next is None else lw_next.input_norm
-        next_name = "model.norm.weight" if lw_next is None else f"model.layers.{i + 1}.input_layernorm.weight"
-        x, _, _, residual = g.op(
-            "SkipSimplifiedLayerNormalization", [down, residual, g.init(next_name, next_norm)],
-            n_out=4, domain=MS_DOMAIN, epsilon=dims.rms_eps,
-        )
+        if lw.mlp_out_norm is not None:
+            down = g.norm(down, lw.mlp_out_norm, f"{p}.mlp_out_norm", dims.rms_eps)
+        if lw_next is None:
+            next_norm, next_name = weights.final_norm, "model.norm.weight"
+        else:
+            next_norm, next_name = lw_next.input_norm, f"model.layers.{i + 1}.input_layernorm.weight"
+        x, residual = add_residual(down, residual, next_norm, next_name)
         if on_layer is not None:
             on_layer(i)
         lw = lw_next  # type: ignore[assignment]
@@ -242,6 +313,11 @@ def build_decoder(
     else:  # Gemm with transB shares the (tied) embedding: no second copy of the largest matrix
         head = embed if weights.lm_head is None else g.init("lm_head.weight", weights.lm_head.astype(np.float32))
         logits2d = g.op("Gemm", [flat, head], transB=1, name="lm_head")
+    if dims.logits_divisor != 1.0:
+        logits2d = g.op("Div", [logits2d, g.scalar("logits_divisor", dims.logits_divisor)])
+    if dims.final_softcap:
+        cap = g.scalar("final_softcap", dims.final_softcap)
+        logits2d = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits2d, cap])]), cap])
     out_shape = g.op("Concat", [g.op("Shape", [kept], start=0, end=2),
                                 g.init("const.vocab", np.array([dims.vocab_size], np.int64))], axis=0)
     if opt.dtype == "float32":
@@ -271,6 +347,23 @@ def build_decoder(
     # what the runtime checks the manifest against (initializers are out of a torch-free runtime's reach)
     helper.set_model_props(model, {ROTARY_POSITIONS: str(dims.max_positions)})
     return model
+
+
+def _rotary(g: _Graph, j: int, rope: Rope, positions: int, total: str) -> tuple[str, str]:
+    """Cos/sin caches [positions, rotary_dim / 2] of one table; LongRoPE picks its long table in the graph once
+    the sequence (``total``) is longer than its original context, as transformers does per forward."""
+    def tables(inv_freq: np.ndarray, tag: str) -> tuple[str, str]:
+        freqs = np.arange(positions, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+        name = "rotary" if j == 0 else f"rotary{j}"
+        return (g.init(f"{name}{tag}.cos_cache", (np.cos(freqs) * rope.scaling).astype(np.float32)),
+                g.init(f"{name}{tag}.sin_cache", (np.sin(freqs) * rope.scaling).astype(np.float32)))
+
+    cos, sin = tables(rope.inv_freq, "")
+    if rope.long_inv_freq is None or positions <= rope.original:
+        return cos, sin
+    long_cos, long_sin = tables(rope.long_inv_freq, ".long")
+    longer = g.op("Greater", [total, g.init(f"const.original{j}", np.array(rope.original, np.int32))])
+    return g.op("Where", [longer, long_cos, cos]), g.op("Where", [longer, long_sin, sin])
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> list[str]:

@@ -53,7 +53,7 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
     """Export ``cfg.source`` to a bundle at ``cfg.output``; run ``verify`` (parity) on it before publishing."""
     ref = source.resolve(cfg.source)
     arch, config = source.read_architecture(ref, cfg.trust_remote_code)
-    spec = lookup(arch)
+    spec = lookup(arch, config)
     plan = make_plan(cfg, ref, config, spec)  # validates every option and checks the memory fit before heavy work
     exporter = importlib.import_module(spec.exporter)
     progress = progress or Progress(total=3 + exporter.STAGES + bool(verify) + bool(plan.prune))

@@ -14,7 +14,9 @@ from edgekit.export.progress import Silent  # noqa: E402
 from edgekit.parity import verifier  # noqa: E402
 from tiny_models import make_model  # noqa: E402
 
-ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM"]
+ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM",
+         "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "SmolLM3ForCausalLM", "GraniteForCausalLM",
+         "Olmo2ForCausalLM", "Olmo3ForCausalLM", "Phi3ForCausalLM:longrope"]
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +46,7 @@ def tiny_bundle(tiny_model, tmp_path_factory):
     def get(arch: str = "LlamaForCausalLM") -> Path:
         if arch not in cache:
             cfg = ExportConfig(source=str(tiny_model(arch)), output=out / arch)
-            export_bundle(cfg, verify=verifier(new_tokens=16), progress=Silent())
+            export_bundle(cfg, verify=verifier(new_tokens=32), progress=Silent())
             cache[arch] = out / arch
         return cache[arch]
 

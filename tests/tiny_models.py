@@ -52,13 +52,50 @@ def make_model(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.2,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
+    gemma = dict(head_dim=16, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    # Each config keeps the features of the family's real checkpoints, shrunk; where a real value would not
+    # bite on a 2-4 layer model with random weights (soft-caps of 50/30, windows of 4096), a smaller one does.
     per_arch = {
         "LlamaForCausalLM": ("LlamaConfig", dict(tie_word_embeddings=True)),
         "Qwen2ForCausalLM": ("Qwen2Config", dict(tie_word_embeddings=False)),
         "MistralForCausalLM": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
         "Phi3ForCausalLM": ("Phi3Config", dict(tie_word_embeddings=False, pad_token_id=tok.pad_token_id)),
+        # Qwen3: per-head q/k RMSNorm, tied embeddings (the small checkpoints)
+        "Qwen3ForCausalLM": ("Qwen3Config", dict(head_dim=16, tie_word_embeddings=True)),
+        # Gemma: (1 + w) RMSNorm, sqrt(hidden) embedding scale, GELU-tanh MLP
+        "GemmaForCausalLM": ("GemmaConfig", dict(head_dim=16, hidden_act="gelu_pytorch_tanh",
+                                                 tie_word_embeddings=True)),
+        # Gemma 2: sandwich norms, alternating sliding/full layers, attention and final soft-capping,
+        # query_pre_attn_scalar different from head_dim
+        "Gemma2ForCausalLM": ("Gemma2Config", dict(**gemma, num_hidden_layers=3, sliding_window=8,
+                                                   query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                                                   final_logit_softcapping=3.0)),
+        # Gemma 3 (text): q/k norm, local/global layers with two RoPE bases (the global one linearly scaled,
+        # as in the 4B+ checkpoints)
+        "Gemma3ForCausalLM": ("Gemma3TextConfig", dict(
+            **gemma, num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+        # SmolLM3: every 4th layer without RoPE (NoPE)
+        "SmolLM3ForCausalLM": ("SmolLM3Config", dict(num_hidden_layers=4, tie_word_embeddings=True)),
+        # Granite 3: the four multipliers of granite-3.x-2b-instruct
+        "GraniteForCausalLM": ("GraniteConfig", dict(tie_word_embeddings=True, embedding_multiplier=12.0,
+                                                     attention_multiplier=0.015625, residual_multiplier=0.22,
+                                                     logits_scaling=8.0)),
+        # OLMo 2: norms on the branch outputs only, q/k norm over the whole projection
+        "Olmo2ForCausalLM": ("Olmo2Config", dict(tie_word_embeddings=False)),
+        # OLMo 3: OLMo 2 plus three sliding-window layers per full one
+        "Olmo3ForCausalLM": ("Olmo3Config", dict(num_hidden_layers=4, sliding_window=8, tie_word_embeddings=False)),
         "GPT2LMHeadModel": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4)),
     }
+    if arch == "Phi3ForCausalLM:longrope":  # Phi-3.5 / Phi-4-mini: LongRoPE factors, partial rotary (0.75)
+        arch = "Phi3ForCausalLM"
+        half = int(64 * 0.75) // 2  # head_dim 64: onnxruntime needs rotary_dim / 2 to be a multiple of 8
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
+                "short_factor": [1.0 + 0.1 * j for j in range(half)], "long_factor": [2.0 + 0.5 * j for j in range(half)]}
+        overrides = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, partial_rotary_factor=0.75,
+                         original_max_position_embeddings=32, rope_parameters=rope, **overrides)
     config_cls, extra = per_arch[arch]
     return _save(arch, getattr(transformers, config_cls)(**{**common, **extra, **overrides}), tok, folder, seed)
 
