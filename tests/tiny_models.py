@@ -93,7 +93,8 @@ def make_model(arch: str, folder: Path, seed: int = 0, **overrides) -> Path:
         arch = "Phi3ForCausalLM"
         half = int(64 * 0.75) // 2  # head_dim 64: onnxruntime needs rotary_dim / 2 to be a multiple of 8
         rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 32,
-                "short_factor": [1.0 + 0.1 * j for j in range(half)], "long_factor": [2.0 + 0.5 * j for j in range(half)]}
+                "short_factor": [1.0 + 0.1 * j for j in range(half)],
+                "long_factor": [2.0 + 0.5 * j for j in range(half)]}
         overrides = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, partial_rotary_factor=0.75,
                          original_max_position_embeddings=32, rope_parameters=rope, **overrides)
     config_cls, extra = per_arch[arch]
