@@ -6,9 +6,10 @@ TensorRT, fp16, pruned variants; plus llama.cpp (llama-cpp-python) on the same G
 onnxruntime-genai's int4 model built from the same weights, when those packages are installed.
 Columns: size on disk, TTFT, decode tok/s (2 threads, medians of interleaved runs), top-1 agreement and KL vs the
 PyTorch model (teacher-forced on the built-in parity prompts), perplexity on a built-in text.
-Writes benchmarks/results/compress.{json,md,png}.
+Writes benchmarks/results/compress.{json,md,png} (for another --source: compress-<source>.*).
 
     python benchmarks/compress.py --runs 5
+    python benchmarks/compress.py --source qwen2.5-coder-0.5b-instruct --variants gguf,fp32 --runs 5
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from decode import machine, pyplot, save_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+LLAMA_CPP = "llama.cpp (same GGUF)"
 CACHE = Path(".cache/benchmarks")
 SPEED_PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 EVAL_TEXT = (
@@ -41,7 +43,7 @@ EVAL_TEXT = (
 VARIANTS: list[tuple[str, list[str]]] = [
     ("fp32", ["--precision", "fp32"]),
     ("int4 gguf exact (acc 0, fp32 head)", ["--precision", "int4", "--algo", "gguf", "--lm-head", "fp32"]),
-    ("int4 gguf default (acc 0, Q8 head)", ["--precision", "int4"]),
+    ("int4 gguf default (acc 0, 8-bit head)", ["--precision", "int4"]),
     ("int4 gguf fast (acc 4)", ["--precision", "int4", "--algo", "gguf", "--accuracy-level", "4"]),
     ("int4 rtn (acc 4)", ["--precision", "int4", "--algo", "rtn", "--accuracy-level", "4"]),
     ("int4 hqq (acc 4)", ["--precision", "int4", "--algo", "hqq", "--accuracy-level", "4"]),
@@ -182,16 +184,16 @@ def reference(source: str, prompts: list[Any]) -> tuple[Any, list[list[int]], li
     return ref, ids, logits, eval_ids, (model, tok, ppl_ref)
 
 
-def build_genai(model: Any, tok: Any, threads: int) -> Path | None:
+def build_genai(model: Any, tok: Any, threads: int, tag: str = "") -> Path | None:
     """onnxruntime-genai's int4 CPU model from the same (dequantized) weights, via its model builder."""
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
         return None
-    out = CACHE / "genai-int4"
+    out = CACHE / f"genai-int4{tag}"
     if (out / "genai_config.json").exists():
         return out
-    hf = CACHE / "smollm2-hf"
+    hf = CACHE / f"hf{tag or '-smollm2'}"
     if not (hf / "config.json").exists():
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
@@ -214,7 +216,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--variants", default="", help="comma-separated substrings of the variant labels to run "
+                    "(default: all)")
     args = ap.parse_args()
+    wanted = [w.strip() for w in args.variants.split(",") if w.strip()]
+    variants = [(label, flags) for label, flags in VARIANTS if not wanted or any(w in label for w in wanted)]
+    tag = "" if args.source == "smollm2-135m-instruct" else "-" + "".join(c if c.isalnum() or c in ".-" else "-"
+                                                                           for c in args.source)
     CACHE.mkdir(parents=True, exist_ok=True)
     from edgekit.parity import PROMPTS
 
@@ -228,22 +236,23 @@ def main() -> None:
 
     engines: dict[str, Any] = {}
     sizes: dict[str, float] = {}
-    for label, flags in VARIANTS:
-        bundle = CACHE / ("bundle-" + "".join(c if c.isalnum() else "-" for c in label))
+    for label, flags in variants:
+        bundle = CACHE / ("bundle" + tag + "-" + "".join(c if c.isalnum() else "-" for c in label))
         if not (bundle / "edgekit.json").exists():
             log(f"exporting {label} ...")
-            subprocess.run(["edgekit", "export", args.source, "-o", str(bundle), "--force", "--no-parity", *flags],
+            subprocess.run([sys.executable, "-m", "edgekit", "export", args.source, "-o", str(bundle), "--force",
+                            "--no-parity", *flags],
                            check=True, stderr=subprocess.DEVNULL)
         engines[f"edgekit {label}"] = EdgekitEngine(bundle, args.threads)
         sizes[f"edgekit {label}"] = dir_mb(bundle)
     gguf_path = ref.folder / ref.gguf_file if ref.gguf_file else None
     try:
         if gguf_path is not None:
-            engines["llama.cpp Q4_1 (same GGUF)"] = LlamaCppEngine(gguf_path, args.threads)
-            sizes["llama.cpp Q4_1 (same GGUF)"] = dir_mb(gguf_path)
+            engines[LLAMA_CPP] = LlamaCppEngine(gguf_path, args.threads)
+            sizes[LLAMA_CPP] = dir_mb(gguf_path)
     except ImportError:
         log("llama-cpp-python not installed: skipping the llama.cpp row")
-    genai = build_genai(model, tok, args.threads)
+    genai = build_genai(model, tok, args.threads, tag)
     if genai is not None:
         engines["onnxruntime-genai int4"] = GenaiEngine(genai, args.threads)
         sizes["onnxruntime-genai int4"] = dir_mb(genai)
@@ -263,7 +272,7 @@ def main() -> None:
     for name, s in speeds.items():
         rows[name]["ttft_ms"] = statistics.median(x[0] for x in s)
         rows[name]["decode_tok_s"] = statistics.median(x[1] for x in s)
-    llama = rows.get("llama.cpp Q4_1 (same GGUF)")
+    llama = rows.get(LLAMA_CPP)
     for row in rows.values():
         row["vs_llama_cpp"] = row["decode_tok_s"] / llama["decode_tok_s"] if llama else None
     result = {"benchmark": "compress", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
@@ -280,7 +289,7 @@ def main() -> None:
             result["machine"]["versions"][pkg] = metadata.version(pkg.replace("_", "-"))
         except Exception:  # noqa: BLE001 - absent peers are simply not listed
             pass
-    save_results("compress", result, render, plot)
+    save_results("compress" + tag, result, render, lambda r: plot(r, "compress" + tag))
 
 
 def render(r: dict) -> str:
@@ -300,7 +309,7 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(r: dict) -> None:
+def plot(r: dict, name: str = "compress") -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -318,7 +327,7 @@ def plot(r: dict) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{r['settings']['source']}: quality vs size and speed (blue: edgekit, orange: peers)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "compress.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -74,24 +74,30 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
         assert ref.gguf_file is not None, "the plan chose gguf for a GGUF source only"
         spec = plan.spec
         carried = gguf.read(ref.folder / ref.gguf_file, model.config)
+        for r in carried.requantized:
+            progress.note(f"WARNING: GGUF tensor '{r.name}' is {r.source_type}, which has no exact carry-over: "
+                          f"dequantized and re-quantized (4-bit RTN), relative weight error {r.rel_error:.2%}")
         sd = model.state_dict()
         reference = [{k: getattr(spec.layer(sd, i), k) for k in ("qkv", "o", "gate_up", "down")}
                      for i in range(dims.num_layers)]
         worst = gguf.verify_against(carried, reference)
-        progress.note(f"GGUF blocks carried over unchanged ({carried.types}); dequantized max |Δ| vs "
-                      f"transformers' weights: {worst:.1e}")
+        progress.note(f"GGUF blocks carried over unchanged ({carried.types}): every matrix dequantizes to exactly "
+                      f"what the file holds (max |diff| {carried.max_abs_diff:g}); vs transformers' weights "
+                      f"max |Δ| {worst:.1e}")
         layers = lambda i: replace(spec.layer(sd, i), **carried.layers[i])  # noqa: E731
         fast_head = plan.lm_head == "int8"
         opts = onnx_graph.BuildOptions(
             accuracy_level=plan.accuracy_level,
             embed_quant=carried.embed if fast_head else None,
             lm_head_quant=(carried.lm_head or carried.embed) if fast_head else None,
-            lm_head_accuracy_level=4,  # 8-bit MatMulNBits with float activations is a slow kernel path
         )
         graph = onnx_graph.build_decoder(dims, replace(weights, layers=layers), on_layer=tick, options=opts)
-        head = "8-bit blocks (GGUF Q8_0), int8 activations" if fast_head else "float32 (dequantized exactly)"
-        return graph, bdl.Quantization(**record, source_types=carried.types, lm_head=head,
-                                       embedding="8-bit blocks (GGUF Q8_0)" if fast_head else "float32")
+        acts = "int8" if plan.accuracy_level >= 4 else "float"
+        head_w, embed_w = opts.lm_head_quant, opts.embed_quant
+        head = (f"8-bit blocks (GGUF {head_w.source_type}), {acts} activations" if head_w is not None
+                else "float32 (dequantized exactly)")
+        embedding = f"8-bit blocks (GGUF {embed_w.source_type})" if embed_w is not None else "float32"
+        return graph, bdl.Quantization(**record, source_types=carried.types, lm_head=head, embedding=embedding)
     dtype = "float16" if plan.kv_cache == "fp16" else "float32"
     graph = onnx_graph.build_decoder(dims, weights, on_layer=tick,
                                      options=onnx_graph.BuildOptions(lm_head_matmul=True, dtype=dtype))

@@ -1,21 +1,33 @@
-"""Carries GGUF block-quantized weights (Q4_0, Q4_1, Q8_0) into the bundle without re-rounding them.
+"""Carries GGUF block-quantized weights into the bundle without re-rounding them.
 
-Each GGUF linear becomes a MatMulNBits weight with the same integers and scales, so the int4 bundle computes what
-the dequantized PyTorch model computes (up to float summation order), instead of a second rounding of it.
+Every ggml type below maps onto onnxruntime's MatMulNBits weight form ``w = scale * (code - zero_point) + offset``
+(``offset`` added as ``block_sums(x) @ offsets^T`` next to the matmul) with the same integers and fp32 products
+that ``gguf.quants.dequantize`` computes, so each carried matrix dequantizes bit-identically:
 
-  Q4_0: w = d * (q - 8)          -> 4-bit MatMulNBits, default zero point 8: exact
-  Q4_1: w = d * q + m            =  d * (q - 8) + (m + 8d): MatMulNBits + a per-block offset times the block sums of x
-  Q8_0: w = d * q (q signed)     -> 8-bit MatMulNBits on q + 128, default zero point 128: exact
+  Q4_0: d * (q - 8)                    4-bit codes q, zero point 8
+  Q4_1: d * q + m                      4-bit codes q, zero point 0, offset m
+  Q5_0: d * (q - 16)                   8-bit codes q + 112, zero point 128
+  Q5_1: d * q + m                      8-bit codes q, zero point 0, offset m
+  Q8_0: d * q  (q signed)              8-bit codes q + 128, zero point 128
+  Q4_K: (d * sc) * q - (dmin * m)      4-bit codes q, scale d * sc, zero point 0, offset -(dmin * m)   (blocks of 32)
+  Q5_K: (d * sc) * q - (dmin * m)      8-bit codes q, the same                                         (blocks of 32)
+  Q6_K: (d * sc) * (q - 32)            8-bit codes q + 96, zero point 128                              (blocks of 16)
 
-Layouts: ggml packs elements j and j+16 of a 32-block in byte j; MatMulNBits packs elements 2k and 2k+1 in byte k.
-llama.cpp stores Llama q/k rows permuted for its rotary layout; transformers un-permutes them on load, and so do we
-(rows only: blocks run along the input dimension, so a row permutation keeps every block intact).
+The scale and min terms stay separate (zero point 0 plus an offset): folding them into one offset with zero point 8,
+as a symmetric kernel would want, rounds about 0.01% of the weights one ulp away from what the GGUF holds.
+
+Layouts: ggml packs elements j and j+16 of a 32-block in byte j (K-quants: j and j+32 of a 64-element group);
+MatMulNBits packs elements 2k and 2k+1 in byte k. llama.cpp stores Llama/Mistral q/k rows permuted for its rotary
+layout; transformers un-permutes them on load, and so do we (rows only: blocks run along the input dimension, so a
+row permutation keeps every block intact). Other types (Q2_K, Q3_K, the IQ family, ternary) cannot be carried
+exactly; ``read`` leaves them to the caller, which dequantizes and re-quantizes them with a warning.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,73 +36,191 @@ import numpy as np
 from edgekit.runtimes.errors import ExportError, UnsupportedModelError
 
 BLOCK = 32
-SUPPORTED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}
+QK_K = 256
+# ggml type -> (MatMulNBits bits, block size) of its exact carry-over
+CARRIED: dict[str, tuple[int, int]] = {
+    "Q4_0": (4, 32), "Q4_1": (4, 32), "Q5_0": (8, 32), "Q5_1": (8, 32), "Q8_0": (8, 32),
+    "Q4_K": (4, 32), "Q5_K": (8, 32), "Q6_K": (8, 16),
+}
+DENSE = ("F32", "F16", "BF16")  # carried as float weights (exact)
 
 
 @dataclass(frozen=True)
 class BlockQuantLinear:
-    """A [N, K] weight as MatMulNBits blocks of 32: w[n, k] = scales[n, b] * (q[n, k] - zp) + offsets[n, b]."""
+    """A [N, K] weight as MatMulNBits blocks: w[n, k] = scales[n, b] * (codes[n, k] - zp[n, b]) + offsets[n, b]."""
 
-    bits: int
-    packed: np.ndarray  # uint8 [N, K / 32, 32 * bits / 8]
-    scales: np.ndarray  # float32 [N, K / 32]
-    offsets: np.ndarray | None  # float32 [N, K / 32], None when zero (Q4_0, Q8_0)
+    bits: int  # 4 or 8
+    codes: np.ndarray  # uint8 [N, K], unpacked
+    scales: np.ndarray  # float32 [N, K / block]
+    zero_points: np.ndarray | None  # uint8 [N, K / block]; None: the default 2^(bits - 1)
+    offsets: np.ndarray | None  # float32 [N, K / block]; None: zero
     source_type: str
+    block: int = BLOCK
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.packed.shape[0], self.packed.shape[1] * BLOCK
+        return self.codes.shape[0], self.codes.shape[1]
 
-    def codes(self) -> np.ndarray:
-        """The integer codes, [N, K] (unsigned, before subtracting the zero point)."""
+    @property
+    def packed(self) -> np.ndarray:
+        """uint8 [N, K / block, block * bits / 8] in MatMulNBits order (4-bit: element 2k low nibble of byte k)."""
+        n, k = self.shape
+        c = self.codes.reshape(n, k // self.block, self.block)
+        return c if self.bits == 8 else (c[:, :, 0::2] | (c[:, :, 1::2] << 4)).astype(np.uint8)
+
+    def packed_zero_points(self) -> np.ndarray | None:
+        """MatMulNBits' zero_points input: 8-bit [N, blocks]; 4-bit two per byte, even block in the low nibble."""
+        if self.zero_points is None:
+            return None
         if self.bits == 8:
-            return self.packed.reshape(self.packed.shape[0], -1)
-        lo, hi = self.packed & 0x0F, self.packed >> 4
-        return np.stack([lo, hi], axis=-1).reshape(self.packed.shape[0], -1)
+            return self.zero_points
+        z = self.zero_points
+        if z.shape[1] % 2:
+            z = np.concatenate([z, np.zeros((z.shape[0], 1), np.uint8)], axis=1)
+        return (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
 
     def dequantize(self) -> np.ndarray:
-        n, nb = self.scales.shape
-        zp = 8 if self.bits == 4 else 128
-        q = self.codes().reshape(n, nb, BLOCK).astype(np.float32) - zp
+        n, k = self.shape
+        nb = k // self.block
+        zp = (np.full((n, nb), 1 << (self.bits - 1), np.float32) if self.zero_points is None
+              else self.zero_points.astype(np.float32))
+        q = self.codes.reshape(n, nb, self.block).astype(np.float32) - zp[:, :, None]
         w = q * self.scales[:, :, None]
         if self.offsets is not None:
             w = w + self.offsets[:, :, None]
-        return w.reshape(n, nb * BLOCK)
+        return w.reshape(n, k)
+
+    def nibbles(self) -> tuple[BlockQuantLinear, BlockQuantLinear] | None:
+        """An 8-bit weight as two 4-bit ones whose sum is exactly it: codes c = lo + 16 hi, so
+        s (c - z) = s (lo - 0) + 16 s (hi - z / 16) (z is 0 or 128). onnxruntime's CPU kernel for 8-bit blocks
+        with float activations is a slow fallback; two 4-bit matmuls stay on the fast path. Both products are
+        exact in fp32 and the sum rounds once, so the weight is the same float. None if z is not a multiple of 16."""
+        if self.bits != 8:
+            return None
+        zp = self.zero_points if self.zero_points is not None else np.full(self.scales.shape, 128, np.uint8)
+        if (zp % 16).any():
+            return None
+        lo = replace(self, bits=4, codes=(self.codes & 0x0F).astype(np.uint8), zero_points=np.zeros_like(zp))
+        hi = replace(self, bits=4, codes=(self.codes >> 4).astype(np.uint8), scales=self.scales * np.float32(16),
+                     zero_points=(zp // 16).astype(np.uint8), offsets=None)
+        return lo, hi
 
     def rows(self, order: np.ndarray) -> BlockQuantLinear:
-        off = None if self.offsets is None else self.offsets[order]
-        return BlockQuantLinear(self.bits, self.packed[order], self.scales[order], off, self.source_type)
+        pick = lambda a: None if a is None else a[order]  # noqa: E731
+        return replace(self, codes=self.codes[order], scales=self.scales[order],
+                       zero_points=pick(self.zero_points), offsets=pick(self.offsets))
+
+    def widened(self, bits: int, block: int) -> BlockQuantLinear:
+        """The same weight with ``bits``-bit codes and blocks of ``block`` (exact: the integers do not change)."""
+        if (bits, block) == (self.bits, self.block):
+            return self
+        assert bits >= self.bits and self.block % block == 0, "only widen codes / split blocks"
+        rep = self.block // block
+        zp = self.zero_points if self.zero_points is not None else np.full(
+            self.scales.shape, 1 << (self.bits - 1), np.uint8)
+        split = lambda a: None if a is None else np.repeat(a, rep, axis=1)  # noqa: E731
+        zp = split(zp)
+        return replace(self, bits=bits, block=block, scales=split(self.scales),
+                       zero_points=None if (zp == 1 << (bits - 1)).all() else zp, offsets=split(self.offsets))
 
 
 def concat_rows(parts: Sequence[BlockQuantLinear]) -> BlockQuantLinear:
-    """Stack weights along N (packed QKV, gate/up); offsets become zeros where a part has none."""
-    if len({p.bits for p in parts}) != 1:
-        raise UnsupportedModelError("Cannot pack GGUF tensors of different bit widths into one matmul.")
+    """Stack weights along N (packed QKV, gate/up), in the widest code and smallest block any part needs."""
+    bits, block = max(p.bits for p in parts), min(p.block for p in parts)
+    parts = [p.widened(bits, block) for p in parts]
+    explicit = any(p.zero_points is not None for p in parts)
+    default = np.uint8(1 << (bits - 1))
+    zps = ([p.zero_points if p.zero_points is not None else np.full(p.scales.shape, default, np.uint8)
+            for p in parts] if explicit else None)
     any_offsets = any(p.offsets is not None for p in parts)
     offsets = (np.concatenate([p.offsets if p.offsets is not None else np.zeros_like(p.scales) for p in parts])
                if any_offsets else None)
-    return BlockQuantLinear(parts[0].bits, np.concatenate([p.packed for p in parts]),
-                            np.concatenate([p.scales for p in parts]), offsets,
-                            "+".join(sorted({p.source_type for p in parts})))
+    return BlockQuantLinear(bits, np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                            None if zps is None else np.concatenate(zps), offsets,
+                            "+".join(sorted({p.source_type for p in parts})), block)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """[..., 2] uint8 -> [...] float32."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles32(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes of a 32-block -> [..., 32] values: byte j holds elements j (low) and j + 16 (high)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray, count: int) -> np.ndarray:
+    """[..., count / 8] bytes -> [..., count] bits, element i = bit (i % 8) of byte i / 8 (little-endian)."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")[..., :count]
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit mins per super-block."""
+    d, m, md = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _kquant_low(qs: np.ndarray) -> np.ndarray:
+    """K-quant 4-bit low parts: [n, S, 128] bytes -> [n, S, 256]; each 32-byte chunk c holds elements
+    64c + j (low nibble) and 64c + 32 + j (high nibble)."""
+    n, s = qs.shape[:2]
+    q = qs.reshape(n, s, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+    return (q & 0x0F).reshape(n, s, QK_K)
 
 
 def from_ggml(raw: np.ndarray, qtype: str) -> BlockQuantLinear:
-    """Convert raw ggml rows (uint8 [N, row_bytes]) of a Q4_0 / Q4_1 / Q8_0 tensor."""
+    """Convert raw ggml rows (uint8 [N, row_bytes]) of a type in ``CARRIED`` into MatMulNBits blocks."""
     n = raw.shape[0]
-    if qtype == "Q8_0":
-        blocks = raw.reshape(n, -1, 34)
-        d = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
-        q = blocks[:, :, 2:].copy().view(np.int8)
-        return BlockQuantLinear(8, (q.astype(np.int16) + 128).astype(np.uint8), d, None, qtype)
-    size = {"Q4_0": 18, "Q4_1": 20}[qtype]
-    blocks = raw.reshape(n, -1, size)
-    d = blocks[:, :, :2].copy().view(np.float16)[:, :, 0].astype(np.float32)
-    m = blocks[:, :, 2:4].copy().view(np.float16)[:, :, 0].astype(np.float32) if qtype == "Q4_1" else None
-    qs = blocks[:, :, size - 16 :]
-    values = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # ggml order: byte j holds elements j and j + 16
-    packed = (values[:, :, 0::2] | (values[:, :, 1::2] << 4)).astype(np.uint8)  # MatMulNBits: 2k low, 2k+1 high
-    offsets = None if m is None else (m + 8.0 * d).astype(np.float32)
-    return BlockQuantLinear(4, packed, d, offsets, qtype)
+    if qtype in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        size = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}[qtype]
+        b = raw.reshape(n, -1, size)
+        d = _f16(b[:, :, 0:2].reshape(n, -1, 2))
+        if qtype == "Q8_0":
+            q = b[:, :, 2:].view(np.int8).astype(np.int16) + 128
+            return BlockQuantLinear(8, q.astype(np.uint8).reshape(n, -1), d, None, None, qtype)
+        m = _f16(b[:, :, 2:4].reshape(n, -1, 2)) if qtype in ("Q4_1", "Q5_1") else None
+        qs = b[:, :, size - 16:]
+        q = _nibbles32(qs)
+        if qtype in ("Q5_0", "Q5_1"):
+            qh = b[:, :, size - 20:size - 16]
+            q = q | (_high_bits(qh, 32) << 4)
+        if qtype == "Q4_0":
+            return BlockQuantLinear(4, q.reshape(n, -1), d, None, None, qtype)
+        if qtype == "Q5_0":  # d * (q - 16) = d * ((q + 112) - 128)
+            return BlockQuantLinear(8, (q + 112).astype(np.uint8).reshape(n, -1), d, None, None, qtype)
+        bits = 4 if qtype == "Q4_1" else 8
+        return BlockQuantLinear(bits, q.reshape(n, -1), d, np.zeros(d.shape, np.uint8), m, qtype)
+    if qtype in ("Q4_K", "Q5_K"):
+        size = 144 if qtype == "Q4_K" else 176
+        b = raw.reshape(n, -1, size)
+        s = b.shape[1]
+        d, dmin = _f16(b[:, :, 0:2]), _f16(b[:, :, 2:4])
+        sc, mn = _k_scales(b[:, :, 4:16])
+        scale = (d[:, :, None] * sc).reshape(n, -1)
+        offset = -(dmin[:, :, None] * mn).reshape(n, -1)
+        if qtype == "Q4_K":
+            q = _kquant_low(b[:, :, 16:144])
+        else:  # 32 bytes of high bits: bit i of byte j is element 32 i + j's fifth bit
+            hi = b[:, :, 16:48].reshape(n, s, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+            q = _kquant_low(b[:, :, 48:176]) | ((hi & 1).reshape(n, s, QK_K) << 4)
+        return BlockQuantLinear(4 if qtype == "Q4_K" else 8, q.reshape(n, -1).astype(np.uint8), scale,
+                                np.zeros(scale.shape, np.uint8), offset, qtype)
+    if qtype == "Q6_K":
+        b = raw.reshape(n, -1, 210)
+        s = b.shape[1]
+        ql, qh = b[:, :, 0:128], b[:, :, 128:192]
+        sc = b[:, :, 192:208].view(np.int8).astype(np.float32)
+        d = _f16(b[:, :, 208:210])
+        low = ql.reshape(n, s, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+        low = (low & 0x0F).reshape(n, s, 2, 4, 32)  # [half, quarter, 32]
+        high = qh.reshape(n, s, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+        q = (low | ((high & 0x03) << 4)).reshape(n, -1)
+        scale = (d[:, :, None] * sc).reshape(n, -1)  # one per 16 elements
+        return BlockQuantLinear(8, (q + 96).astype(np.uint8), scale, None, None, qtype, block=16)
+    raise UnsupportedModelError(f"GGUF tensor type {qtype} has no exact carry-over (carried: {', '.join(CARRIED)}).")
 
 
 def _unpermute(n_rows: int, n_head: int) -> np.ndarray:
@@ -101,62 +231,146 @@ def _unpermute(n_rows: int, n_head: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """How one GGUF architecture names a layer's linears (llama.cpp's tensor names, without ``blk.{i}.``)."""
+
+    qkv: tuple[str, ...] = ("attn_q", "attn_k", "attn_v")  # Phi-3: one packed attn_qkv
+    gate_up: tuple[str, ...] = ("ffn_gate", "ffn_up")  # Phi-3: one packed ffn_up
+    permute_qk: bool = False  # llama.cpp permuted the q/k rows (Llama, Mistral)
+
+
+# GGUF architectures (general.architecture / transformers' model_type) whose files edgekit carries over
+LAYOUTS: dict[str, Layout] = {
+    "llama": Layout(permute_qk=True), "mistral": Layout(permute_qk=True), "qwen2": Layout(), "qwen3": Layout(),
+    "phi3": Layout(qkv=("attn_qkv",), gate_up=("ffn_up",)), "gemma2": Layout(), "gemma3": Layout(),
+}
+FAMILIES = tuple(LAYOUTS)
+
+
+@dataclass(frozen=True)
+class Requantized:
+    """A tensor whose GGUF type has no exact carry-over: dequantized, then re-quantized (RTN, 4-bit)."""
+
+    name: str
+    source_type: str
+    rel_error: float  # ||w_rtn - w_gguf|| / ||w_gguf||
+
+
+@dataclass(frozen=True)
 class GGUFWeights:
-    """The linear weights of a Llama-family GGUF, in the layout of export.registry.LayerWeights."""
+    """The linear weights of a GGUF, in the layout of export.registry.LayerWeights."""
 
-    layers: list[dict[str, BlockQuantLinear]]  # per layer: qkv, o, gate_up, down
-    embed: BlockQuantLinear | None  # token embedding (also the tied lm_head) when quantized
-    lm_head: BlockQuantLinear | None  # untied output weight when quantized
+    layers: list[dict[str, BlockQuantLinear | np.ndarray]]  # per layer: qkv, o, gate_up, down
+    embed: BlockQuantLinear | None  # token embedding (also the tied lm_head) when carried as 8-bit blocks
+    lm_head: BlockQuantLinear | None  # untied output weight when carried as blocks
     types: dict[str, int]  # ggml type name -> tensor count
+    requantized: tuple[Requantized, ...] = ()
+    max_abs_diff: float = 0.0  # carried matrices vs gguf.quants.dequantize (0: bit-identical)
 
 
-def read(path: Path, config: Any) -> GGUFWeights:
-    """Read every linear of a Llama-family GGUF as MatMulNBits blocks; refuse types that cannot carry over."""
-    from gguf import GGUFReader
+def _requantize(w: np.ndarray) -> BlockQuantLinear:
+    """Round-to-nearest 4-bit, blocks of 32 with a float offset (the fallback for types without a carry-over)."""
+    n, k = w.shape
+    b = w.reshape(n, k // BLOCK, BLOCK)
+    lo, hi = b.min(axis=-1), b.max(axis=-1)
+    scale = np.where(hi > lo, (hi - lo) / 15, 1.0).astype(np.float32)
+    q = np.clip(np.rint((b - lo[:, :, None]) / scale[:, :, None]), 0, 15).astype(np.uint8)
+    return BlockQuantLinear(4, q.reshape(n, k), scale, np.zeros(scale.shape, np.uint8), lo.astype(np.float32), "RTN4")
 
-    reader = GGUFReader(str(path))
+
+def read(path: Path, config: Any, verify: bool = True) -> GGUFWeights:
+    """Read every linear of a GGUF as MatMulNBits blocks (exact for the types in ``CARRIED``; float types stay
+    float; other types are re-quantized and reported). With ``verify``, check every carried matrix dequantizes to
+    exactly what ``gguf.quants.dequantize`` gives for the file's bytes (max |diff| 0) and refuse the file if not."""
+    from gguf.quants import dequantize
+
+    reader = _reader(path)
     tensors = {t.name: t for t in reader.tensors}
     types: dict[str, int] = {}
     for t in reader.tensors:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    model_type = getattr(config, "model_type", "")
+    layout = LAYOUTS.get(model_type.removesuffix("_text"))
+    if layout is None:
+        raise UnsupportedModelError(f"GGUF carry-over supports the {', '.join(LAYOUTS)} layouts; '{path.name}' is "
+                                    f"{model_type!r}. HINT: use --algo rtn to re-quantize its dequantized weights.")
+    requantized: list[Requantized] = []
+    worst = [0.0]
 
-    def get(name: str) -> BlockQuantLinear:
+    def get(name: str, rows: np.ndarray | None = None) -> BlockQuantLinear | np.ndarray:
         t = tensors.get(name)
         if t is None:
-            raise UnsupportedModelError(f"GGUF file {path.name} has no tensor '{name}' (not a Llama-family layout?).")
+            raise UnsupportedModelError(f"GGUF file {path.name} has no tensor '{name}' (not a {model_type} layout?).")
         qtype = t.tensor_type.name
-        if qtype not in SUPPORTED:
-            raise UnsupportedModelError(
-                f"GGUF tensor '{name}' is {qtype}; lossless carry-over supports {', '.join(SUPPORTED)}. "
-                "HINT: pass --algo rtn or --algo hqq to re-quantize the dequantized weights instead."
-            )
-        return from_ggml(np.asarray(t.data), qtype)
+        raw = np.asarray(t.data)
+        if qtype in DENSE:
+            w = raw.astype(np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
+            return w if rows is None else w[rows]
+        ref = dequantize(raw, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0])) if verify else None
+        if qtype not in CARRIED:
+            if ref is None:
+                ref = dequantize(raw, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0]))
+            w = _requantize(ref)
+            err = float(np.linalg.norm(w.dequantize() - ref) / max(np.linalg.norm(ref), 1e-30))
+            requantized.append(Requantized(name, qtype, err))
+        else:
+            w = from_ggml(raw.reshape(int(t.shape[1]), -1), qtype)
+            if ref is not None:
+                diff = float(np.abs(w.dequantize() - ref).max())
+                if diff != 0.0:
+                    raise ExportError(f"GGUF carry-over of '{name}' ({qtype}) differs from gguf's dequantization "
+                                      f"(max |diff| {diff:.3g}); refusing an inexact bundle. HINT: use --algo rtn.")
+                worst[0] = max(worst[0], diff)
+        return w if rows is None else w.rows(rows)
+
+    def pack(parts: list[BlockQuantLinear | np.ndarray]) -> BlockQuantLinear | np.ndarray:
+        if len(parts) == 1:
+            return parts[0]
+        if all(isinstance(x, BlockQuantLinear) for x in parts):
+            return concat_rows(parts)  # type: ignore[arg-type]
+        return np.concatenate([x.dequantize() if isinstance(x, BlockQuantLinear) else x for x in parts])
 
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     layers = []
     for i in range(config.num_hidden_layers):
         p = f"blk.{i}."
-        q, k = get(p + "attn_q.weight"), get(p + "attn_k.weight")
-        q, k = q.rows(_unpermute(q.shape[0], heads)), k.rows(_unpermute(k.shape[0], kv_heads))
-        layers.append({
-            "qkv": concat_rows([q, k, get(p + "attn_v.weight")]),
-            "o": get(p + "attn_output.weight"),
-            "gate_up": concat_rows([get(p + "ffn_gate.weight"), get(p + "ffn_up.weight")]),
-            "down": get(p + "ffn_down.weight"),
-        })
-    embed_t = tensors.get("token_embd.weight")
-    embed = get("token_embd.weight") if embed_t is not None and embed_t.tensor_type.name in SUPPORTED else None
-    out_t = tensors.get("output.weight")
-    lm_head = get("output.weight") if out_t is not None and out_t.tensor_type.name in SUPPORTED else None
-    return GGUFWeights(layers, embed, lm_head, types)
+        if layout.permute_qk:
+            q = get(p + "attn_q.weight", _unpermute(_rows(tensors, p + "attn_q.weight"), heads))
+            k = get(p + "attn_k.weight", _unpermute(_rows(tensors, p + "attn_k.weight"), kv_heads))
+            qkv = [q, k, get(p + "attn_v.weight")]
+        else:
+            qkv = [get(p + n + ".weight") for n in layout.qkv]
+        layers.append({"qkv": pack(qkv), "o": get(p + "attn_output.weight"),
+                       "gate_up": pack([get(p + n + ".weight") for n in layout.gate_up]),
+                       "down": get(p + "ffn_down.weight")})
+
+    def head(name: str) -> BlockQuantLinear | None:
+        t = tensors.get(name)
+        if t is None or CARRIED.get(t.tensor_type.name, (0,))[0] != 8 or t.tensor_type.name in ("Q5_1", "Q5_K"):
+            return None  # 8-bit blocks without offsets only (GatherBlockQuantized has no offset term)
+        w = get(name)
+        assert isinstance(w, BlockQuantLinear)
+        return w.widened(8, BLOCK) if w.block != BLOCK else w
+
+    return GGUFWeights(layers, head("token_embd.weight"), head("output.weight"), types, tuple(requantized),
+                       worst[0])
+
+
+def _rows(tensors: dict[str, Any], name: str) -> int:
+    t = tensors.get(name)
+    if t is None:
+        raise UnsupportedModelError(f"GGUF file has no tensor '{name}'.")
+    return int(t.shape[1])
 
 
 def verify_against(weights: GGUFWeights, reference: list[dict[str, np.ndarray]], tol: float = 1e-5) -> float:
-    """Check every carried-over weight dequantizes to the reference (transformers' dequantized model); return max|Δ|."""
+    """Check every carried-over weight matches the weights transformers loaded (same layout: names, row order,
+    packing); return max|Δ|."""
     worst = 0.0
     for i, (ours, ref) in enumerate(zip(weights.layers, reference)):
         for key, w in ours.items():
-            diff = float(np.abs(w.dequantize() - ref[key]).max())
+            dense = w.dequantize() if isinstance(w, BlockQuantLinear) else w
+            diff = float(np.abs(dense - ref[key]).max())
             worst = max(worst, diff)
             if diff > tol:
                 raise ExportError(
@@ -164,9 +378,6 @@ def verify_against(weights: GGUFWeights, reference: list[dict[str, np.ndarray]],
                     f"(max |Δ| {diff:.3g} > {tol:g}); refusing a lossy bundle. HINT: use --algo rtn or --algo hqq."
                 )
     return worst
-
-
-FAMILIES = ("llama", "mistral")  # GGUF layouts whose q/k row permutation ``read`` undoes
 
 
 @dataclass(frozen=True)
@@ -178,20 +389,47 @@ class Inspection:
     output_type: str | None  # None: tied to the embedding
 
     def carries(self, bits: int) -> bool:
-        """Whether every layer weight can be carried over exactly at ``bits`` (Q8_0 layers fit int4 bundles too)."""
-        wanted = {t for t, b in SUPPORTED.items() if b == bits} | {"Q8_0"}
-        return bool(self.linear_types) and self.linear_types <= wanted
+        """Whether every layer weight is carried over exactly in a ``bits``-bit bundle: int4 takes every carried
+        type (a Q4_K_M file is mostly Q5_0/Q6_K/Q8_0; types without one are re-quantized with a warning), int8
+        the 8-bit ones."""
+        if bits == 8:
+            return bool(self.linear_types) and self.linear_types <= {t for t, (b, _) in CARRIED.items() if b == 8}
+        return bool(self.linear_types) and bool(self.linear_types & set(CARRIED))
 
     @property
     def head_is_q8(self) -> bool:
-        """The embedding (and output layer, when it has its own) are Q8_0 blocks edgekit can carry."""
-        return self.embed_type == "Q8_0" and (self.output_type or "Q8_0") == "Q8_0"
+        """The embedding (and output layer, when it has its own) are 8-bit blocks without offsets (Q8_0, Q5_0,
+        Q6_K) that edgekit carries as 8-bit GatherBlockQuantized / MatMulNBits."""
+        eight = {"Q8_0", "Q5_0", "Q6_K"}
+        return self.embed_type in eight and (self.output_type or self.embed_type) in eight
+
+    @property
+    def uncarried(self) -> frozenset[str]:
+        """Linear types with no exact carry-over (re-quantized with a warning)."""
+        return frozenset(t for t in self.linear_types if t not in CARRIED and t not in DENSE)
+
+
+@functools.lru_cache(maxsize=2)
+def _open(path: str, mtime_ns: int, size: int) -> Any:
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except (ValueError, KeyError, IndexError) as e:  # e.g. "250 is not a valid GGMLQuantizationType"
+        raise UnsupportedModelError(
+            f"GGUF file {Path(path).name} cannot be read by gguf-py: {e}. A tensor type this gguf version does not "
+            "know, or a damaged file. HINT: re-convert it with a current llama.cpp (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/"
+            "Q4_K/Q5_K/Q6_K carry over exactly), or upgrade the gguf package.") from None
+
+
+def _reader(path: Path) -> Any:
+    """One parsed reader per file (parsing a GGUF's metadata, e.g. a 150k-token vocabulary, takes seconds)."""
+    st = Path(path).stat()
+    return _open(str(path), st.st_mtime_ns, st.st_size)
 
 
 def inspect(path: Path) -> Inspection:
-    from gguf import GGUFReader
-
-    tensors = GGUFReader(str(path)).tensors
+    tensors = _reader(path).tensors
     types = {t.name: t.tensor_type.name for t in tensors}
     linear = frozenset(t.tensor_type.name for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2)
     return Inspection(linear, types.get("token_embd.weight"), types.get("output.weight"))

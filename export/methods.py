@@ -28,10 +28,10 @@ class QuantMethod:
     block_sizes: tuple[int, ...] = BLOCK_SIZES
     accuracy_level: int = 4  # default MatMulNBits compute mode (0: float activations, 4: int8 activations)
 
-    def tolerance(self, precision: str, fmt: str, accuracy_level: int, int8_head: bool) -> str:
+    def tolerance(self, precision: str, fmt: str, accuracy_level: int) -> str:
         """The parity tolerance (a key of edgekit.parity.TOLERANCES) a bundle made this way is held to."""
         if self.gguf_source:  # exact layers at accuracy level 0: near-fp32 promises
-            return f"{precision}/gguf" + ("-int8act" if accuracy_level >= 4 else "-int8head" if int8_head else "")
+            return f"{precision}/gguf" + ("-int8act" if accuracy_level >= 4 else "")  # 8-bit heads: exact too
         if fmt == "qdq" and precision == "int8":
             return "int8/qdq-w8a8"  # static per-tensor activation scales
         return precision

@@ -132,23 +132,36 @@ class _Graph:
             y = self.op("MatMul", [x, self.init(f"{name}.weight", w.T.astype(np.float32))], name=name)
         else:
             n, k = w.shape
-            inputs = [x, self.init(f"{name}.qweight", w.packed), self.init(f"{name}.scales", w.scales.reshape(-1))]
-            y = self.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=w.bits,
-                        block_size=BLOCK, accuracy_level=level)
-            if w.offsets is not None:  # Q4_1's per-block constant: y += block_sums(x) @ offsets^T
-                corr = self.op("MatMul", [self.block_sums(x, k), self.init(f"{name}.block_offsets", w.offsets.T)])
+            split = w.nibbles() if level < 4 else None  # 8-bit blocks with float activations: two 4-bit matmuls
+            y = self.matmul_nbits(x, split[0] if split else w, name, level)
+            if split is not None:
+                y = self.op("Add", [y, self.matmul_nbits(x, split[1], f"{name}.high", level)])
+            if w.offsets is not None:  # the per-block min term: y += block_sums(x) @ offsets^T
+                corr = self.op("MatMul", [self.block_sums(x, k, w.block),
+                                          self.init(f"{name}.block_offsets", w.offsets.T)])
                 y = self.op("Add", [y, corr])  # (measured faster than one Gemm with C=y on onnxruntime 1.31 CPU)
         if bias is not None:
             y = self.op("Add", [y, self.init(f"{name}.bias", bias.astype(np.float32))])
         return y
 
-    def block_sums(self, x: str, k: int) -> str:
-        """[M, K] -> [M, K / 32]: sums of x over each block of 32 input features, shared by matmuls reading x."""
-        if x not in self._block_sums:
-            shape = self.init(f"const.blocks{k}", np.array([0, k // BLOCK, BLOCK], np.int64))
+    def matmul_nbits(self, x: str, w: BlockQuantLinear, name: str, level: int) -> str:
+        """x @ (scale * (code - zero_point))^T, without the offset term."""
+        n, k = w.shape
+        inputs = [x, self.init(f"{name}.qweight", w.packed), self.init(f"{name}.scales", w.scales.reshape(-1))]
+        zp = w.packed_zero_points()
+        if zp is not None:
+            inputs.append(self.init(f"{name}.zero_points", zp.reshape(-1)))
+        return self.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=w.bits,
+                       block_size=w.block, accuracy_level=level)
+
+    def block_sums(self, x: str, k: int, block: int = BLOCK) -> str:
+        """[M, K] -> [M, K / block]: sums of x over each block of input features, shared by matmuls reading x."""
+        key = f"{x}/{block}"
+        if key not in self._block_sums:
+            shape = self.init(f"const.blocks{k}_{block}", np.array([0, k // block, block], np.int64))
             last = self.init("const.axis_last", np.array([-1], np.int64))
-            self._block_sums[x] = self.op("ReduceSum", [self.op("Reshape", [x, shape]), last], keepdims=0)
-        return self._block_sums[x]
+            self._block_sums[key] = self.op("ReduceSum", [self.op("Reshape", [x, shape]), last], keepdims=0)
+        return self._block_sums[key]
 
     def scalar(self, name: str, value: float) -> str:
         """A float constant in the compute dtype."""
@@ -216,10 +229,11 @@ def build_decoder(
 
     if opt.embed_quant is not None:  # [V, H] as 8-bit blocks along H
         eq = opt.embed_quant
+        assert eq.bits == 8 and eq.offsets is None and eq.zero_points is None, "8-bit blocks, default zero point"
         hidden = g.op("GatherBlockQuantized", [
-            g.init("model.embed_tokens.qweight", eq.codes()), "input_ids",
+            g.init("model.embed_tokens.qweight", eq.codes), "input_ids",
             g.init("model.embed_tokens.scales", eq.scales)],
-            domain=MS_DOMAIN, name="embed", bits=eq.bits, block_size=BLOCK, gather_axis=0, quantize_axis=1)
+            domain=MS_DOMAIN, name="embed", bits=eq.bits, block_size=eq.block, gather_axis=0, quantize_axis=1)
         embed = ""
     else:
         embed = g.init("model.embed_tokens.weight", weights.embed.astype(np.float32))

