@@ -41,7 +41,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 
 def test_did_you_mean_for_architecture():
     with pytest.raises(UnsupportedModelError, match="Did you mean 'Qwen2ForCausalLM'"):
-        lookup("Qwen3ForCausalLM")
+        lookup("Qwen2ForCausalLMX")
 
 
 def test_remote_code_needs_the_flag(tiny_model, tmp_path):
