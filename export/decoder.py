@@ -49,7 +49,7 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
                                          onnx_graph.output_names(dims.num_layers))},
         generation=generation_defaults(model),
         kv_cache=bdl.KVCacheLayout(dims.num_layers, dims.num_kv_heads, dims.head_dim,
-                                   dtype="float16" if plan.kv_cache == "fp16" else "float32"),
+                                   dtype="float16" if plan.kv_cache == "fp16" else "float32", shared_buffer=True),
         quantization=quant,
         # onnxruntime 1.31's QDQ propagation gives an int8-activation graph a uint8 zero point it then refuses
         disabled_optimizers=("QDQPropagationTransformer",) if quant and quant.activations == "int8" else (),

@@ -200,11 +200,11 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs
 
-    def op_named(self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
+    def op_named(self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "", name: str = "",
+                 **attrs) -> None:
         self._n += 1
-        self.nodes.append(
-            helper.make_node(op_type, inputs, outputs, name=f"{op_type}_{self._n}", domain=domain or None, **attrs)
-        )
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=name or f"{op_type}_{self._n}",
+                                           domain=domain or None, **attrs))
 
 
 def build_decoder(
@@ -284,14 +284,14 @@ def build_decoder(
             attrs["scale"] = float(dims.attn_scale)
         if dims.attn_softcap:
             attrs["softcap"] = float(dims.attn_softcap)
-        attn = g.op(
-            "GroupQueryAttention",
-            [*qkv_in, kv.past_key.format(layer=i), kv.past_value.format(layer=i), seqlens, total, cos, sin],
-            n_out=3, domain=MS_DOMAIN, name=f"{p}/attn", **attrs,
-        )
-        g.op_named("Identity", [attn[1]], [kv.present_key.format(layer=i)])
-        g.op_named("Identity", [attn[2]], [kv.present_value.format(layer=i)])
-        attn_flat = g.op("Reshape", [attn[0], g.init("const.flat_attn", np.array([-1, q_width], np.int64))])
+        # present K/V are the graph outputs themselves (no Identity copy), so a runtime that binds one max-length
+        # buffer as both past and present gets GroupQueryAttention's in-place shared-buffer mode
+        attn_out = f"{p}/attn/out0"
+        g.op_named("GroupQueryAttention",
+                   [*qkv_in, kv.past_key.format(layer=i), kv.past_value.format(layer=i), seqlens, total, cos, sin],
+                   [attn_out, kv.present_key.format(layer=i), kv.present_value.format(layer=i)],
+                   domain=MS_DOMAIN, name=f"{p}/attn", **attrs)
+        attn_flat = g.op("Reshape", [attn_out, g.init("const.flat_attn", np.array([-1, q_width], np.int64))])
         o = g.linear(attn_flat, lw.o, f"{p}/o")
         if lw.attn_out_norm is not None:
             o = g.norm(o, lw.attn_out_norm, f"{p}.attn_out_norm", dims.rms_eps)

@@ -107,3 +107,18 @@ def run_graph(session: ort.InferenceSession, outputs: Sequence[str], feeds: dict
     except Exception as e:  # onnxruntime raises its own unrelated types
         raise BundleError(f"onnxruntime failed running graph '{where}': {str(e).strip().splitlines()[0][:300]}. "
                           "HINT: the bundle may be damaged or made for another onnxruntime; re-export it.") from None
+
+
+def run_bound(session: ort.InferenceSession, io: ort.IOBinding, where: str) -> None:
+    """``run_with_iobinding``, with onnxruntime's failures as a BundleError (as ``run_graph``)."""
+    try:
+        session.run_with_iobinding(io)
+    except Exception as e:  # onnxruntime raises its own unrelated types
+        raise BundleError(f"onnxruntime failed running graph '{where}': {str(e).strip().splitlines()[0][:300]}. "
+                          "HINT: the bundle may be damaged or made for another onnxruntime; re-export it.") from None
+
+
+def device_of(session: ort.InferenceSession) -> str:
+    """Where the session computes, as IO binding names it: "cuda" when a GPU provider leads, else "cpu"."""
+    first = (session.get_providers() or ["CPUExecutionProvider"])[0]
+    return "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"

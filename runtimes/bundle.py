@@ -53,6 +53,9 @@ class KVCacheLayout:
     past_value: str = "past_key_values.{layer}.value"
     present_key: str = "present.{layer}.key"
     present_value: str = "present.{layer}.value"
+    # the graph writes present K/V straight into its outputs, so one max-length buffer bound as both past and
+    # present is updated in place (GroupQueryAttention's shared-buffer mode); older bundles copy the past per step
+    shared_buffer: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,8 @@ def _kv_layout(r: schema.Reader) -> KVCacheLayout:
                                                                                            hi=4096),
                          head_dim=r.int("head_dim", lo=1, hi=1 << 14),
                          dtype=r.str("dtype", False, "float32", choices=KV_DTYPES),
-                         layout=r.str("layout", False, "BNSH", choices=("BNSH",)), **names)
+                         layout=r.str("layout", False, "BNSH", choices=("BNSH",)),
+                         shared_buffer=r.bool("shared_buffer", False), **names)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from edgekit.runtimes import model as mdl
-from edgekit.runtimes.backend import BackendOptions, check_dims, create_session, run_graph
+from edgekit.runtimes.backend import BackendOptions, check_dims, create_session, device_of, run_bound, run_graph
 from edgekit.runtimes.bundle import Manifest, bundle_file
 from edgekit.runtimes.errors import BundleError, ContextLengthError
-from edgekit.runtimes.kv_cache import BatchKV, KVCache, PrefixCache
+from edgekit.runtimes.kv_cache import KVCache, KVSlots, PrefixCache, past_names, present_names
 from edgekit.runtimes.sampling import SamplingParams, sample_next
 from edgekit.runtimes.sequence import Sequence
 from edgekit.runtimes.tokenizer import Prompt, Tokenizer
@@ -41,9 +41,9 @@ class ARModel:
         self.path = bundle_dir
         self.manifest = manifest
         self.layout = manifest.kv_cache
-        names = KVCache(self.layout)
+        pasts, presents = past_names(self.layout), present_names(self.layout)
         self.graph = manifest.graphs[GRAPH]
-        inputs, outputs = (*FEEDS, *names.past_names), ("logits", *names.present_names)
+        inputs, outputs = (*FEEDS, *pasts), ("logits", *presents)
         if (tuple(self.graph.inputs), tuple(self.graph.outputs)) != (inputs, outputs):
             raise BundleError(f"Bundle '{bundle_dir}': the KV-cache layout ({self.layout.num_layers} layers) does not "
                               f"match the decoder graph's I/O ({len(self.graph.inputs) - len(FEEDS)} past tensors). "
@@ -51,8 +51,8 @@ class ARModel:
         self.session = create_session(bundle_dir, self.graph, backend, manifest.runtime, inputs, outputs)
         kv_axes = {1: self.layout.num_kv_heads, 3: self.layout.head_dim}
         check_dims(self.session, self.graph.file, {"logits": {-1: manifest.vocab_size},
-                                                   **{n: kv_axes for n in (*names.past_names, *names.present_names)}},
-                   {n: self.layout.dtype for n in names.past_names})
+                                                   **{n: kv_axes for n in (*pasts, *presents)}},
+                   {n: self.layout.dtype for n in pasts})
         rotary = self.session.get_modelmeta().custom_metadata_map.get("edgekit.rotary_positions", "")
         if rotary.isdigit() and int(rotary) < manifest.max_context:
             raise BundleError(f"Bundle '{bundle_dir}': max_context {manifest.max_context} is beyond the decoder "
@@ -61,43 +61,62 @@ class ARModel:
         self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
         self.defaults = SamplingParams.from_defaults(manifest.generation)
-        self._outputs = ["logits", *names.present_names]
+        self._outputs = ["logits", *presents]
 
     @property
     def max_context(self) -> int:
         return self.manifest.max_context
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.layout)
+        """A one-sequence cache in its own buffer (``new_batch`` shares one buffer between sequences)."""
+        return KVCache(self.new_slots(1))
+
+    def new_slots(self, capacity: int) -> KVSlots:
+        return KVSlots(self.layout, capacity, self.max_context, device_of(self.session))
 
     # --- the graph -----------------------------------------------------------------------------------------------
-    def _run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return run_graph(self.session, self._outputs, feeds, self.graph.file)
+    def _run(self, slots: KVSlots, lo: int, hi: int, input_ids: np.ndarray, mask: np.ndarray, keep: int,
+             past_width: int) -> np.ndarray:
+        """One graph run over rows [lo, hi) of ``slots``: new K/V land in the rows; return logits [rows, K, V].
+
+        Shared-buffer bundles bind the rows as past and present (nothing but ids, mask and logits moves); older
+        bundles feed the first ``past_width`` positions and copy the presents back."""
+        small = {"input_ids": input_ids, "attention_mask": mask, "logits_to_keep": np.asarray([keep], np.int64)}
+        if not self.layout.shared_buffer:
+            logits, *presents = run_graph(self.session, self._outputs, {**small, **slots.pasts(lo, hi, past_width)},
+                                          self.graph.file)
+            slots.store(lo, presents)
+            return logits
+        io = self.session.io_binding()
+        for name, value in small.items():
+            io.bind_cpu_input(name, value)
+        logits = np.empty((hi - lo, keep, self.manifest.vocab_size), np.float32)  # preallocated, on the host
+        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        slots.bind(io, lo, hi)
+        run_bound(self.session, io, self.graph.file)
+        return logits
 
     def forward(self, token_ids: Seq[int], cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
         """Run new tokens through the graph on top of ``cache`` (updated in place); return logits [K, V]."""
         past = len(cache)
-        if past + len(token_ids) > self.max_context:
+        total = past + len(token_ids)
+        if total > self.max_context:
             raise ContextLengthError(
-                f"Sequence of {past + len(token_ids)} tokens exceeds the bundle's max context {self.max_context}.")
-        feeds = cache.feeds()
-        feeds["input_ids"] = np.asarray([token_ids], dtype=np.int64)  # [1, S]
-        feeds["attention_mask"] = np.ones((1, past + len(token_ids)), dtype=np.int64)  # [1, P + S]
-        feeds["logits_to_keep"] = np.asarray([logits_to_keep], dtype=np.int64)
-        logits, *presents = self._run(feeds)
-        cache.update(presents, token_ids)
+                f"Sequence of {total} tokens exceeds the bundle's max context {self.max_context}.")
+        cache.slots.ensure(total, [(cache.slot, past)])
+        logits = self._run(cache.slots, cache.slot, cache.slot + 1, np.asarray([token_ids], dtype=np.int64),
+                           np.ones((1, total), dtype=np.int64), logits_to_keep, past)
+        cache.tokens.extend(token_ids)
         return logits[0]  # [K, V]
 
-    def decode_batch(self, tokens: Seq[int], kv: BatchKV) -> np.ndarray:
-        """One new token per row of ``kv`` (updated in place); return logits [B, V]."""
-        lengths = np.asarray(kv.lengths)
-        feeds = dict(zip(kv.names, kv.arrays))
-        feeds["input_ids"] = np.asarray(tokens, dtype=np.int64)[:, None]  # [B, 1]
-        mask = np.arange(int(lengths.max()) + 1)[None, :] <= lengths[:, None]
-        feeds["attention_mask"] = mask.astype(np.int64)  # [B, T + 1]: row i has lengths[i] + 1 ones
-        feeds["logits_to_keep"] = np.asarray([1], dtype=np.int64)
-        logits, *kv.arrays = self._run(feeds)  # logits: [B, 1, V]
-        kv.lengths = [n + 1 for n in kv.lengths]
+    def decode_batch(self, tokens: Seq[int], slots: KVSlots, lengths: Seq[int]) -> np.ndarray:
+        """One new token for each of rows 0..len(tokens)-1 of ``slots`` (row i holds ``lengths[i]`` valid
+        positions and gets the new one at that position); return logits [B, V]."""
+        lens = np.asarray(lengths)
+        width = int(lens.max())
+        slots.ensure(width + 1, list(enumerate(lengths)))
+        mask = (np.arange(width + 1)[None, :] <= lens[:, None]).astype(np.int64)  # row i: lengths[i] + 1 ones
+        logits = self._run(slots, 0, len(tokens), np.asarray(tokens, dtype=np.int64)[:, None], mask, 1, width)
         return logits[:, -1]
 
     # --- generation ----------------------------------------------------------------------------------------------
@@ -173,67 +192,78 @@ class _GraphLogits:
         return self.model.forward([token], self.cache)[-1]
 
 
-class _Row:
-    """A sequence's place in the batch: the tokens whose KV is held, and its own cache until it is packed in."""
-
-    def __init__(self, tokens: list[int], cache: KVCache | None) -> None:
-        self.tokens, self.cache = tokens, cache
-        self.index = -1  # row in the batch KV once packed
-
-
 class ARBatch:
-    """Sequences decoding together on one ``ARModel``: each keeps its own KV row, settings, seed and stop rules; one
-    graph run per step advances them all by one token. Finished sequences' KV goes to the prefix cache."""
+    """Sequences decoding together on one ``ARModel``: each keeps its own row of one shared KV buffer, settings, seed
+    and stop rules; one graph run per step advances them all by one token. A finished sequence's row stays in the
+    prefix cache (no copy) until a request sharing its prefix takes it over or it is evicted."""
 
     def __init__(self, model: ARModel, capacity: int = 1, prefix_cache_entries: int = 0) -> None:
         self.model = model
         self.capacity = capacity
-        self.prefix = PrefixCache(model.layout, prefix_cache_entries)
-        self.kv = BatchKV(model.layout)
-        self._seqs: list[Sequence] = []  # in row order once packed
-        self._dirty = False
+        self.slots = model.new_slots(capacity + max(prefix_cache_entries, 0))
+        self.prefix = PrefixCache(prefix_cache_entries)
+        self._seqs: list[Sequence] = []
 
     @property
     def active(self) -> list[Sequence]:
         return list(self._seqs)
 
+    def _cache_for(self, prompt: Seq[int]) -> KVCache:
+        cache = self.prefix.take(prompt)
+        if cache is not None:
+            return cache
+        while not self.slots.free and self.prefix.evict_oldest():
+            pass
+        return KVCache(self.slots)
+
     def admit(self, seq: Sequence) -> None:
         """Prefill the part of the prompt no cached prefix covers and commit the first token."""
-        cache = self.prefix.lookup(seq.prompt_ids)
+        cache = self._cache_for(seq.prompt_ids)
         seq.stats.reused_prompt_tokens = len(cache)
-        logits = self.model.forward(seq.prompt_ids[len(cache):], cache)[-1]
+        try:
+            logits = self.model.forward(seq.prompt_ids[len(cache):], cache)[-1]
+        except BaseException:
+            cache.release()
+            raise
         self._count(seq, len(seq.prompt_ids) - seq.stats.reused_prompt_tokens)
-        row = _Row(list(seq.prompt_ids), cache)
-        seq.state = row
+        seq.state = cache
         if seq.accept(ARModel._sample(seq, logits)):
-            self._retire(seq, row)
+            self._retire(seq)
         else:
             self._seqs.append(seq)
-            self._dirty = True
 
     def step(self) -> None:
-        """One token for every active sequence."""
+        """One token for every active sequence: one graph run over rows 0..highest active row (rows in between
+        that hold no active sequence compute a throw-away token at their own length, leaving their contents)."""
         if not self._seqs:
             return
-        if self._dirty:
-            self._repack()
         seqs = list(self._seqs)
-        fed = [s.stats.token_ids[-1] for s in seqs]
-        logits = self.model.decode_batch(fed, self.kv)
-        for seq, token, row_logits in zip(seqs, fed, logits):
-            self._row(seq).tokens.append(token)
+        by_slot = {self._cache(s).slot: s for s in seqs}
+        rows = max(by_slot) + 1
+        held = self.prefix.held()
+        fed = [by_slot[r].stats.token_ids[-1] if r in by_slot else 0 for r in range(rows)]
+        lengths = [len(self._cache(by_slot[r])) if r in by_slot else held.get(r, 0) for r in range(rows)]
+        if max(lengths) >= self.model.max_context:  # a held row at the context end: keep it out of the write
+            lengths = [n if r in by_slot else 0 for r, n in enumerate(lengths)]
+            for r in range(rows):
+                if r not in by_slot and r in held:
+                    self.prefix.evict(r)
+        logits = self.model.decode_batch(fed, self.slots, lengths)
+        for r, seq in sorted(by_slot.items()):
+            self._cache(seq).tokens.append(fed[r])
             self._count(seq, 1)
-            if seq.accept(ARModel._sample(seq, row_logits)):
-                self._retire(seq, self._row(seq))
+            if seq.accept(ARModel._sample(seq, logits[r])):
+                self._retire(seq)
 
     def remove(self, seq: Sequence) -> None:
+        """A cancelled or failed sequence leaves; its row is freed."""
         if seq in self._seqs:
             self._seqs.remove(seq)
-            self._dirty = True
+            self._cache(seq).release()
 
     @staticmethod
-    def _row(seq: Sequence) -> _Row:
-        assert isinstance(seq.state, _Row)
+    def _cache(seq: Sequence) -> KVCache:
+        assert isinstance(seq.state, KVCache)
         return seq.state
 
     @staticmethod
@@ -241,23 +271,12 @@ class ARBatch:
         seq.stats.forward_passes += 1
         seq.stats.positions_computed += positions
 
-    def _retire(self, seq: Sequence, row: _Row) -> None:
-        """A finished sequence leaves; its KV (prompt + fed tokens) is kept for prefix reuse."""
-        if seq.stats.finish_reason in ("stop", "length") and self.prefix.capacity > 0:
-            self.prefix.put(row.cache if row.cache is not None else self.kv.row(row.index, row.tokens))
-        self.remove(seq)
-
-    def _repack(self) -> None:
-        """Rebuild the batch KV after sequences joined or left: each row keeps its own valid length."""
-        sources: list[KVCache | tuple[int, int]] = []
-        for seq in self._seqs:
-            row = self._row(seq)
-            if row.cache is not None:
-                sources.append(row.cache)
-                row.cache = None
-            else:
-                sources.append((row.index, len(row.tokens)))
-        self.kv.pack(sources)
-        for i, seq in enumerate(self._seqs):
-            self._row(seq).index = i
-        self._dirty = False
+    def _retire(self, seq: Sequence) -> None:
+        """A finished sequence leaves; its row (prompt + fed tokens) is kept for prefix reuse."""
+        if seq in self._seqs:
+            self._seqs.remove(seq)
+        cache = self._cache(seq)
+        if seq.stats.finish_reason in ("stop", "length"):
+            self.prefix.put(cache)
+        else:
+            cache.release()

@@ -1,5 +1,13 @@
-"""KV caches: one sequence's past (``KVCache``), finished sequences kept for prefix reuse (``PrefixCache``), and the
-right-padded rows of a decoding batch (``BatchKV``). Arrays are [B, kv_heads, T, head_dim] (BNSH)."""
+"""KV caches that stay where the session computes: one max-length buffer per past tensor for a few sequences
+(``KVSlots``; a slot is a row), a sequence's place in it (``KVCache``: slot + the token ids it encodes), and finished
+sequences kept for prefix reuse (``PrefixCache``: they keep their rows). Buffers are [slots, kv_heads, length,
+head_dim] (BNSH), numpy-backed on the CPU provider and device memory on CUDA.
+
+The decoder binds a range of rows of each buffer as both the graph's past input and its present output
+(onnxruntime IO binding by pointer), so GroupQueryAttention reads the valid positions of each row and writes only the
+new ones in place: per token only the ids, the small attention mask and the logits move. Reusing a prefix, rewinding
+and joining or leaving a batch are length changes, never copies of the past.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgekit.runtimes.bundle import KVCacheLayout
+from edgekit.runtimes.errors import EdgekitError
+
+INITIAL_LENGTH = 256  # positions per row allocated up front on the CPU (buffers double as sequences grow)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -20,50 +31,126 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def past_names(layout: KVCacheLayout) -> list[str]:
+    return [n.format(layer=i) for i in range(layout.num_layers) for n in (layout.past_key, layout.past_value)]
+
+
+def present_names(layout: KVCacheLayout) -> list[str]:
+    return [n.format(layer=i) for i in range(layout.num_layers) for n in (layout.present_key, layout.present_value)]
+
+
+class KVSlots:
+    """Max-length KV buffers for ``capacity`` sequences on ``device`` ("cpu" or "cuda").
+
+    On the CPU a buffer starts at ``INITIAL_LENGTH`` positions and doubles (one copy of the valid rows) when a
+    sequence outgrows it, up to ``max_length``; on CUDA it is allocated at ``max_length`` once (device memory cannot
+    be re-laid out without a device kernel)."""
+
+    def __init__(self, layout: KVCacheLayout, capacity: int, max_length: int, device: str = "cpu") -> None:
+        self.layout, self.capacity, self.max_length, self.device = layout, capacity, max_length, device
+        self.names = past_names(layout)
+        self.present = present_names(layout)
+        self.dtype = np.dtype(layout.dtype)
+        self.length = 0
+        self.arrays: list[np.ndarray] = []  # CPU buffers
+        self._device_values: list[object] = []  # CUDA OrtValues (kept alive; their pointers are bound)
+        self._ptrs: list[int] = []
+        self.free = list(range(capacity))
+        self._alloc(max_length if device != "cpu" else min(max_length, INITIAL_LENGTH), [])
+
+    def _shape(self, rows: int, length: int) -> list[int]:
+        return [rows, self.layout.num_kv_heads, length, self.layout.head_dim]
+
+    def _alloc(self, length: int, keep: Sequence[tuple[int, int]]) -> None:
+        """(Re)allocate at ``length`` positions, copying ``keep``'s (slot, valid length) rows over (CPU only)."""
+        shape = self._shape(self.capacity, length)
+        if self.device == "cpu":
+            old = self.arrays
+            self.arrays = [np.zeros(shape, self.dtype) for _ in self.names]
+            for slot, n in keep:
+                for new, prev in zip(self.arrays, old):
+                    new[slot, :, :n] = prev[slot, :, :n]
+            self._ptrs = [a.ctypes.data for a in self.arrays]
+        else:
+            import onnxruntime as ort
+
+            self._device_values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
+                                   for _ in self.names]
+            self._ptrs = [v.data_ptr() for v in self._device_values]  # type: ignore[attr-defined]
+        self.length = length
+
+    def ensure(self, length: int, rows: Sequence[tuple[int, int]]) -> None:
+        """Make room for ``length`` positions per row, keeping ``rows``' (slot, valid length) contents."""
+        if length <= self.length:
+            return
+        if length > self.max_length or self.device != "cpu":
+            raise EdgekitError(f"KV buffer of {self.length} positions cannot hold {length} (max {self.max_length}).")
+        new = self.length
+        while new < length:
+            new *= 2
+        self._alloc(min(new, self.max_length), rows)
+
+    def take(self) -> int:
+        if not self.free:
+            raise EdgekitError(f"All {self.capacity} KV slots are in use.")
+        return self.free.pop(0)
+
+    def give(self, slot: int) -> None:
+        if slot not in self.free:
+            self.free.append(slot)
+            self.free.sort()
+
+    def bind(self, io: object, lo: int, hi: int) -> None:
+        """Bind rows [lo, hi) of every buffer as both past and present (the shared-buffer mode)."""
+        shape = self._shape(hi - lo, self.length)
+        row_bytes = self.layout.num_kv_heads * self.length * self.layout.head_dim * self.dtype.itemsize
+        for past, present, ptr in zip(self.names, self.present, self._ptrs):
+            at = ptr + lo * row_bytes
+            io.bind_input(past, self.device, 0, self.dtype.type, shape, at)  # type: ignore[attr-defined]
+            io.bind_output(present, self.device, 0, self.dtype.type, shape, at)  # type: ignore[attr-defined]
+
+    def pasts(self, lo: int, hi: int, width: int) -> dict[str, np.ndarray]:
+        """Rows [lo, hi), positions [0, width) as contiguous arrays (the copying path of older bundles; CPU)."""
+        return {n: np.ascontiguousarray(a[lo:hi, :, :width]) for n, a in zip(self.names, self.arrays)}
+
+    def store(self, lo: int, presents: Sequence[np.ndarray]) -> None:
+        """Write an older graph's present outputs (rows from ``lo``, positions from 0) back into the buffers."""
+        for a, p in zip(self.arrays, presents):
+            a[lo:lo + p.shape[0], :, :p.shape[2]] = p
+
+
 class KVCache:
-    """One sequence's past key/value arrays, each [1, kv_heads, length, head_dim], and the token ids they encode."""
+    """One sequence's KV: its slot in a ``KVSlots`` and the token ids whose positions are valid there."""
 
-    def __init__(self, layout: KVCacheLayout) -> None:
-        self.layout = layout
-        layers = range(layout.num_layers)
-        self.past_names = [n.format(layer=i) for i in layers for n in (layout.past_key, layout.past_value)]
-        self.present_names = [n.format(layer=i) for i in layers for n in (layout.present_key, layout.present_value)]
+    def __init__(self, slots: KVSlots, slot: int | None = None) -> None:
+        self.slots = slots
+        self.slot = slots.take() if slot is None else slot
         self.tokens: list[int] = []
-        self.arrays: list[np.ndarray] = []
-        self.reset()
-
-    def reset(self) -> None:
-        empty = np.zeros((1, self.layout.num_kv_heads, 0, self.layout.head_dim), dtype=np.dtype(self.layout.dtype))
-        self.arrays = [empty] * len(self.past_names)
-        self.tokens = []
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        return dict(zip(self.past_names, self.arrays))
-
-    def update(self, presents: list[np.ndarray], new_tokens: Sequence[int]) -> None:
-        """Replace the past with the graph's present outputs, which already include ``new_tokens``."""
-        self.arrays = presents
-        self.tokens.extend(new_tokens)
-
     def rewind_to(self, length: int) -> None:
-        """Drop every position from ``length`` on (e.g. to reuse a shared prompt prefix)."""
-        if length >= len(self.tokens):
-            return
-        self.arrays = [np.ascontiguousarray(a[:, :, :length, :]) for a in self.arrays]
-        self.tokens = self.tokens[:length]
+        """Drop every position from ``length`` on (a length change: the rows stay where they are)."""
+        del self.tokens[length:]
+
+    def release(self) -> None:
+        self.slots.give(self.slot)
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The valid past of this sequence, [1, kv_heads, len, head_dim] per tensor (views; CPU buffers)."""
+        n = len(self.tokens)
+        return {name: a[self.slot:self.slot + 1, :, :n] for name, a in zip(self.slots.names, self.slots.arrays)}
 
 
 class PrefixCache:
-    """A few finished sequences' KV caches, so a request that starts with one of them skips re-encoding it.
+    """A few finished sequences' KV, kept in their rows, so a request that starts with one of them skips
+    re-encoding it: it takes the row over and rewinds it to the shared prefix.
 
     A chat's next turn repeats the previous turn's prompt and answer: only the new tokens need a prefill.
     """
 
-    def __init__(self, layout: KVCacheLayout, capacity: int = 8) -> None:
-        self.layout = layout
+    def __init__(self, capacity: int = 8) -> None:
         self.capacity = capacity
         self._entries: list[KVCache] = []  # most recent last
 
@@ -71,49 +158,43 @@ class PrefixCache:
         return len(self._entries)
 
     def put(self, cache: KVCache) -> None:
+        """Keep ``cache`` (its row stays allocated); the oldest entry beyond capacity gives its row back."""
         if self.capacity <= 0 or not cache.tokens:
+            cache.release()
             return
-        others = [e for e in self._entries if e.tokens != cache.tokens]
-        self._entries = [*others[len(others) - self.capacity + 1:], cache]
+        for e in [e for e in self._entries if e.tokens == cache.tokens]:
+            self._entries.remove(e)
+            e.release()
+        self._entries.append(cache)
+        while len(self._entries) > self.capacity:
+            self._entries.pop(0).release()
 
-    def lookup(self, prompt: Sequence[int]) -> KVCache:
-        """A cache for the longest stored prefix of ``prompt`` (always leaving one prompt token to prefill)."""
+    def held(self) -> dict[int, int]:
+        """Slot -> valid length of every kept row."""
+        return {e.slot: len(e) for e in self._entries}
+
+    def evict(self, slot: int) -> None:
+        for e in [e for e in self._entries if e.slot == slot]:
+            self._entries.remove(e)
+            e.release()
+
+    def evict_oldest(self) -> bool:
+        if not self._entries:
+            return False
+        self._entries.pop(0).release()
+        return True
+
+    def take(self, prompt: Sequence[int]) -> KVCache | None:
+        """The entry sharing the longest prefix with ``prompt``, removed from the cache and rewound to that prefix
+        (always leaving one prompt token to prefill), or None."""
         best, best_len = None, 0
         for entry in self._entries:
             n = common_prefix(entry.tokens, prompt)
             if n > best_len:
                 best, best_len = entry, n
-        cache = KVCache(self.layout)
         keep = min(best_len, len(prompt) - 1)
-        if best is not None and keep > 0:
-            cache.update([np.ascontiguousarray(a[:, :, :keep, :]) for a in best.arrays], prompt[:keep])
-        return cache
-
-
-class BatchKV:
-    """The KV of the rows of a decoding batch, right-padded: row i holds ``lengths[i]`` valid positions, and the
-    attention mask gives row i ``lengths[i] + 1`` ones, so GroupQueryAttention reads and writes each row at its own
-    length. Rows are re-packed only when sequences join or leave."""
-
-    def __init__(self, layout: KVCacheLayout) -> None:
-        self.layout = layout
-        self.names = KVCache(layout).past_names
-        self.arrays: list[np.ndarray] = []
-        self.lengths: list[int] = []
-
-    def pack(self, rows: Sequence[KVCache | tuple[int, int]]) -> None:
-        """Rebuild from per-row sources: a sequence's own cache (just prefilled) or (row, length) of this batch."""
-        parts = [r.arrays if isinstance(r, KVCache) else [a[r[0]:r[0] + 1, :, :r[1], :] for a in self.arrays]
-                 for r in rows]
-        lengths = [len(r) if isinstance(r, KVCache) else r[1] for r in rows]
-        width = max(lengths, default=0)
-        self.arrays = [np.concatenate([np.pad(p[j], ((0, 0), (0, 0), (0, width - p[j].shape[2]), (0, 0)))
-                                       for p in parts]) for j in range(len(self.names))] if parts else []
-        self.lengths = lengths
-
-    def row(self, i: int, tokens: Sequence[int]) -> KVCache:
-        """Row ``i`` (``len(tokens)`` valid positions) as a sequence's own cache (copied out)."""
-        n = len(tokens)
-        cache = KVCache(self.layout)
-        cache.update([a[i:i + 1, :, :n, :].copy() for a in self.arrays], tokens)
-        return cache
+        if best is None or keep <= 0:
+            return None
+        self._entries.remove(best)
+        best.rewind_to(keep)
+        return best
