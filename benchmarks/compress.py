@@ -8,6 +8,11 @@ Columns: size on disk, TTFT, decode tok/s (2 threads, medians of interleaved run
 PyTorch model (teacher-forced on the built-in parity prompts), perplexity on a built-in text.
 Writes benchmarks/results/compress.{json,md,png} (for another --source: compress-<source>.*).
 
+llama.cpp: on the 2-core dev box (an AMX-capable Xeon VM) a plain `pip install llama-cpp-python` builds with
+GGML_NATIVE and dies with "Illegal instruction" on the first decode (AMX tiles it may not use); build it with
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
+-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON" (every SIMD extension but AMX).
+
     python benchmarks/compress.py --runs 5
     python benchmarks/compress.py --source qwen2.5-coder-0.5b-instruct --variants gguf,fp32 --runs 5
 """

@@ -160,7 +160,10 @@ def read_architecture(ref: SourceRef, trust_remote_code: bool = False) -> tuple[
     if not archs:
         # GGUF configs carry a model_type but no class name; map the common ones
         arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-                "phi3": "Phi3ForCausalLM"}.get(getattr(config, "model_type", ""), "")
+                "phi3": "Phi3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                "gemma3": "Gemma3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}.get(
+                    getattr(config, "model_type", ""), "")
         if not arch:
             raise UnsupportedModelError(f"'{ref.spec}' names no architecture (model_type={config.model_type!r}).")
         return arch, config
