@@ -314,7 +314,7 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(r: dict, name: str = "compress") -> None:
+def plot(r: dict, out: str = "compress") -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -332,7 +332,7 @@ def plot(r: dict, name: str = "compress") -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{r['settings']['source']}: quality vs size and speed (blue: edgekit, orange: peers)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    fig.savefig(RESULTS / f"{out}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ class _Graph:
             y = self.op("MatMul", [x, self.init(f"{name}.weight", w.T.astype(np.float32))], name=name)
         else:
             n, k = w.shape
+            if level >= 4:  # int8 activations: a centred main term (see BlockQuantLinear.centered)
+                w = w.centered()
             split = w.nibbles() if level < 4 else None  # 8-bit blocks with float activations: two 4-bit matmuls
             y = self.matmul_nbits(x, split[0] if split else w, name, level)
             if split is not None:

@@ -453,3 +453,15 @@ def test_a_gguf_tensor_type_never_seen_is_a_clear_error(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(UnsupportedModelError, match="bad.gguf.*type"):
         gguf.inspect(bad)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_K", "Q5_1", "Q5_K"])
+def test_centred_form_for_int8_activations_is_the_same_weight(qtype):
+    """The int8-activation form (codes' midpoint as zero point, the offset absorbing it) holds the same weights up
+    to float rounding, with a centred main term."""
+    raw = _random_blocks(qtype, rows=32, blocks=256 // BLOCK_BYTES[qtype][1], rng=np.random.default_rng(6))
+    w = gguf.from_ggml(raw, qtype)
+    c = w.centered()
+    assert np.allclose(c.dequantize(), w.dequantize(), rtol=1e-6, atol=1e-6)
+    zp = np.full(c.scales.shape, 8) if c.zero_points is None else c.zero_points
+    assert (zp > 0).all()
