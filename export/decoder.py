@@ -78,13 +78,13 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
             progress.note(f"WARNING: GGUF tensor '{r.name}' is {r.source_type}, which has no exact carry-over: "
                           f"dequantized and re-quantized (4-bit RTN), relative weight error {r.rel_error:.2%}")
         sd = model.state_dict()
-        reference = [{k: getattr(spec.layer(sd, i), k) for k in ("qkv", "o", "gate_up", "down")}
-                     for i in range(dims.num_layers)]
-        worst = gguf.verify_against(carried, reference)
-        progress.note(f"GGUF blocks carried over unchanged ({carried.types}): every matrix dequantizes to exactly "
-                      f"what the file holds (max |diff| {carried.max_abs_diff:g}); vs transformers' weights "
-                      f"max |Δ| {worst:.1e}")
-        layers = lambda i: replace(spec.layer(sd, i), **carried.layers[i])  # noqa: E731
+        worst = [0.0]
+
+        def layers(i: int) -> Any:  # each layer checked against transformers' weights as the graph takes it
+            lw = spec.layer(sd, i)
+            worst[0] = max(worst[0], gguf.check_layer(i, carried.layers[i], lw))
+            return replace(lw, **carried.layers[i])
+
         fast_head = plan.lm_head == "int8"
         opts = onnx_graph.BuildOptions(
             accuracy_level=plan.accuracy_level,
@@ -92,6 +92,9 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
             lm_head_quant=(carried.lm_head or carried.embed) if fast_head else None,
         )
         graph = onnx_graph.build_decoder(dims, replace(weights, layers=layers), on_layer=tick, options=opts)
+        progress.note(f"GGUF blocks carried over unchanged ({carried.types}): every matrix dequantizes to exactly "
+                      f"what the file holds (max |diff| {carried.max_abs_diff:g}); vs transformers' weights "
+                      f"max |Δ| {worst[0]:.1e}")
         acts = "int8" if plan.accuracy_level >= 4 else "float"
         head_w, embed_w = opts.lm_head_quant, opts.embed_quant
         head = (f"8-bit blocks (GGUF {head_w.source_type}), {acts} activations" if head_w is not None

@@ -323,10 +323,9 @@ def read(path: Path, config: Any, verify: bool = True) -> GGUFWeights:
         if qtype in DENSE:
             w = raw.astype(np.float32).reshape(int(t.shape[1]), int(t.shape[0]))
             return w if rows is None else w[rows]
-        ref = dequantize(raw, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0])) if verify else None
-        if qtype not in CARRIED:
-            if ref is None:
-                ref = dequantize(raw, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0]))
+        ref = (dequantize(raw, t.tensor_type).reshape(int(t.shape[1]), int(t.shape[0]))
+               if verify or qtype not in CARRIED else None)
+        if ref is not None and qtype not in CARRIED:
             w = _requantize(ref)
             err = float(np.linalg.norm(w.dequantize() - ref) / max(np.linalg.norm(ref), 1e-30))
             requantized.append(Requantized(name, qtype, err))
@@ -380,20 +379,19 @@ def _rows(tensors: dict[str, Any], name: str) -> int:
     return int(t.shape[1])
 
 
-def verify_against(weights: GGUFWeights, reference: list[dict[str, np.ndarray]], tol: float = 1e-5) -> float:
-    """Check every carried-over weight matches the weights transformers loaded (same layout: names, row order,
-    packing); return max|Δ|."""
+def check_layer(i: int, ours: dict[str, BlockQuantLinear | np.ndarray], reference: Any, tol: float = 1e-5) -> float:
+    """Check layer ``i``'s carried weights match the ones transformers loaded (``reference``: its LayerWeights; same
+    layout: names, row order, packing); return max|Δ|."""
     worst = 0.0
-    for i, (ours, ref) in enumerate(zip(weights.layers, reference)):
-        for key, w in ours.items():
-            dense = w.dequantize() if isinstance(w, BlockQuantLinear) else w
-            diff = float(np.abs(dense - ref[key]).max())
-            worst = max(worst, diff)
-            if diff > tol:
-                raise ExportError(
-                    f"GGUF carry-over of layer {i} '{key}' differs from the weights transformers loaded "
-                    f"(max |Δ| {diff:.3g} > {tol:g}); refusing a lossy bundle. HINT: use --algo rtn or --algo hqq."
-                )
+    for key, w in ours.items():
+        dense = w.dequantize() if isinstance(w, BlockQuantLinear) else w
+        diff = float(np.abs(dense - getattr(reference, key)).max())
+        worst = max(worst, diff)
+        if diff > tol:
+            raise ExportError(
+                f"GGUF carry-over of layer {i} '{key}' differs from the weights transformers loaded "
+                f"(max |Δ| {diff:.3g} > {tol:g}); refusing a lossy bundle. HINT: use --algo rtn or --algo hqq."
+            )
     return worst
 
 

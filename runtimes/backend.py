@@ -105,8 +105,7 @@ def run_graph(session: ort.InferenceSession, outputs: Sequence[str], feeds: dict
     try:
         return session.run(list(outputs), feeds)
     except Exception as e:  # onnxruntime raises its own unrelated types
-        raise BundleError(f"onnxruntime failed running graph '{where}': {str(e).strip().splitlines()[0][:300]}. "
-                          "HINT: the bundle may be damaged or made for another onnxruntime; re-export it.") from None
+        raise _run_failed(e, where) from None
 
 
 def run_bound(session: ort.InferenceSession, io: ort.IOBinding, where: str) -> None:
@@ -114,8 +113,12 @@ def run_bound(session: ort.InferenceSession, io: ort.IOBinding, where: str) -> N
     try:
         session.run_with_iobinding(io)
     except Exception as e:  # onnxruntime raises its own unrelated types
-        raise BundleError(f"onnxruntime failed running graph '{where}': {str(e).strip().splitlines()[0][:300]}. "
-                          "HINT: the bundle may be damaged or made for another onnxruntime; re-export it.") from None
+        raise _run_failed(e, where) from None
+
+
+def _run_failed(e: Exception, where: str) -> BundleError:
+    return BundleError(f"onnxruntime failed running graph '{where}': {str(e).strip().splitlines()[0][:300]}. "
+                       "HINT: the bundle may be damaged or made for another onnxruntime; re-export it.")
 
 
 def device_of(session: ort.InferenceSession) -> str:

@@ -114,7 +114,8 @@ class ARModel:
         positions and gets the new one at that position); return logits [B, V]."""
         lens = np.asarray(lengths)
         width = int(lens.max())
-        slots.ensure(width + 1, list(enumerate(lengths)))
+        if width + 1 > slots.length:  # (rare: the buffer doubles)
+            slots.ensure(width + 1, list(enumerate(lengths)))
         mask = (np.arange(width + 1)[None, :] <= lens[:, None]).astype(np.int64)  # row i: lengths[i] + 1 ones
         logits = self._run(slots, 0, len(tokens), np.asarray(tokens, dtype=np.int64)[:, None], mask, 1, width)
         return logits[:, -1]
