@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.export import gguf, onnx_graph, prompts, prune, quality, quantize
+from edgekit.export import gguf, onnx_graph, prompts, prune, quality, quantize, tensorrt
 from edgekit.export.manifest import Built
 from edgekit.export.plan import Plan
 from edgekit.export.progress import Progress
@@ -35,6 +35,8 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
     with progress.stage(f"Building the ONNX graph ({spec.architecture}, {plan.label()})"):
         dims, weights = decoder_parts(model, spec, plan.max_context)
         graph, quant = _graph(plan, ref, model, tokenizer, dims, weights, progress)
+        if plan.target == "tensorrt":
+            tensorrt.check(graph)
         onnx_graph.save_model(graph, stage / "model.onnx")
         del graph
 
@@ -48,11 +50,11 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
         graphs={"decoder": bdl.GraphSpec("model.onnx", onnx_graph.input_names(dims.num_layers),
                                          onnx_graph.output_names(dims.num_layers))},
         generation=generation_defaults(model),
+        # the plain (tensorrt) graph concatenates past and new K/V, so its runtime copies the past per step
         kv_cache=bdl.KVCacheLayout(dims.num_layers, dims.num_kv_heads, dims.head_dim,
-                                   dtype="float16" if plan.kv_cache == "fp16" else "float32", shared_buffer=True),
+                                   dtype="float16" if plan.kv_cache == "fp16" else "float32",
+                                   shared_buffer=plan.target != "tensorrt"),
         quantization=quant,
-        # onnxruntime 1.31's QDQ propagation gives an int8-activation graph a uint8 zero point it then refuses
-        disabled_optimizers=("QDQPropagationTransformer",) if quant and quant.activations == "int8" else (),
         extra={"attention": {"num_heads": dims.num_heads, "local_window": dims.local_window,
                              "layer_windows": list(dims.layer_windows)}, "pruning": pruning,
                "sparse_2_4": bool(pruning and pruning.get("pattern") == "2:4")},
@@ -65,8 +67,9 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
     """The graph for the plan's precision, and the manifest's record of its quantization."""
     tick = lambda i: progress.tick(i + 1, dims.num_layers)  # noqa: E731
     method, bits = plan.method, plan.bits
+    dtype = "float16" if plan.kv_cache == "fp16" else "float32"
     if method is None or bits is None:
-        opts = onnx_graph.BuildOptions(dtype="float16" if plan.precision == "fp16" else "float32")
+        opts = onnx_graph.BuildOptions(dtype=dtype, target=plan.target)
         return onnx_graph.build_decoder(dims, weights, on_layer=tick, options=opts), None
     record = dict(method=method.name, bits=bits, block_size=plan.block_size, accuracy_level=plan.accuracy_level,
                   tolerance=plan.tolerance, format=plan.quant_format, kv_cache=plan.kv_cache)
@@ -87,8 +90,9 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
 
         fast_head = plan.lm_head == "int8"
         opts = onnx_graph.BuildOptions(
-            accuracy_level=plan.accuracy_level,
-            embed_quant=carried.embed if fast_head else None,
+            accuracy_level=plan.accuracy_level, dtype=dtype, target=plan.target,
+            # (the cuda flavour gathers a dense fp16 embedding: GatherBlockQuantized is a CPU kernel)
+            embed_quant=carried.embed if fast_head and plan.target == "cpu" else None,
             lm_head_quant=(carried.lm_head or carried.embed) if fast_head else None,
         )
         graph = onnx_graph.build_decoder(dims, replace(weights, layers=layers), on_layer=tick, options=opts)
@@ -99,17 +103,20 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
         head_w, embed_w = opts.lm_head_quant, opts.embed_quant
         head = (f"8-bit blocks (GGUF {head_w.source_type}), {acts} activations" if head_w is not None
                 else "float32 (dequantized exactly)")
-        embedding = f"8-bit blocks (GGUF {embed_w.source_type})" if embed_w is not None else "float32"
+        embedding = f"8-bit blocks (GGUF {embed_w.source_type})" if embed_w is not None else dtype
         return graph, bdl.Quantization(**record, source_types=carried.types, lm_head=head, embedding=embedding)
-    dtype = "float16" if plan.kv_cache == "fp16" else "float32"
-    graph = onnx_graph.build_decoder(dims, weights, on_layer=tick,
-                                     options=onnx_graph.BuildOptions(lm_head_matmul=True, dtype=dtype))
+    if plan.quant_format == "qdq":  # symmetric int4 blocks behind DequantizeLinear, written by the graph builder
+        progress.note(f"rtn {bits}-bit symmetric, block {plan.block_size}, transformer matmuls (QDQ); lm_head {dtype}")
+        opts = onnx_graph.BuildOptions(lm_head_matmul=True, dtype=dtype, target=plan.target, qdq_bits=bits,
+                                       qdq_block=plan.block_size)
+        return (onnx_graph.build_decoder(dims, weights, on_layer=tick, options=opts),
+                bdl.Quantization(**record, lm_head=dtype))
+    graph = onnx_graph.build_decoder(dims, weights, on_layer=tick, options=onnx_graph.BuildOptions(
+        lm_head_matmul=True, dtype=dtype, target=plan.target))
     feeds = calibration_feeds(dims, tokenizer, plan.calibration_text) if plan.calibrated else []
     graph = quantize.quantize_weights(graph, bits, method.name, plan.block_size, plan.accuracy_level,
-                                      on_step=progress.note, calibration=feeds, quant_format=plan.quant_format)
-    int8_act = plan.calibrated and bits == 8
-    return graph, bdl.Quantization(**record, activations="int8" if int8_act else "float",
-                                   lm_head="float32" if plan.quant_format == "qdq" and bits == 4 else "8-bit")
+                                      on_step=progress.note, calibration=feeds)
+    return graph, bdl.Quantization(**record)
 
 
 def calibration_feeds(dims: onnx_graph.DecoderDims, tokenizer: Any, text: str, length: int = 128,

@@ -11,8 +11,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from edgekit.export.methods import TARGET_PROVIDERS
 from edgekit.export.plan import Plan
 from edgekit.export.source import SourceRef
+from edgekit.runtimes import backend
 from edgekit.runtimes import bundle as bdl
 
 # Tokens that end a chat turn in common templates, most specific first.
@@ -56,7 +58,6 @@ def special_tokens(model: Any, tokenizer: Any, mask_id: int | None) -> bdl.Speci
 def build(plan: Plan, ref: SourceRef, arch: str, model: Any, tokenizer: Any, built: Built) -> bdl.Manifest:
     specials = {k: getattr(tokenizer, k, None) for k in SPECIAL_TOKEN_NAMES}
     device = plan.device
-    providers = device.execution_providers if device is not None else ("CPUExecutionProvider",)
     return bdl.Manifest(
         kind=plan.spec.kind,
         architecture=arch,
@@ -74,12 +75,27 @@ def build(plan: Plan, ref: SourceRef, arch: str, model: Any, tokenizer: Any, bui
         ),
         kv_cache=built.kv_cache,
         generation=built.generation,
-        runtime=bdl.RuntimeSpec(providers=tuple(providers), disabled_optimizers=built.disabled_optimizers),
+        runtime=runtime_spec(plan, built),
         quantization=built.quantization,
         provenance=provenance(ref, plan.spec.family),
         extra={**built.extra, "device": device.name if device else None,
                "fit": plan.fit.to_dict() if plan.fit else None},
     )
+
+
+def runtime_spec(plan: Plan, built: Built) -> bdl.RuntimeSpec:
+    """Providers, their options and session config for the plan's target."""
+    options: dict[str, dict[str, str]] = {}
+    config: dict[str, str] = {}
+    if plan.target != "cpu":  # grow the CUDA arena by what is asked (the default doubling wastes a Jetson's memory)
+        options[backend.CUDA] = {"arena_extend_strategy": "kSameAsRequested"}
+    if plan.target == "cuda" and plan.method is not None:
+        config["ep.cuda.fpa_intb_gemm"] = "1"  # MatMulNBits' fpA_intB kernels (float zero points, fp16)
+    if plan.target == "tensorrt" and built.kv_cache is not None:
+        options[backend.TENSORRT] = {"trt_fp16_enable": str(plan.kv_cache == "fp16"), "trt_int8_enable": "False",
+                                     **backend.tensorrt_profiles(built.kv_cache, plan.max_context, plan.batch)}
+    return bdl.RuntimeSpec(providers=TARGET_PROVIDERS[plan.target], disabled_optimizers=built.disabled_optimizers,
+                           target=plan.target, provider_options=options, session_config=config)
 
 
 def provenance(ref: SourceRef, family: str) -> dict[str, Any]:

@@ -1,8 +1,13 @@
-"""Builds the fused-op ONNX graph of an AR decoder straight from its weights.
+"""Builds the ONNX graph of an AR decoder straight from its weights, in the flavour of its target.
 
-The graph uses onnxruntime's fused kernels (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization,
+``cpu`` / ``cuda``: onnxruntime's fused kernels (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization,
 GroupQueryAttention with in-kernel rotary embedding), packed QKV and gate/up projections: about 11 ops per layer,
-which is what makes decode fast on small models, where per-op overhead rivals the matmuls.
+which is what makes decode fast on small models, where per-op overhead rivals the matmuls. ``cuda`` computes in
+fp16 and folds GGUF mins into float zero points (one MatMulNBits per linear, the CUDA kernels' fast form).
+``tensorrt``: the same model in plain standard ops that TensorRT 10.3's ONNX parser takes whole (its importers for
+Attention / RMSNormalization / RotaryEmbedding and every com.microsoft op are missing there): explicit RMSNorm in
+fp32, rotary embedding by gathered cos/sin rows, MatMul/Softmax attention over past + new K/V, weights as fp16/fp32
+or symmetric int4 blocks behind DequantizeLinear (TensorRT's INT4 weight-only form needs zero point 0).
 
 I/O (names recorded in the bundle manifest):
   input_ids            int64 [B, S]
@@ -11,12 +16,16 @@ I/O (names recorded in the bundle manifest):
   past_key_values.{i}.key / .value   float [B, kv_heads, P, head_dim]
   -> logits            float [B, logits_to_keep, V]
   -> present.{i}.key / .value        float [B, kv_heads, P + S, head_dim]
+
+Rows of a batch are right-padded: row b's new tokens sit at positions mask_sum(b) - S ... mask_sum(b) - 1, in the
+rotary embedding and in its present K/V (what GroupQueryAttention does with ``seqlens_k``; the plain graph writes
+them there with ScatterElements).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +36,7 @@ from edgekit.export.gguf import BLOCK, BlockQuantLinear
 from edgekit.export.registry import LayerWeights
 from edgekit.runtimes.bundle import KVCacheLayout
 
-OPSET = 21
+OPSET = 21  # 21: int4 tensors and blockwise DequantizeLinear
 MS_DOMAIN = "com.microsoft"
 ROTARY_POSITIONS = "edgekit.rotary_positions"  # model metadata: rows of the rotary cos/sin caches
 
@@ -89,6 +98,9 @@ class BuildOptions:
     lm_head_quant: BlockQuantLinear | None = None
     accuracy_level: int = 0
     lm_head_accuracy_level: int | None = None  # None: accuracy_level
+    target: str = "cpu"  # cpu | cuda (fp16 fused kernels, float zero points) | tensorrt (plain standard ops)
+    qdq_bits: int = 0  # 4: dense body weights as symmetric int4 blocks behind DequantizeLinear (lm_head stays float)
+    qdq_block: int = BLOCK
 
 
 @dataclass(frozen=True)
@@ -115,8 +127,11 @@ def output_names(n_layers: int) -> tuple[str, ...]:
 class _Graph:
     """A tiny node/initializer accumulator with unique names."""
 
-    def __init__(self, accuracy_level: int = 0, dtype: str = "float32") -> None:
+    def __init__(self, accuracy_level: int = 0, dtype: str = "float32", target: str = "cpu", qdq_bits: int = 0,
+                 qdq_block: int = BLOCK) -> None:
         self.float_dtype = np.dtype(dtype)
+        self.target, self.plain = target, target == "tensorrt"
+        self.qdq_bits, self.qdq_block = qdq_bits, qdq_block
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
         self._n = 0
@@ -129,12 +144,19 @@ class _Graph:
         """y = x @ w^T (+ bias) for a dense [N, K] array or a block-quantized weight."""
         level = self.accuracy_level if accuracy_level is None else accuracy_level
         if isinstance(w, np.ndarray):
-            y = self.op("MatMul", [x, self.init(f"{name}.weight", w.T.astype(np.float32))], name=name)
+            weight = (self.dequantize_linear(w, name, self.qdq_bits) if self.qdq_bits and name != "lm_head"
+                      else self.init(f"{name}.weight", w.T.astype(np.float32)))
+            y = self.op("MatMul", [x, weight], name=name)
         else:
+            assert not self.plain, "the tensorrt flavour takes dense weights (TensorRT's int4 needs zero point 0)"
             n, k = w.shape
+            folded = w.float_zero_points() if self.target == "cuda" and w.bits == 4 else None
+            if folded is not None:  # the min as a float zero point: one op, no correction
+                return self._with_bias(self.matmul_nbits(x, w, name, level, folded), bias, name)
             if level >= 4:  # int8 activations: a centred main term (see BlockQuantLinear.centered)
                 w = w.centered()
-            split = w.nibbles() if level < 4 else None  # 8-bit blocks with float activations: two 4-bit matmuls
+            # 8-bit blocks with float activations on the CPU: two 4-bit matmuls (its 8-bit kernel is a slow fallback)
+            split = w.nibbles() if level < 4 and self.target == "cpu" else None
             y = self.matmul_nbits(x, split[0] if split else w, name, level)
             if split is not None:
                 y = self.op("Add", [y, self.matmul_nbits(x, split[1], f"{name}.high", level)])
@@ -142,19 +164,42 @@ class _Graph:
                 corr = self.op("MatMul", [self.block_sums(x, k, w.block),
                                           self.init(f"{name}.block_offsets", w.offsets.T)])
                 y = self.op("Add", [y, corr])  # (measured faster than one Gemm with C=y on onnxruntime 1.31 CPU)
-        if bias is not None:
-            y = self.op("Add", [y, self.init(f"{name}.bias", bias.astype(np.float32))])
-        return y
+        return self._with_bias(y, bias, name)
 
-    def matmul_nbits(self, x: str, w: BlockQuantLinear, name: str, level: int) -> str:
-        """x @ (scale * (code - zero_point))^T, without the offset term."""
+    def _with_bias(self, y: str, bias: np.ndarray | None, name: str) -> str:
+        return y if bias is None else self.op("Add", [y, self.init(f"{name}.bias", bias.astype(np.float32))])
+
+    def matmul_nbits(self, x: str, w: BlockQuantLinear, name: str, level: int,
+                     folded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> str:
+        """x @ (scale * (code - zero_point))^T, without the offset term; ``folded``: (codes, scales, float zero
+        points) that carry the offset too."""
         n, k = w.shape
+        if folded is not None:
+            w = replace(w, codes=folded[0], scales=folded[1])
         inputs = [x, self.init(f"{name}.qweight", w.packed), self.init(f"{name}.scales", w.scales.reshape(-1))]
-        zp = w.packed_zero_points()
+        zp = w.packed_zero_points() if folded is None else folded[2]
         if zp is not None:
             inputs.append(self.init(f"{name}.zero_points", zp.reshape(-1)))
         return self.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=w.bits,
                        block_size=w.block, accuracy_level=level)
+
+    def dequantize_linear(self, w: np.ndarray, name: str, bits: int) -> str:
+        """A dense [N, K] weight as symmetric ``bits``-bit blocks along K (round to nearest, zero point 0) behind a
+        blockwise DequantizeLinear giving the [K, N] MatMul operand: TensorRT's weight-only INT4 form."""
+        n, k = w.shape
+        block = self.qdq_block
+        top = (1 << (bits - 1)) - 1
+        blocks = w.astype(np.float32).reshape(n, k // block, block)
+        scale = np.abs(blocks).max(axis=-1) / top  # [N, K / block]
+        scale = np.where(scale == 0, 1.0, scale).astype(self.float_dtype)
+        q = np.clip(np.rint(blocks / scale.astype(np.float32)[:, :, None]), -top - 1, top).astype(np.int8)
+        data_type = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+        qname = f"{name}.qweight"
+        self._names.add(qname)
+        self.inits.append(helper.make_tensor(qname, data_type, [k, n], q.reshape(n, k).T.reshape(-1).tolist())
+                          if bits == 4 else numpy_helper.from_array(np.ascontiguousarray(q.reshape(n, k).T), qname))
+        return self.op("DequantizeLinear", [qname, self.init(f"{name}.scales", np.ascontiguousarray(scale.T))],
+                       axis=0, block_size=block)
 
     def block_sums(self, x: str, k: int, block: int = BLOCK) -> str:
         """[M, K] -> [M, K / block]: sums of x over each block of input features, shared by matmuls reading x."""
@@ -170,10 +215,26 @@ class _Graph:
         return self.init(f"const.{name}", np.array(value, self.float_dtype))
 
     def norm(self, x: str, w: np.ndarray, name: str, eps: float) -> str:
-        """RMSNorm over the last axis."""
-        return self.op("SimplifiedLayerNormalization", [x, self.init(name if name.endswith(".weight") else
-                                                                     f"{name}.weight", w)],
-                       axis=-1, epsilon=eps, stash_type=1)
+        """RMSNorm over the last axis (statistics in fp32 whatever the compute dtype)."""
+        weight = self.init(name if name.endswith(".weight") else f"{name}.weight", w)
+        if not self.plain:
+            return self.op("SimplifiedLayerNormalization", [x, weight], axis=-1, epsilon=eps, stash_type=1)
+        half = self.float_dtype != np.float32
+        x32 = self.op("Cast", [x], to=TensorProto.FLOAT) if half else x
+        last = self.init("const.axis_last", np.array([-1], np.int64))
+        mean = self.op("ReduceMean", [self.op("Mul", [x32, x32]), last], keepdims=1)
+        eps_ = self.init(f"const.eps{eps:g}", np.array(eps, np.float32))
+        normed = self.op("Mul", [x32, self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [mean, eps_])])])])
+        return self.op("Mul", [self.op("Cast", [normed], to=TensorProto.FLOAT16) if half else normed, weight])
+
+    def skip_norm(self, branch: str, residual: str, w: np.ndarray, name: str, eps: float) -> tuple[str, str]:
+        """(norm(residual + branch), residual + branch)."""
+        if self.plain:
+            total = self.op("Add", [branch, residual])
+            return self.norm(total, w, name, eps), total
+        out, _, _, total = self.op("SkipSimplifiedLayerNormalization", [branch, residual, self.init(name, w)],
+                                   n_out=4, domain=MS_DOMAIN, epsilon=eps)
+        return out, total
 
     def head_norm(self, x: str, w: np.ndarray, name: str, head_dim: int, eps: float) -> str:
         """RMSNorm of [M, heads * head_dim] per head (w: [head_dim]) or over the whole row (w: [heads * hd])."""
@@ -217,17 +278,21 @@ def build_decoder(
 ) -> onnx.ModelProto:
     """Return the decoder ModelProto (weights inline; save with ``save_model`` to split them out)."""
     opt = options or BuildOptions()
-    g = _Graph(opt.accuracy_level, opt.dtype)
+    g = _Graph(opt.accuracy_level, opt.dtype, opt.target, opt.qdq_bits, opt.qdq_block)
     n, H, hd = dims.num_layers, dims.hidden, dims.head_dim
     f32 = TensorProto.FLOAT
     fkv = TensorProto.FLOAT16 if opt.dtype == "float16" else TensorProto.FLOAT
 
     # seqlens_k: [B] int32 = valid tokens - 1; total_sequence_length: scalar int32
-    mask_sum = g.op("ReduceSum", ["attention_mask", g.init("const.axis1", np.array([1], np.int64))], keepdims=0)
-    seqlens = g.op("Cast", [g.op("Sub", [mask_sum, g.init("const.one", np.array(1, np.int64))])], to=TensorProto.INT32)
+    if not g.plain:
+        mask_sum = g.op("ReduceSum", ["attention_mask", g.init("const.axis1", np.array([1], np.int64))], keepdims=0)
+        seqlens = g.op("Cast", [g.op("Sub", [mask_sum, g.init("const.one", np.array(1, np.int64))])],
+                       to=TensorProto.INT32)
     total = g.op("Shape", ["attention_mask"], start=1, end=2)
-    total = g.op("Cast", [g.op("Squeeze", [total])], to=TensorProto.INT32)
+    total = g.op("Cast", [g.op("Squeeze", [total, g.init("const.axis0", np.array([0], np.int64))])],
+                 to=TensorProto.INT32)
     tables = [_rotary(g, j, rope, dims.max_positions, total) for j, rope in enumerate(weights.rope)]
+    plain = _PlainAttention(g, dims, tables, [r.inv_freq.shape[0] for r in weights.rope]) if g.plain else None
 
     if opt.embed_quant is not None:  # [V, H] as 8-bit blocks along H
         eq = opt.embed_quant
@@ -261,39 +326,45 @@ def build_decoder(
         if norm is None:
             total_ = g.op("Add", [branch, residual])
             return total_, total_
-        out, _, _, total_ = g.op("SkipSimplifiedLayerNormalization", [branch, residual, g.init(norm_name, norm)],
-                                 n_out=4, domain=MS_DOMAIN, epsilon=dims.rms_eps)
-        return out, total_
+        return g.skip_norm(branch, residual, norm, norm_name, dims.rms_eps)
 
     q_width, kv_width = dims.num_heads * hd, dims.num_kv_heads * hd
     for i in range(n):
         lw_next = weights.layers(i + 1) if i + 1 < n else None
         p = f"model.layers.{i}"
         qkv = g.linear(x, lw.qkv, f"{p}/qkv", bias=lw.qkv_bias)
+        split = [q_width, kv_width, kv_width]
         if lw.q_norm is not None and lw.k_norm is not None:  # q/k RMSNorm before the rotary embedding
-            q, k, v = g.op("Split", [qkv, g.init(f"const.qkv_split{q_width}_{kv_width}", np.array(
-                [q_width, kv_width, kv_width], np.int64))], n_out=3, axis=-1)
+            q, k, v = g.op("Split", [qkv, g.init(f"const.qkv_split{q_width}_{kv_width}", np.array(split, np.int64))],
+                           n_out=3, axis=-1)
             q = g.head_norm(q, lw.q_norm, f"{p}.self_attn.q_norm", hd, dims.rms_eps)
             k = g.head_norm(k, lw.k_norm, f"{p}.self_attn.k_norm", hd, dims.rms_eps)
-            qkv_in = [g.op("Reshape", [t, shape_bs_any]) for t in (q, k, v)]
+            qkv_in = [q, k, v]
         else:
-            qkv_in = [g.op("Reshape", [qkv, shape_bs_any]), "", ""]  # packed [B, S, (heads + 2 kv) * head_dim]
-        table = dims.rope(i)
-        cos, sin = tables[table] if table >= 0 else ("", "")
-        attrs = dict(num_heads=dims.num_heads, kv_num_heads=dims.num_kv_heads, do_rotary=int(table >= 0),
-                     rotary_interleaved=0, local_window_size=dims.window(i))
-        if dims.attn_scale is not None:
-            attrs["scale"] = float(dims.attn_scale)
-        if dims.attn_softcap:
-            attrs["softcap"] = float(dims.attn_softcap)
-        # present K/V are the graph outputs themselves (no Identity copy), so a runtime that binds one max-length
-        # buffer as both past and present gets GroupQueryAttention's in-place shared-buffer mode
-        attn_out = f"{p}/attn/out0"
-        g.op_named("GroupQueryAttention",
-                   [*qkv_in, kv.past_key.format(layer=i), kv.past_value.format(layer=i), seqlens, total, cos, sin],
-                   [attn_out, kv.present_key.format(layer=i), kv.present_value.format(layer=i)],
-                   domain=MS_DOMAIN, name=f"{p}/attn", **attrs)
-        attn_flat = g.op("Reshape", [attn_out, g.init("const.flat_attn", np.array([-1, q_width], np.int64))])
+            qkv_in = [qkv]  # packed [B*S, (heads + 2 kv) * head_dim]
+        kv_io = (kv.past_key.format(layer=i), kv.past_value.format(layer=i), kv.present_key.format(layer=i),
+                 kv.present_value.format(layer=i))
+        if plain is not None:
+            if len(qkv_in) == 1:
+                qkv_in = g.op("Split", [qkv, g.init(f"const.qkv_split{q_width}_{kv_width}",
+                                                    np.array(split, np.int64))], n_out=3, axis=-1)
+            attn_flat = plain.layer(i, qkv_in, *kv_io)
+        else:
+            table = dims.rope(i)
+            cos, sin = tables[table] if table >= 0 else ("", "")
+            attrs = dict(num_heads=dims.num_heads, kv_num_heads=dims.num_kv_heads, do_rotary=int(table >= 0),
+                         rotary_interleaved=0, local_window_size=dims.window(i))
+            if dims.attn_scale is not None:
+                attrs["scale"] = float(dims.attn_scale)
+            if dims.attn_softcap:
+                attrs["softcap"] = float(dims.attn_softcap)
+            qkv_in = [g.op("Reshape", [t, shape_bs_any]) for t in qkv_in] + [""] * (3 - len(qkv_in))
+            # present K/V are the graph outputs themselves (no Identity copy), so a runtime that binds one max-length
+            # buffer as both past and present gets GroupQueryAttention's in-place shared-buffer mode
+            attn_out = f"{p}/attn/out0"
+            g.op_named("GroupQueryAttention", [*qkv_in, kv_io[0], kv_io[1], seqlens, total, cos, sin],
+                       [attn_out, kv_io[2], kv_io[3]], domain=MS_DOMAIN, name=f"{p}/attn", **attrs)
+            attn_flat = g.op("Reshape", [attn_out, g.init("const.flat_attn", np.array([-1, q_width], np.int64))])
         o = g.linear(attn_flat, lw.o, f"{p}/o")
         if lw.attn_out_norm is not None:
             o = g.norm(o, lw.attn_out_norm, f"{p}.attn_out_norm", dims.rms_eps)
@@ -354,15 +425,107 @@ def build_decoder(
         for name in (kv.present_key, kv.present_value):
             outputs.append(helper.make_tensor_value_info(name.format(layer=i), fkv, [B, dims.num_kv_heads, T, hd]))
     graph = helper.make_graph(g.nodes, "edgekit_decoder", inputs, outputs, initializer=g.inits)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
-        producer_name="edgekit",
-    )
+    domains = [helper.make_opsetid("", OPSET)] + ([] if g.plain else [helper.make_opsetid(MS_DOMAIN, 1)])
+    model = helper.make_model(graph, opset_imports=domains, producer_name="edgekit")
     model.ir_version = 10
     # what the runtime checks the manifest against (initializers are out of a torch-free runtime's reach)
     helper.set_model_props(model, {ROTARY_POSITIONS: str(dims.max_positions)})
     return model
+
+
+class _PlainAttention:
+    """Causal (optionally sliding-window, soft-capped) grouped-query attention in plain ops, with the rotary
+    embedding and the KV write done as GroupQueryAttention does them (row b's new tokens at its own positions)."""
+
+    def __init__(self, g: _Graph, dims: DecoderDims, tables: list[tuple[str, str]], halves: list[int]) -> None:
+        self.g, self.dims, self.tables, self.halves = g, dims, tables, halves  # halves: rotary_dim / 2 per table
+        i64 = lambda name, v: g.init(f"const.{name}", np.array(v, np.int64))  # noqa: E731
+        self.i64 = i64
+        seq = g.op("Shape", ["input_ids"], start=1, end=2)  # [1] = S
+        mask_sum = g.op("ReduceSum", ["attention_mask", i64("axis1", [1])], keepdims=1)  # [B, 1]
+        zero, one = i64("zero", 0), i64("one", 1)
+        # qpos [B, S] = valid length - S + (0 .. S-1): the positions of the new tokens
+        steps = g.op("Range", [zero, g.op("Squeeze", [seq, i64("axis0", [0])]), one])
+        self.qpos = g.op("Add", [g.op("Sub", [mask_sum, seq]), steps])
+        width = g.op("Squeeze", [g.op("Shape", ["attention_mask"], start=1, end=2), i64("axis0", [0])])
+        self.kpos = g.op("Range", [zero, width, one])  # [T]
+        self.shape_bs = g.op("Shape", ["input_ids"])  # [2] = B, S
+        self._bias: dict[int, str] = {}
+        self._rope: dict[int, tuple[str, str]] = {}
+
+    def bias(self, window: int) -> str:
+        """[B, 1, G * S, T] additive mask (0 or the fp32 minimum), G = heads per KV head: key t is visible to the
+        query at position p when t <= p (and t > p - window)."""
+        if window not in self._bias:
+            g, i64 = self.g, self.i64
+            q = g.op("Unsqueeze", [self.qpos, i64("axis2", [2])])  # [B, S, 1]
+            seen = g.op("LessOrEqual", [self.kpos, q])  # [B, S, T]
+            if window > 0:
+                recent = g.op("Greater", [self.kpos, g.op("Sub", [q, i64(f"window{window}", window)])])
+                seen = g.op("And", [seen, recent])
+            lowest = g.init("const.f32min", np.array(np.finfo(np.float32).min, np.float32))
+            bias = g.op("Where", [seen, g.init("const.f32zero", np.array(0.0, np.float32)), lowest])
+            bias = g.op("Unsqueeze", [bias, i64("axis1", [1])])  # [B, 1, S, T]
+            groups = self.dims.num_heads // self.dims.num_kv_heads
+            self._bias[window] = g.op("Tile", [bias, i64(f"tile_groups{groups}", [1, 1, groups, 1])])
+        return self._bias[window]
+
+    def rope(self, table: int) -> tuple[str, str]:
+        """cos/sin rows of the new positions, [B, S, 1, rotary_dim / 2]."""
+        if table not in self._rope:
+            g = self.g
+            cos, sin = self.tables[table]
+            pick = lambda t: g.op("Unsqueeze", [g.op("Gather", [t, self.qpos]), self.i64("axis2", [2])])  # noqa
+            self._rope[table] = (pick(cos), pick(sin))
+        return self._rope[table]
+
+    def rotate(self, x: str, table: int, heads: int) -> str:
+        """[B*S, heads * hd] -> rotary-embedded [B, S, heads, hd] (rotate-half; partial rotary keeps the tail)."""
+        g, d = self.g, self.dims
+        x = g.op("Reshape", [x, g.op("Concat", [self.shape_bs, self.i64(f"heads{heads}_{d.head_dim}",
+                                                                        [heads, d.head_dim])], axis=0)])
+        if table < 0:
+            return x
+        cos, sin = self.rope(table)
+        half = self.halves[table]
+        parts = [half, half] + ([d.head_dim - 2 * half] if d.head_dim > 2 * half else [])
+        pieces = g.op("Split", [x, self.i64("split_" + "_".join(map(str, parts)), parts)], n_out=len(parts),
+                      axis=-1)
+        x1, x2 = pieces[0], pieces[1]
+        out = [g.op("Sub", [g.op("Mul", [x1, cos]), g.op("Mul", [x2, sin])]),
+               g.op("Add", [g.op("Mul", [x2, cos]), g.op("Mul", [x1, sin])]), *pieces[2:]]
+        return g.op("Concat", out, axis=-1)
+
+    def layer(self, i: int, qkv: list[str], past_k: str, past_v: str, present_k: str, present_v: str) -> str:
+        """Attention of layer ``i`` on its q, k, v [B*S, width]: writes present K/V, returns [B*S, heads * hd]."""
+        g, d, i64 = self.g, self.dims, self.i64
+        hd, kvh = d.head_dim, d.num_kv_heads
+        table = d.rope(i)
+        perm = dict(perm=[0, 2, 1, 3])
+        q = g.op("Transpose", [self.rotate(qkv[0], table, d.num_heads)], **perm)  # [B, H, S, hd]
+        k = g.op("Transpose", [self.rotate(qkv[1], table, kvh)], **perm)  # [B, KV, S, hd]
+        v = g.op("Transpose", [self.rotate(qkv[2], -1, kvh)], **perm)
+        # present = past ++ new, then the new rows written at each row's own positions (right padding)
+        where = g.op("Unsqueeze", [self.qpos, i64("axes13", [1, 3])])  # [B, 1, S, 1]
+        for past, new, present in ((past_k, k, present_k), (past_v, v, present_v)):
+            index = g.op("Expand", [where, g.op("Shape", [new])])
+            g.op_named("ScatterElements", [g.op("Concat", [past, new], axis=2), index, new], [present], axis=2)
+        scale = d.attn_scale if d.attn_scale is not None else hd ** -0.5
+        q = g.op("Mul", [q, g.scalar(f"attn_scale{scale:.6g}", scale)])
+        q = g.op("Reshape", [q, i64(f"grouped{kvh}_{hd}", [0, kvh, -1, hd])])  # [B, KV, G*S, hd]
+        scores = g.op("MatMul", [q, g.op("Transpose", [present_k], perm=[0, 1, 3, 2])])  # [B, KV, G*S, T]
+        if g.float_dtype != np.float32:
+            scores = g.op("Cast", [scores], to=TensorProto.FLOAT)
+        if d.attn_softcap:
+            cap = g.init(f"const.softcap{d.attn_softcap:g}", np.array(d.attn_softcap, np.float32))
+            scores = g.op("Mul", [g.op("Tanh", [g.op("Div", [scores, cap])]), cap])
+        probs = g.op("Softmax", [g.op("Add", [scores, self.bias(d.window(i))])], axis=-1)
+        if g.float_dtype != np.float32:
+            probs = g.op("Cast", [probs], to=TensorProto.FLOAT16)
+        out = g.op("MatMul", [probs, present_v])  # [B, KV, G*S, hd]
+        out = g.op("Reshape", [out, i64(f"heads_back{d.num_heads}_{hd}", [0, d.num_heads, -1, hd])])
+        out = g.op("Transpose", [out], **perm)  # [B, S, H, hd]
+        return g.op("Reshape", [out, i64(f"flat{d.num_heads * hd}", [-1, d.num_heads * hd])])
 
 
 def _rotary(g: _Graph, j: int, rope: Rope, positions: int, total: str) -> tuple[str, str]:

@@ -17,6 +17,8 @@ from edgekit.export.methods import (
     METHODS,
     PRECISIONS,
     QUANT_FORMATS,
+    TARGETS,
+    W8A8_MEASURED,
     QuantMethod,
 )
 from edgekit.export.registry import ArchSpec
@@ -41,6 +43,7 @@ class ExportConfig:
     lm_head: str | None = None  # gguf: "fp32" (exact) or "int8" (Q8_0 blocks, int8 activations)
     quant_format: str | None = None  # "nbits" (MatMulNBits, default) or "qdq" (DequantizeLinear + MatMul)
     kv_cache: str | None = None  # int8/int4: "fp32" (default) or "fp16" (fp16 activations and KV cache)
+    target: str | None = None  # cpu | cuda | tensorrt (the graph's flavour) [cuda for GPU device profiles, else cpu]
     max_context: int | None = None
     batch: int = 1
     device: str | None = None
@@ -69,6 +72,8 @@ class Plan:
     lm_head: str = "fp32"
     quant_format: str = "nbits"
     kv_cache: str = "fp32"
+    target: str = "cpu"
+    batch: int = 1
 
     @property
     def bits(self) -> int | None:
@@ -76,17 +81,19 @@ class Plan:
 
     @property
     def calibrated(self) -> bool:
-        """Whether quantization runs the float graph on calibration text (GPTQ; static W8A8 activations)."""
-        return self.method is not None and (self.method.calibrated or (self.quant_format == "qdq" and self.bits == 8))
+        """Whether quantization runs the float graph on calibration text (GPTQ)."""
+        return self.method is not None and self.method.calibrated
 
     @property
     def tolerance(self) -> str:
         if self.method is None:
             return self.precision
-        return self.method.tolerance(self.precision, self.quant_format, self.accuracy_level)
+        return self.method.tolerance(self.precision, self.accuracy_level, self.kv_cache)
 
     def label(self) -> str:
-        return self.precision + (f" {self.method.name}, accuracy level {self.accuracy_level}" if self.method else "")
+        target = "" if self.target == "cpu" else f", {self.target} target"
+        return self.precision + (f" {self.method.name}, accuracy level {self.accuracy_level}" if self.method
+                                 else "") + target
 
 
 def choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -109,32 +116,43 @@ def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) ->
     profile = load_profile(cfg.device) if cfg.device else None
     precision = cfg.precision or (profile.default_precision if profile else "fp32")
     choice("precision", precision, PRECISIONS)
+    target = cfg.target or ("cuda" if profile is not None and profile.kind in ("jetson", "gpu") else "cpu")
+    choice("target", target, TARGETS)
     choice("block size", cfg.block_size, BLOCK_SIZES)
     if cfg.batch < 1:
         raise ConfigError(f"batch must be >= 1, got {cfg.batch}.")
     if cfg.accuracy_level is not None:
         choice("accuracy level", cfg.accuracy_level, ACCURACY_LEVELS)
-    if not spec.compressible and (precision != "fp32" or cfg.algo or cfg.prune or cfg.device):
+    if not spec.compressible and (precision != "fp32" or cfg.algo or cfg.prune or cfg.device or target != "cpu"):
         raise ConfigError(f"{spec.architecture} bundles ({spec.kind}) are fp32 only for now: --precision/--algo/"
-                          "--prune/--device are not supported with this source yet.")
+                          "--prune/--device/--target are not supported with this source yet.")
+    if target == "tensorrt" and precision == "int8":
+        raise ConfigError(f"--target tensorrt --precision int8 would be static W8A8 QDQ, which edgekit refuses: it "
+                          f"measured {W8A8_MEASURED}. HINT: use --precision int4 (symmetric int4 weight-only "
+                          "blocks, fp16 activations) or --precision fp16.")
     pruning = prune.parse(cfg.prune) if cfg.prune else None
     if pruning is not None:
         prune.check_amount(pruning, config)
     inspection = gguf.inspect(ref.folder / ref.gguf_file) if ref.gguf_file else None
-    method = _method(cfg, precision, ref, config, inspection, pruning)
-    fmt = _format(cfg, precision, method)
-    kv_cache = _kv_cache(cfg, precision, method, fmt)
+    method = _method(cfg, precision, ref, config, inspection, pruning, target)
+    fmt = _format(cfg, precision, method, target)
+    kv_cache = _kv_cache(cfg, precision, method, fmt, target)
     lm_head = _lm_head(cfg, precision, method, ref, inspection)
-    accuracy = cfg.accuracy_level if cfg.accuracy_level is not None else (method.accuracy_level if method else 0)
+    if target != "cpu" and cfg.accuracy_level not in (None, 0):
+        raise ConfigError(f"--accuracy-level {cfg.accuracy_level} picks onnxruntime's int8-activation CPU kernels; "
+                          f"the {target} target's kernels ignore it. HINT: drop --accuracy-level, or use --target cpu.")
+    accuracy = cfg.accuracy_level if cfg.accuracy_level is not None else (
+        method.accuracy_level if method and target == "cpu" else 0)
     context = max_context(config, cfg.max_context, profile.default_max_context if profile else DEFAULT_MAX_CONTEXT)
     kv_bytes = 2 if kv_cache == "fp16" else 4
     report = fit.check(config, precision, context, cfg.batch, profile, cfg.block_size, kv_bytes) if profile else None
     return Plan(spec, precision, method, cfg.block_size, accuracy, context, profile, report, pruning,
-                prune.read_calibration(cfg.calibration), quality.read_text(cfg.eval_text), lm_head, fmt, kv_cache)
+                prune.read_calibration(cfg.calibration), quality.read_text(cfg.eval_text), lm_head, fmt, kv_cache,
+                target, cfg.batch)
 
 
 def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, inspection: gguf.Inspection | None,
-            pruning: prune.PruneSpec | None) -> QuantMethod | None:
+            pruning: prune.PruneSpec | None, target: str) -> QuantMethod | None:
     if precision in ("fp32", "fp16"):
         if cfg.algo is not None:
             raise ConfigError(f"--algo {cfg.algo} applies to int8/int4 exports; this export is {precision}. "
@@ -144,7 +162,11 @@ def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, insp
         choice("quantization algorithm", cfg.algo, tuple(METHODS))
     bits = 4 if precision == "int4" else 8
     carries = (inspection is not None and config.model_type.removesuffix("_text") in gguf.FAMILIES and pruning is None
-               and inspection.carries(bits))
+               and inspection.carries(bits) and target != "tensorrt")
+    if cfg.algo == "gguf" and target == "tensorrt":
+        raise ConfigError("--algo gguf carries the GGUF's blocks with their zero points / mins, which TensorRT's INT4 "
+                          "DequantizeLinear cannot take (zero point must be 0). HINT: drop --algo (rtn re-quantizes "
+                          "symmetric int4 blocks for TensorRT) or use --target cuda to keep the GGUF blocks.")
     if pruning is not None and cfg.algo == "gguf":
         raise ConfigError("--prune changes the weights, so GGUF blocks cannot be carried over unchanged. "
                           "HINT: use --algo rtn or --algo hqq with --prune.")
@@ -164,28 +186,35 @@ def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, insp
     return method
 
 
-def _format(cfg: ExportConfig, precision: str, method: QuantMethod | None) -> str:
-    if cfg.quant_format is None:
+def _format(cfg: ExportConfig, precision: str, method: QuantMethod | None, target: str) -> str:
+    if cfg.quant_format is None and (method is None or target != "tensorrt"):
         return "nbits"
-    choice("quantization format", cfg.quant_format, QUANT_FORMATS)
-    if method is None or cfg.quant_format not in method.formats:
-        writers = ", ".join(f"--algo {m.name}" for m in METHODS.values() if cfg.quant_format in m.formats)
-        raise ConfigError(f"--quant-format {cfg.quant_format} (the graph form of the weights) is written by {writers};"
-                          f" this export is {precision}{' ' + method.name if method else ''}. HINT: add --precision "
-                          "int8 --algo rtn (or int4).")
-    return cfg.quant_format
+    fmt = cfg.quant_format or "qdq"  # (tensorrt's quantized form)
+    choice("quantization format", fmt, QUANT_FORMATS)
+    if target == "tensorrt" and fmt == "nbits":
+        raise ConfigError("--quant-format nbits writes onnxruntime's MatMulNBits, which TensorRT cannot parse. HINT: "
+                          "drop --quant-format with --target tensorrt (it writes qdq).")
+    if fmt == "qdq" and precision == "int8":
+        raise ConfigError(f"--precision int8 --quant-format qdq (static W8A8) is refused: it measured {W8A8_MEASURED}. "
+                          "HINT: use --precision int4 --quant-format qdq (weight-only), or int8 in the nbits format.")
+    if method is None or fmt not in method.formats:
+        writers = ", ".join(f"--algo {m.name}" for m in METHODS.values() if fmt in m.formats)
+        raise ConfigError(f"--quant-format {fmt} (the graph form of the weights) is written by {writers}; this export "
+                          f"is {precision}{' ' + method.name if method else ''}. "
+                          "HINT: add --precision int4 --algo rtn.")
+    return fmt
 
 
-def _kv_cache(cfg: ExportConfig, precision: str, method: QuantMethod | None, fmt: str) -> str:
-    if cfg.kv_cache is None:
-        return "fp16" if precision == "fp16" else "fp32"
+def _kv_cache(cfg: ExportConfig, precision: str, method: QuantMethod | None, fmt: str, target: str) -> str:
+    if cfg.kv_cache is None:  # GPU targets compute in fp16 unless the bundle is fp32
+        return "fp16" if precision == "fp16" or (method is not None and target != "cpu") else "fp32"
     choice("KV cache dtype", cfg.kv_cache, KV_DTYPES)
     if method is None and cfg.kv_cache != precision:
         raise ConfigError(f"--kv-cache {cfg.kv_cache} applies to int8/int4 exports; a {precision} bundle keeps its "
                           f"KV cache in {precision}. HINT: use --precision fp16 for an fp16 cache.")
-    if cfg.kv_cache == "fp16" and method is not None and (not method.fp16_kv or fmt == "qdq"):
-        raise ConfigError(f"--kv-cache fp16 runs the quantized graph in fp16, which --algo {method.name} / "
-                          f"--quant-format {fmt} do not support. HINT: use --algo rtn, hqq or gptq.")
+    if cfg.kv_cache == "fp16" and method is not None and method.gguf_source and target == "cpu":
+        raise ConfigError("--kv-cache fp16 with GGUF blocks is the CUDA flavour of the graph (mins as float zero "
+                          "points). HINT: add --target cuda.")
     return cfg.kv_cache
 
 

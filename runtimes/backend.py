@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgekit.runtimes.bundle import GraphSpec, RuntimeSpec, bundle_file
+from edgekit.runtimes.bundle import GraphSpec, KVCacheLayout, RuntimeSpec, bundle_file
 from edgekit.runtimes.errors import BundleError, ConfigError, did_you_mean
 
 
@@ -19,6 +19,54 @@ class BackendOptions:
 
     providers: tuple[str, ...] | None = None
     threads: int | None = None
+    engine_cache: Path | None = None  # TensorRT engine + timing caches [a folder beside the bundle]
+
+
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def engine_cache_dir(bundle_dir: Path, options: BackendOptions) -> Path:
+    """Where the TensorRT EP keeps the bundle's engines and timing cache: beside the bundle (``<bundle>.trt-cache``),
+    since building an engine on an Orin takes minutes and the bundle folder itself is hashed content."""
+    return options.engine_cache or bundle_dir.parent / f"{bundle_dir.name}.trt-cache"
+
+
+def provider_list(providers: Sequence[str], runtime: RuntimeSpec, bundle_dir: Path,
+                  options: BackendOptions) -> list[tuple[str, dict[str, str]]]:
+    """(provider, options) pairs for onnxruntime: the options the bundle recorded for each provider, plus, for the
+    TensorRT EP, the engine and timing cache paths where this bundle is run."""
+    out = []
+    for name in providers:
+        opts = dict(runtime.provider_options.get(name, {}))
+        if name == TENSORRT:
+            cache = str(engine_cache_dir(bundle_dir, options))
+            opts.update(trt_engine_cache_enable="True", trt_engine_cache_path=cache,
+                        trt_timing_cache_enable="True", trt_timing_cache_path=cache)
+        out.append((name, opts))
+    return out
+
+
+def tensorrt_profiles(layout: KVCacheLayout, max_context: int, max_batch: int) -> dict[str, str]:
+    """The TensorRT EP's explicit optimization profiles for a decoder graph (``trt_profile_{min,opt,max}_shapes``,
+    one profile per repetition of a name): prefill (one sequence, up to ``max_context`` new tokens on any past) and
+    decode (up to ``max_batch`` rows of one token each, on any past), so both shapes run without a rebuild."""
+    C, B, kvh, hd = max_context, max_batch, layout.num_kv_heads, layout.head_dim
+    pasts = [n.format(layer=i) for i in range(layout.num_layers) for n in (layout.past_key, layout.past_value)]
+    opt_len = min(256, C)
+    profiles = {  # profile -> (min, opt, max) per input: (input_ids, attention_mask, past)
+        "prefill": ((1, 1), (1, opt_len), (1, C), (1, 1), (1, opt_len), (1, C), 0, 0, C - 1),
+        "decode": ((1, 1), (B, 1), (B, 1), (1, 1), (B, C // 2), (B, C), 0, C // 2 - 1, C - 1),
+    }
+    shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
+    for ids_min, ids_opt, ids_max, m_min, m_opt, m_max, p_min, p_opt, p_max in profiles.values():
+        rows = {"min": (ids_min, m_min, (1, kvh, p_min, hd)), "opt": (ids_opt, m_opt, (ids_opt[0], kvh, p_opt, hd)),
+                "max": (ids_max, m_max, (max(ids_max[0], m_max[0]), kvh, p_max, hd))}
+        for key, (ids, mask, past) in rows.items():
+            dims = lambda t: "x".join(map(str, t))  # noqa: E731
+            shapes[key] += [f"input_ids:{dims(ids)}", f"attention_mask:{dims(mask)}"]
+            shapes[key] += [f"{n}:{dims(past)}" for n in pasts]
+    return {f"trt_profile_{key}_shapes": ",".join(v) for key, v in shapes.items()}
 
 
 def available_providers() -> list[str]:
@@ -61,9 +109,11 @@ def create_session(bundle_dir: Path, graph: GraphSpec, options: BackendOptions, 
         so.intra_op_num_threads = options.threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    for key, value in runtime.session_config.items():
+        so.add_session_config_entry(key, value)
     providers = choose_providers(options.providers, runtime.providers)
     try:
-        session = ort.InferenceSession(str(path), so, providers=providers,
+        session = ort.InferenceSession(str(path), so, providers=provider_list(providers, runtime, bundle_dir, options),
                                        disabled_optimizers=list(runtime.disabled_optimizers) or None)
     except Exception as e:  # onnxruntime raises several unrelated types for a corrupt or foreign graph
         raise BundleError(
@@ -124,4 +174,4 @@ def _run_failed(e: Exception, where: str) -> BundleError:
 def device_of(session: ort.InferenceSession) -> str:
     """Where the session computes, as IO binding names it: "cuda" when a GPU provider leads, else "cpu"."""
     first = (session.get_providers() or ["CPUExecutionProvider"])[0]
-    return "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+    return "cuda" if first in (CUDA, TENSORRT) else "cpu"

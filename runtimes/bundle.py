@@ -26,6 +26,16 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "edgekit.json"
 MAX_MANIFEST_BYTES = 16 << 20  # ours are ~100 KB (chat template and parity report included)
 KV_DTYPES: tuple[str, ...] = ("float32", "float16")
+TARGETS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")  # graph flavours (export.methods documents them)
+# what a manifest may set per provider and in the session config (a bundle is untrusted input: nothing that names
+# files or changes how the graph is loaded; the runtime adds the TensorRT cache paths itself)
+PROVIDER_OPTION_KEYS: dict[str, frozenset[str]] = {
+    "TensorrtExecutionProvider": frozenset({"trt_fp16_enable", "trt_int8_enable", "trt_profile_min_shapes",
+                                            "trt_profile_opt_shapes", "trt_profile_max_shapes",
+                                            "trt_max_workspace_size", "trt_builder_optimization_level"}),
+    "CUDAExecutionProvider": frozenset({"arena_extend_strategy", "enable_cuda_graph", "do_copy_in_default_stream"}),
+}
+SESSION_CONFIG_KEYS = frozenset({"ep.cuda.fpa_intb_gemm"})
 
 ModelKind = Literal["ar", "diffusion"]
 MODEL_KINDS: tuple[str, ...] = ("ar", "diffusion")
@@ -82,12 +92,17 @@ class TokenizerSpec:
 
 @dataclass(frozen=True)
 class RuntimeSpec:
-    """How the runtime runs the graphs: execution providers in order of preference (from the device profile the
-    bundle was exported for; the caller can override them) and onnxruntime graph transformers to skip (one that
-    mishandles a graph, e.g. QDQ propagation on a W8A8 graph)."""
+    """How the runtime runs the graphs: the graph's target flavour (cpu, cuda, tensorrt), execution providers in
+    order of preference (from the target; the caller can override them), each provider's options as recorded at
+    export (the TensorRT EP's fp16 flag and optimization profiles from the bundle's max context and batch; the
+    engine and timing cache paths are added where the bundle is run), onnxruntime session config entries, and
+    graph transformers to skip (one that mishandles a graph)."""
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     disabled_optimizers: tuple[str, ...] = ()
+    target: str = "cpu"
+    provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    session_config: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -170,7 +185,13 @@ class Manifest:
             generation=r.mapping("generation"),
             runtime=RuntimeSpec() if runtime is None else RuntimeSpec(
                 providers=runtime.strings("providers", required=False) or RuntimeSpec().providers,
-                disabled_optimizers=runtime.strings("disabled_optimizers", required=False)),
+                disabled_optimizers=runtime.strings("disabled_optimizers", required=False),
+                target=runtime.str("target", False, "cpu", choices=TARGETS),
+                provider_options=_checked_keys(runtime, "provider_options", runtime.mapping(
+                    "provider_options", _string_map, "an object of string objects"), PROVIDER_OPTION_KEYS),
+                session_config=_checked_keys(runtime, "session_config", {"": runtime.mapping(
+                    "session_config", lambda v: isinstance(v, str), "an object of strings")},
+                    {"": SESSION_CONFIG_KEYS})[""]),
             quantization=None if quant is None else Quantization(
                 method=quant.str("method", max_len=64), bits=quant.int("bits", lo=1, hi=16),
                 block_size=quant.int("block_size", lo=1, hi=1 << 16), accuracy_level=quant.int("accuracy_level",
@@ -186,6 +207,21 @@ class Manifest:
             format=r.str("format", choices=(FORMAT_NAME,)),
             format_version=r.int("format_version", lo=1, hi=FORMAT_VERSION),
         )
+
+
+def _checked_keys(r: schema.Reader, key: str, groups: dict[str, Any],
+                  allowed: Mapping[str, frozenset[str]]) -> dict[str, Any]:
+    for group, entries in groups.items():
+        bad = [k for k in entries if k not in allowed.get(group, frozenset())]
+        if bad:
+            where = f"{key}.{group}" if group else key
+            raise BundleError(f"{r.where}: '{where}' sets {bad[0]!r}, which a bundle may not set (allowed: "
+                              f"{', '.join(sorted(allowed.get(group, ()))) or 'none'}). {schema.HINT}")
+    return groups
+
+
+def _string_map(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
 
 
 def _kv_layout(r: schema.Reader) -> KVCacheLayout:

@@ -1,0 +1,58 @@
+"""What TensorRT 10.3 (JetPack 6.2's) can parse, checked on the tensorrt flavour of a graph before it is written.
+
+The op set is the part of onnx-tensorrt's operator matrix (docs/operators.md of its 10.x releases) that a decoder
+graph can need, with the restrictions that bite: ``axes`` of Slice/Squeeze/Unsqueeze/Reduce* must be initializers,
+DequantizeLinear takes INT8/INT4 with zero point 0 (blockwise when its scale has one blocked dimension), and no
+custom domains (onnxruntime's TensorRT EP hands com.microsoft ops to the next provider, which would split the
+engine). The ONNX Attention / RMSNormalization / RotaryEmbedding importers only arrived in TensorRT 10.14/10.15,
+so they are not in the set either. Checked against that documentation only: no TensorRT runs on these machines.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from edgekit.runtimes.errors import ExportError
+
+TENSORRT_VERSION = "10.3"
+OPS: frozenset[str] = frozenset({
+    "Add", "And", "ArgMax", "Cast", "Concat", "ConstantOfShape", "DequantizeLinear", "Div", "Equal", "Erf",
+    "Expand", "Gather", "Gelu", "Gemm", "Greater", "Less", "LessOrEqual", "MatMul", "Max", "Min", "Mul", "Neg",
+    "Not", "Pow", "Range", "Reciprocal", "ReduceMean", "ReduceSum", "Reshape", "ScatterElements", "Shape",
+    "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose", "Unsqueeze",
+    "Where",
+})
+# op -> index of the input that must be an initializer (TensorRT's "axes must be an initializer")
+CONSTANT_INPUTS: dict[str, int] = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "ReduceMean": 1, "ReduceSum": 1}
+DQ_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT4)
+
+
+def problems(model: onnx.ModelProto) -> list[str]:
+    """Why TensorRT 10.3's parser would not take ``model`` whole (empty: it would)."""
+    out = []
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            out.append(f"{node.name}: {node.domain}.{node.op_type} is a custom-domain op")
+        elif node.op_type not in OPS:
+            out.append(f"{node.name}: {node.op_type} is not in TensorRT {TENSORRT_VERSION}'s op set")
+        at = CONSTANT_INPUTS.get(node.op_type)
+        if at is not None and len(node.input) > at and node.input[at] and node.input[at] not in inits:
+            out.append(f"{node.name}: {node.op_type} input {at} ('{node.input[at]}') is not an initializer")
+        if node.op_type == "DequantizeLinear":
+            w = inits.get(node.input[0])
+            if w is None or w.data_type not in DQ_TYPES:
+                out.append(f"{node.name}: DequantizeLinear of a non-constant or non-int8/int4 tensor")
+            zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if zp is not None and onnx.numpy_helper.to_array(zp).any():
+                out.append(f"{node.name}: DequantizeLinear with a non-zero zero point")
+    return out
+
+
+def check(model: onnx.ModelProto) -> None:
+    """Refuse to write a tensorrt-flavour graph TensorRT 10.3 would not parse whole."""
+    found = problems(model)
+    if found:
+        raise ExportError(f"The tensorrt graph has {len(found)} construct(s) TensorRT {TENSORRT_VERSION} cannot parse "
+                          f"whole, e.g. {'; '.join(found[:3])}. HINT: this is an edgekit bug for this model family; "
+                          "use --target cuda meanwhile.")
