@@ -103,6 +103,8 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
         head_w, embed_w = opts.lm_head_quant, opts.embed_quant
         head = (f"8-bit blocks (GGUF {head_w.source_type}), {acts} activations" if head_w is not None
                 else "float32 (dequantized exactly)")
+        if plan.target == "tensorrt":  # (TensorRT's blockwise DequantizeLinear is INT4: 8-bit blocks go dense)
+            head = f"{dtype} (dequantized from GGUF {head_w.source_type if head_w is not None else 'blocks'})"
         embedding = f"8-bit blocks (GGUF {embed_w.source_type})" if embed_w is not None else dtype
         return graph, bdl.Quantization(**record, source_types=carried.types, lm_head=head, embedding=embedding)
     if plan.quant_format == "qdq":  # symmetric int4 blocks behind DequantizeLinear, written by the graph builder

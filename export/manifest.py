@@ -91,6 +91,9 @@ def runtime_spec(plan: Plan, built: Built) -> bdl.RuntimeSpec:
         options[backend.CUDA] = {"arena_extend_strategy": "kSameAsRequested"}
     if plan.target == "cuda" and plan.method is not None:
         config["ep.cuda.fpa_intb_gemm"] = "1"  # MatMulNBits' fpA_intB kernels (float zero points, fp16)
+    if plan.quant_format == "qdq":  # where onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits (the CPU and
+        # CUDA EPs), at the bundle's accuracy level, not its default of 4 (int8 activations TensorRT would not use)
+        config["session.qdq_matmulnbits_accuracy_level"] = str(plan.accuracy_level)
     if plan.target == "tensorrt" and built.kv_cache is not None:
         options[backend.TENSORRT] = {"trt_fp16_enable": str(plan.kv_cache == "fp16"), "trt_int8_enable": "False",
                                      **backend.tensorrt_profiles(built.kv_cache, plan.max_context, plan.batch)}

@@ -147,8 +147,9 @@ class _Graph:
             weight = (self.dequantize_linear(w, name, self.qdq_bits) if self.qdq_bits and name != "lm_head"
                       else self.init(f"{name}.weight", w.T.astype(np.float32)))
             y = self.op("MatMul", [x, weight], name=name)
+        elif self.plain:
+            return self._with_bias(self.dequantized_blocks(x, w, name), bias, name)
         else:
-            assert not self.plain, "the tensorrt flavour takes dense weights (TensorRT's int4 needs zero point 0)"
             n, k = w.shape
             folded = w.float_zero_points() if self.target == "cuda" and w.bits == 4 else None
             if folded is not None:  # the min as a float zero point: one op, no correction
@@ -191,15 +192,38 @@ class _Graph:
         top = (1 << (bits - 1)) - 1
         blocks = w.astype(np.float32).reshape(n, k // block, block)
         scale = np.abs(blocks).max(axis=-1) / top  # [N, K / block]
-        scale = np.where(scale == 0, 1.0, scale).astype(self.float_dtype)
-        q = np.clip(np.rint(blocks / scale.astype(np.float32)[:, :, None]), -top - 1, top).astype(np.int8)
-        data_type = TensorProto.INT4 if bits == 4 else TensorProto.INT8
+        scale = np.where(scale == 0, 1.0, scale).astype(self.float_dtype).astype(np.float32)
+        q = np.clip(np.rint(blocks / scale[:, :, None]), -top - 1, top).astype(np.int8)
+        return self._dq(q.reshape(n, k), scale, name, block)
+
+    def _dq(self, q: np.ndarray, scale: np.ndarray, name: str, block: int) -> str:
+        """DequantizeLinear of signed int4 codes q [N, K] (blocks of ``block`` along K, scales [N, K / block]) into
+        the [K, N] MatMul operand, zero point 0."""
+        n, k = q.shape
         qname = f"{name}.qweight"
         self._names.add(qname)
-        self.inits.append(helper.make_tensor(qname, data_type, [k, n], q.reshape(n, k).T.reshape(-1).tolist())
-                          if bits == 4 else numpy_helper.from_array(np.ascontiguousarray(q.reshape(n, k).T), qname))
+        self.inits.append(helper.make_tensor(qname, TensorProto.INT4, [k, n], q.T.reshape(-1).tolist()))
         return self.op("DequantizeLinear", [qname, self.init(f"{name}.scales", np.ascontiguousarray(scale.T))],
                        axis=0, block_size=block)
+
+    def dequantized_blocks(self, x: str, w: BlockQuantLinear, name: str) -> str:
+        """x @ w^T for GGUF blocks in TensorRT's form: 4-bit codes centred on 8 are signed int4 behind
+        DequantizeLinear (zero point 0, as TensorRT requires), the min and any other zero point go into a per-block
+        offset term, block sums of x times the offsets (plain ops); 8-bit blocks (TensorRT's blockwise
+        DequantizeLinear is INT4) become dense weights, exact in fp32."""
+        n, k = w.shape
+        if w.bits == 8:
+            return self.op("MatMul", [x, self.init(f"{name}.weight", w.dequantize().T)], name=name)
+        # s (c - z) + o = s (c - 8) + [o + s (8 - z)]: codes centred on 8, the rest into the per-block offset
+        zp = np.full(w.scales.shape, 8, np.float32) if w.zero_points is None else w.zero_points.astype(np.float32)
+        offsets = (w.offsets if w.offsets is not None else 0) + w.scales * (8 - zp)
+        q = (w.codes.astype(np.int16) - 8).astype(np.int8)
+        y = self.op("MatMul", [x, self._dq(q, w.scales, name, w.block)], name=name)
+        if not np.any(offsets):
+            return y
+        corr = self.op("MatMul", [self.block_sums(x, k, w.block), self.init(f"{name}.block_offsets",
+                                                                            offsets.T.astype(np.float32))])
+        return self.op("Add", [y, corr])
 
     def block_sums(self, x: str, k: int, block: int = BLOCK) -> str:
         """[M, K] -> [M, K / block]: sums of x over each block of input features, shared by matmuls reading x."""

@@ -162,11 +162,7 @@ def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, insp
         choice("quantization algorithm", cfg.algo, tuple(METHODS))
     bits = 4 if precision == "int4" else 8
     carries = (inspection is not None and config.model_type.removesuffix("_text") in gguf.FAMILIES and pruning is None
-               and inspection.carries(bits) and target != "tensorrt")
-    if cfg.algo == "gguf" and target == "tensorrt":
-        raise ConfigError("--algo gguf carries the GGUF's blocks with their zero points / mins, which TensorRT's INT4 "
-                          "DequantizeLinear cannot take (zero point must be 0). HINT: drop --algo (rtn re-quantizes "
-                          "symmetric int4 blocks for TensorRT) or use --target cuda to keep the GGUF blocks.")
+               and inspection.carries(bits))
     if pruning is not None and cfg.algo == "gguf":
         raise ConfigError("--prune changes the weights, so GGUF blocks cannot be carried over unchanged. "
                           "HINT: use --algo rtn or --algo hqq with --prune.")
@@ -189,6 +185,8 @@ def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, insp
 def _format(cfg: ExportConfig, precision: str, method: QuantMethod | None, target: str) -> str:
     if cfg.quant_format is None and (method is None or target != "tensorrt"):
         return "nbits"
+    if method is not None and method.gguf_source and target == "tensorrt" and cfg.quant_format in (None, "qdq"):
+        return "qdq"  # the GGUF's 4-bit blocks as signed int4 behind DequantizeLinear
     fmt = cfg.quant_format or "qdq"  # (tensorrt's quantized form)
     choice("quantization format", fmt, QUANT_FORMATS)
     if target == "tensorrt" and fmt == "nbits":

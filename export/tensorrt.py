@@ -17,8 +17,8 @@ from edgekit.runtimes.errors import ExportError
 TENSORRT_VERSION = "10.3"
 OPS: frozenset[str] = frozenset({
     "Add", "And", "ArgMax", "Cast", "Concat", "ConstantOfShape", "DequantizeLinear", "Div", "Equal", "Erf",
-    "Expand", "Gather", "Gelu", "Gemm", "Greater", "Less", "LessOrEqual", "MatMul", "Max", "Min", "Mul", "Neg",
-    "Not", "Pow", "Range", "Reciprocal", "ReduceMean", "ReduceSum", "Reshape", "ScatterElements", "Shape",
+    "Expand", "Gather", "Gelu", "Gemm", "Greater", "Identity", "Less", "LessOrEqual", "MatMul", "Max", "Min", "Mul",
+    "Neg", "Not", "Pow", "Range", "Reciprocal", "ReduceMean", "ReduceSum", "Reshape", "ScatterElements", "Shape",
     "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose", "Unsqueeze",
     "Where",
 })

@@ -35,7 +35,7 @@ PROVIDER_OPTION_KEYS: dict[str, frozenset[str]] = {
                                             "trt_max_workspace_size", "trt_builder_optimization_level"}),
     "CUDAExecutionProvider": frozenset({"arena_extend_strategy", "enable_cuda_graph", "do_copy_in_default_stream"}),
 }
-SESSION_CONFIG_KEYS = frozenset({"ep.cuda.fpa_intb_gemm"})
+SESSION_CONFIG_KEYS = frozenset({"ep.cuda.fpa_intb_gemm", "session.qdq_matmulnbits_accuracy_level"})
 
 ModelKind = Literal["ar", "diffusion"]
 MODEL_KINDS: tuple[str, ...] = ("ar", "diffusion")

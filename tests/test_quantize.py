@@ -261,12 +261,13 @@ def test_folding_the_min_into_a_zero_point_would_be_inexact():
     assert np.array_equal(ours.dequantize(), ref)
 
 
-@pytest.mark.parametrize("target", ["cpu", "cuda"])
+@pytest.mark.parametrize("target", ["cpu", "cuda", "tensorrt"])
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_matmulnbits_graph_computes_the_dequantized_matmul(qtype, target):
     """cpu: fp32, exact kernels (8-bit blocks as two 4-bit ones, the min as a block-sum correction). cuda: the fp16
     flavour, where a 4-bit min type is one MatMulNBits with float zero points and no correction ops (checked here on
-    the CPU kernels, which compute the same values)."""
+    the CPU kernels, which compute the same values). tensorrt (fp32 here): signed int4 behind DequantizeLinear plus
+    a plain-op offset term, or dense for 8-bit blocks; only ops TensorRT 10.3 parses."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -285,7 +286,9 @@ def test_matmulnbits_graph_computes_the_dequantized_matmul(qtype, target):
                               [helper.make_tensor_value_info("y", tensor, None)], initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)])
     model.ir_version = 10
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # (what a qdq bundle records)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = rng.standard_normal((5, k)).astype(np.float32)
     got = sess.run(None, {"x": x.astype(np.float16) if half else x})[0].astype(np.float32)
     want = x @ w.dequantize().T
@@ -299,6 +302,11 @@ def test_matmulnbits_graph_computes_the_dequantized_matmul(qtype, target):
         # the graph computes the fp16 form (random blocks have zero points far outside [0, 15], where fp16 rounds)
         want = x @ ((codes.reshape(40, -1, 32) - h("zero_points").reshape(40, -1, 1))
                     * h("scales").reshape(40, -1, 1)).reshape(40, k).T
+    if target == "tensorrt":
+        from edgekit.export import tensorrt
+
+        assert tensorrt.problems(model) == [] and "MatMulNBits" not in {n.op_type for n in g.nodes}
+        assert ("DequantizeLinear" in {n.op_type for n in g.nodes}) == (w.bits == 4)
     scale = max(1.0, float(np.abs(want).max()))
     assert np.allclose(got, want, atol=(3e-3 if half else 1e-4) * scale), np.abs(got - want).max() / scale
 

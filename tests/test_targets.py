@@ -82,6 +82,7 @@ def test_tensorrt_int4_is_symmetric_weight_only_qdq(tiny_model, tmp_path):
     m = res.manifest
     assert m.quantization.format == "qdq" and m.kv_cache.dtype == "float16"
     assert m.runtime.provider_options["TensorrtExecutionProvider"]["trt_fp16_enable"] == "True"
+    assert m.runtime.session_config == {"session.qdq_matmulnbits_accuracy_level": "0"}  # (CPU/CUDA fusion: exact)
     assert m.extra["quality"]["top1"] > 0.3  # (random tiny weights lose much to int4; chance is 1/400)
 
 
