@@ -39,11 +39,14 @@ class Machine:
                 ("profile", self.profile or "none matches (pass --device to export)")]
         if self.bundle:
             b = self.bundle
-            rows += [("bundle", f"{b['path']} ({b['precision']}, {b['size_mb']:.0f} MB on disk)"),
+            rows += [("bundle", f"{b['path']} ({b['precision']}, {b['target']} flavour, "
+                                f"{b['size_mb']:.0f} MB on disk)"),
                      ("runs on", b["runs_on"] + (f"  (the bundle prefers {b['preferred']})" if b["fallback"] else "")),
                      ("needs", f"{b['needs_mb']:.0f} MB at max context {b['max_context']} "
                                f"({'fits' if b['fits'] else 'does NOT fit'} the {b['available_mb']:.0f} MB "
                                "available)")]
+            if b["engine_cache"] is not None:
+                rows.append(("engines", b["engine_cache"]))
         return "\n".join(f"{k:<12} {v}" for k, v in rows)
 
 
@@ -146,8 +149,17 @@ def _bundle(path: Path, m: Machine) -> dict[str, Any]:
     kv_mb = (2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * man.max_context * KV_BYTES.get(kv.dtype, 4) / 2**20
              if kv else 0.0)
     needs = size + kv_mb + 300  # + onnxruntime's arena and the process (measured ~250-300 MB on CPU)
+    engines = None
+    if man.runtime.target == "tensorrt":
+        from edgekit.runtimes.backend import BackendOptions, engine_cache_dir
+
+        cache = engine_cache_dir(path, BackendOptions())
+        built = sorted(cache.glob("*.engine")) if cache.is_dir() else []
+        engines = (f"{len(built)} TensorRT engine(s) in {cache}" if built else
+                   f"none built yet in {cache} (the first run builds them: minutes on an Orin)")
     available_mb = m.memory_available_mb or m.memory_total_mb or 0.0
-    return {"path": str(path), "precision": man.precision, "size_mb": size, "runs_on": usable[0],
+    return {"path": str(path), "precision": man.precision, "target": man.runtime.target, "engine_cache": engines,
+            "size_mb": size, "runs_on": usable[0],
             "preferred": recorded[0] if recorded else None, "fallback": bool(recorded) and recorded[0] != usable[0],
             "needs_mb": needs, "max_context": man.max_context, "available_mb": available_mb,
             "fits": needs <= available_mb}

@@ -194,3 +194,22 @@ def test_gpu_device_check_skips_cleanly_without_a_gpu(llama_bundle):
     assert runs == [(llama_bundle, "CPUExecutionProvider")] and not skipped
     runs, skipped = gpu.plan([llama_bundle], ["CUDAExecutionProvider"])
     assert not runs and "CPUExecutionProvider is not in this onnxruntime build" in skipped[0]
+
+
+def test_doctor_says_where_a_tensorrt_bundle_runs_and_whether_its_engines_exist(tiny_model, tmp_path):
+    from test_doctor import jetson
+
+    from edgekit.doctor import inspect
+
+    bundle = _export(tiny_model(), tmp_path / "trt", target="tensorrt").path
+    root = jetson(tmp_path / "root", "NVIDIA Jetson Orin Nano Developer Kit", 7_800_000)
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    m = inspect(root, providers=gpu, arch="aarch64", bundle=bundle)
+    assert m.bundle["runs_on"] == "TensorrtExecutionProvider" and m.bundle["target"] == "tensorrt"
+    assert "none built yet" in m.bundle["engine_cache"] and "trt.trt-cache" in m.bundle["engine_cache"]
+    (tmp_path / "trt.trt-cache").mkdir()
+    (tmp_path / "trt.trt-cache" / "TensorrtExecutionProvider_TRTKernel_graph_0.engine").write_bytes(b"x")
+    m = inspect(root, providers=gpu, arch="aarch64", bundle=bundle)
+    assert m.bundle["engine_cache"].startswith("1 TensorRT engine(s)") and "engines" in m.table()
+    cpu = inspect(root, providers=["CPUExecutionProvider"], arch="aarch64", bundle=bundle)
+    assert cpu.bundle["runs_on"] == "CPUExecutionProvider" and cpu.bundle["fallback"]
