@@ -55,8 +55,10 @@ VARIANTS: list[tuple[str, list[str]]] = [
     ("int4 gptq (acc 4)", ["--precision", "int4", "--algo", "gptq", "--accuracy-level", "4"]),
     ("int4 rtn, fp16 KV cache", ["--precision", "int4", "--algo", "rtn", "--kv-cache", "fp16"]),
     ("int8 rtn (acc 4)", ["--precision", "int8", "--algo", "rtn", "--accuracy-level", "4"]),
-    ("int8 QDQ W8A8 (TensorRT form)", ["--precision", "int8", "--algo", "rtn", "--quant-format", "qdq"]),
     ("int4 QDQ weight-only (TensorRT form)", ["--precision", "int4", "--algo", "rtn", "--quant-format", "qdq"]),
+    # the GPU flavours on the CPU provider (fidelity is what counts here: fp16 kernels are emulated on x86 CPUs)
+    ("int4 gguf, cuda flavour (fp16)", ["--precision", "int4", "--target", "cuda"]),
+    ("int4 gguf, tensorrt flavour (fp16)", ["--precision", "int4", "--target", "tensorrt"]),
     ("fp16", ["--precision", "fp16"]),
     ("fp32 pruned depth=4", ["--precision", "fp32", "--prune", "depth=4"]),
     ("fp32 pruned width=0.25", ["--precision", "fp32", "--prune", "width=0.25"]),
