@@ -34,7 +34,42 @@ def test_smollm2_fp32_bundle_is_token_identical_to_pytorch(tmp_path):
     assert "scatter" in answer.lower()
     # the GGUF source path is the same model
     assert m.provenance["source_path"].endswith(".gguf")
+    _io_binding_checks(model)
     _serve_checks(res.path)
+
+
+def _io_binding_checks(model):
+    """The device-resident KV loop (rows bound as past and present) gives the copying loop's tokens on the real
+    model: greedy and seeded sampling, one stream and a batch joining one by one, with prefix reuse."""
+    from dataclasses import replace
+
+    copying = load(model.path)
+    copying.layout = replace(copying.layout, shared_buffer=False)
+    assert model.layout.shared_buffer
+    prompts = ["Why is the sky blue?", "Write a haiku about rain.", "What is 17 * 23?"]
+    for opts in (dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=7)):
+        assert model.generate(prompts[0], max_new_tokens=16, **opts) == copying.generate(prompts[0], max_new_tokens=16,
+                                                                                          **opts)
+
+    def batched(m):
+        batch = m.new_batch(3, prefix_cache_entries=2)
+        seqs = []
+        for i, text in enumerate(prompts + [prompts[0] + " Answer briefly."]):
+            if i == len(prompts):  # the last one after the others finished: it takes prompt 0's row over
+                while batch.active:
+                    batch.step()
+            ids = m.tokenizer.encode_prompt([{"role": "user", "content": text}])
+            seq = m.new_sequence(ids, m.params(len(ids), max_new_tokens=12, temperature=0.0 if i % 2 else 0.7,
+                                               seed=i))
+            batch.admit(seq)
+            batch.step()
+            seqs.append(seq)
+        while batch.active:
+            batch.step()
+        assert seqs[-1].stats.reused_prompt_tokens > 0
+        return [list(s.stats.token_ids) for s in seqs]
+
+    assert batched(model) == batched(copying)
 
 
 def _serve_checks(bundle):
