@@ -53,12 +53,16 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
         # the plain (tensorrt) graph concatenates past and new K/V, so its runtime copies the past per step
         kv_cache=bdl.KVCacheLayout(dims.num_layers, dims.num_kv_heads, dims.head_dim,
                                    dtype="float16" if plan.kv_cache == "fp16" else "float32",
-                                   shared_buffer=plan.target != "tensorrt"),
+                                   shared_buffer=plan.target != "tensorrt" and not dims.block_length),
+        kind="block_diffusion" if dims.block_length else None,
+        mask_id=_mask_id(tokenizer, spec) if dims.block_length else None,
         quantization=quant,
         extra={"attention": {"num_heads": dims.num_heads, "local_window": dims.local_window,
-                             "layer_windows": list(dims.layer_windows)}, "pruning": pruning,
+                             "layer_windows": list(dims.layer_windows), "block_length": dims.block_length},
+               "pruning": pruning,
                "sparse_2_4": bool(pruning and pruning.get("pattern") == "2:4")},
-        check=check,
+        # (the quality report compares teacher-forced logits with the causal PyTorch forward: not a block dLLM's)
+        check=None if dims.block_length else check,
     )
 
 
@@ -137,6 +141,14 @@ def calibration_feeds(dims: onnx_graph.DecoderDims, tokenizer: Any, text: str, l
 
 
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+BLOCK_FLAG = "block_diffusion_length"  # config field marking an AR-family checkpoint as a block-diffusion dLLM
+
+
+def _mask_id(tokenizer: Any, spec: ArchSpec) -> int:
+    if tokenizer.mask_token_id is None:
+        raise UnsupportedModelError(f"{spec.architecture} checkpoint has {BLOCK_FLAG} set (a block-diffusion dLLM) "
+                                    "but its tokenizer has no mask token. HINT: set tokenizer.mask_token.")
+    return int(tokenizer.mask_token_id)
 
 
 def decoder_parts(model: Any, spec: ArchSpec, max_context: int) -> tuple[onnx_graph.DecoderDims,
@@ -178,7 +190,7 @@ def decoder_parts(model: Any, spec: ArchSpec, max_context: int) -> tuple[onnx_gr
         logits_divisor=float(honour("logits_scaling", 1.0)),
         final_softcap=float(honour("final_logit_softcapping", 0.0)),
     )
-    dims = replace(dims, local_window=max(dims.layer_windows))
+    dims = replace(dims, local_window=max(dims.layer_windows), block_length=int(getattr(cfg, BLOCK_FLAG, 0) or 0))
     final_norm = sd["model.norm.weight"].float().numpy() + spec.norm_offset
     weights = onnx_graph.DecoderWeights(
         embed=sd["model.embed_tokens.weight"].float().numpy(),

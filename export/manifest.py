@@ -30,6 +30,7 @@ class Built:
     generation: dict[str, Any]
     add_special_tokens: bool = True  # False for dLLMs: the prompt is followed by mask tokens, not by [SEP]
     mask_id: int | None = None
+    kind: str | None = None  # overrides the registry record's kind (an AR family checkpoint trained as a block dLLM)
     kv_cache: bdl.KVCacheLayout | None = None
     quantization: bdl.Quantization | None = None
     disabled_optimizers: tuple[str, ...] = ()
@@ -59,7 +60,7 @@ def build(plan: Plan, ref: SourceRef, arch: str, model: Any, tokenizer: Any, bui
     specials = {k: getattr(tokenizer, k, None) for k in SPECIAL_TOKEN_NAMES}
     device = plan.device
     return bdl.Manifest(
-        kind=plan.spec.kind,
+        kind=built.kind or plan.spec.kind,
         architecture=arch,
         model_type=str(model.config.model_type),
         precision=plan.precision,

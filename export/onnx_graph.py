@@ -63,6 +63,10 @@ class DecoderDims:
     residual_scale: float = 1.0  # branch outputs multiplied before each residual add
     logits_divisor: float = 1.0
     final_softcap: float = 0.0
+    # block diffusion: > 0 makes attention bidirectional inside blocks of this many absolute positions and causal
+    # across them (a block sees every earlier block and all of itself), the attention that keeps a block dLLM's KV
+    # cache of finished blocks exact; 0: causal (AR)
+    block_length: int = 0
 
     def window(self, layer: int) -> int:
         return self.layer_windows[layer] if self.layer_windows else self.local_window
@@ -308,7 +312,7 @@ def build_decoder(
     fkv = TensorProto.FLOAT16 if opt.dtype == "float16" else TensorProto.FLOAT
 
     # seqlens_k: [B] int32 = valid tokens - 1; total_sequence_length: scalar int32
-    if not g.plain:
+    if not g.plain and not dims.block_length:
         mask_sum = g.op("ReduceSum", ["attention_mask", g.init("const.axis1", np.array([1], np.int64))], keepdims=0)
         seqlens = g.op("Cast", [g.op("Sub", [mask_sum, g.init("const.one", np.array(1, np.int64))])],
                        to=TensorProto.INT32)
@@ -316,7 +320,9 @@ def build_decoder(
     total = g.op("Cast", [g.op("Squeeze", [total, g.init("const.axis0", np.array([0], np.int64))])],
                  to=TensorProto.INT32)
     tables = [_rotary(g, j, rope, dims.max_positions, total) for j, rope in enumerate(weights.rope)]
-    plain = _PlainAttention(g, dims, tables, [r.inv_freq.shape[0] for r in weights.rope]) if g.plain else None
+    # (block attention exists in plain ops only for now, inside either flavour)
+    plain = (_PlainAttention(g, dims, tables, [r.inv_freq.shape[0] for r in weights.rope])
+             if g.plain or dims.block_length else None)
 
     if opt.embed_quant is not None:  # [V, H] as 8-bit blocks along H
         eq = opt.embed_quant
@@ -467,6 +473,7 @@ class _PlainAttention:
         self.i64 = i64
         seq = g.op("Shape", ["input_ids"], start=1, end=2)  # [1] = S
         mask_sum = g.op("ReduceSum", ["attention_mask", i64("axis1", [1])], keepdims=1)  # [B, 1]
+        self.valid = mask_sum  # positions 0 .. valid - 1 of each row hold tokens
         zero, one = i64("zero", 0), i64("one", 1)
         # qpos [B, S] = valid length - S + (0 .. S-1): the positions of the new tokens
         steps = g.op("Range", [zero, g.op("Squeeze", [seq, i64("axis0", [0])]), one])
@@ -479,11 +486,19 @@ class _PlainAttention:
 
     def bias(self, window: int) -> str:
         """[B, 1, G * S, T] additive mask (0 or the fp32 minimum), G = heads per KV head: key t is visible to the
-        query at position p when t <= p (and t > p - window)."""
+        query at position p when t <= p (and t > p - window); with blocks of L: when t // L <= p // L and t is
+        one of the row's valid positions."""
         if window not in self._bias:
             g, i64 = self.g, self.i64
             q = g.op("Unsqueeze", [self.qpos, i64("axis2", [2])])  # [B, S, 1]
-            seen = g.op("LessOrEqual", [self.kpos, q])  # [B, S, T]
+            L = self.dims.block_length
+            if L:
+                block = i64(f"block{L}", L)
+                ends = g.op("Mul", [g.op("Add", [g.op("Div", [q, block]), i64("one", 1)]), block])  # block end
+                seen = g.op("And", [g.op("Less", [self.kpos, ends]), g.op("Less", [self.kpos, g.op(
+                    "Unsqueeze", [self.valid, i64("axis2", [2])])])])
+            else:
+                seen = g.op("LessOrEqual", [self.kpos, q])  # [B, S, T]
             if window > 0:
                 recent = g.op("Greater", [self.kpos, g.op("Sub", [q, i64(f"window{window}", window)])])
                 seen = g.op("And", [seen, recent])

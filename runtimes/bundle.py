@@ -37,8 +37,8 @@ PROVIDER_OPTION_KEYS: dict[str, frozenset[str]] = {
 }
 SESSION_CONFIG_KEYS = frozenset({"ep.cuda.fpa_intb_gemm", "session.qdq_matmulnbits_accuracy_level"})
 
-ModelKind = Literal["ar", "diffusion"]
-MODEL_KINDS: tuple[str, ...] = ("ar", "diffusion")
+ModelKind = Literal["ar", "diffusion", "block_diffusion"]
+MODEL_KINDS: tuple[str, ...] = ("ar", "diffusion", "block_diffusion")
 
 
 @dataclass(frozen=True)

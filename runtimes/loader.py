@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgekit.runtimes.backend import BackendOptions
+from edgekit.runtimes.blocks import BlockDiffusionModel
 from edgekit.runtimes.bundle import load_manifest
 from edgekit.runtimes.decoder import ARModel
 from edgekit.runtimes.denoiser import DiffusionModel
@@ -30,4 +31,6 @@ def load(
     backend = BackendOptions(providers=tuple(providers) if providers else None, threads=threads)
     if manifest.kind == "diffusion":
         return DiffusionModel(root, manifest, backend)
+    if manifest.kind == "block_diffusion":
+        return BlockDiffusionModel(root, manifest, backend)
     return ARModel(root, manifest, backend)
