@@ -22,6 +22,7 @@ from typing import Any, Literal
 Endpoint = Literal["chat", "completions"]
 FieldType = Literal["number", "integer", "string"]
 # fields that would change the answer and are not implemented, with the values that mean "off" (accepted)
+PACE_RANGE = (1.0, 1000.0)  # stream_options.pace_tokens_per_s bounds
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
     "function_call": ("none",), "logit_bias": ({},), "best_of": (1,), "echo": (False,), "suffix": ("",),
@@ -57,6 +58,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     options: dict[str, Any]  # max_new_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty
+    pace_tokens_per_s: float | None = None  # stream_options.pace_tokens_per_s: a steady cadence; None: as made
 
 
 def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
@@ -112,6 +114,16 @@ def parse(body: Any, endpoint: Endpoint, served_model: str, option_names: frozen
     if not isinstance(stream_options, dict):
         raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
     include_usage = bool(stream_options.get("include_usage", False))
+    pace = stream_options.get("pace_tokens_per_s")
+    if pace is not None:
+        if not stream:
+            raise _bad("'stream_options.pace_tokens_per_s' paces a stream; it needs \"stream\": true.",
+                       "stream_options.pace_tokens_per_s")
+        if not (isinstance(pace, (int, float)) and not isinstance(pace, bool) and math.isfinite(pace)
+                and PACE_RANGE[0] <= pace <= PACE_RANGE[1]):
+            raise _bad(f"'stream_options.pace_tokens_per_s' must be a number in [{PACE_RANGE[0]:g}, "
+                       f"{PACE_RANGE[1]:g}] (tokens per second), got {_short(pace)}.",
+                       "stream_options.pace_tokens_per_s")
 
     n = _typed(body, "n", "integer")
     if n not in (None, 1):
@@ -146,7 +158,8 @@ def parse(body: Any, endpoint: Endpoint, served_model: str, option_names: frozen
         if key not in option_names:
             raise _bad(f"'{key}' is not supported by '{served_model}' (a {model_kind or 'model'} bundle takes: "
                        f"{', '.join(sorted(option_names))}).", key, "unsupported_parameter")
-    return GenerationRequest(endpoint, served_model, prompt, stream, include_usage, options)
+    return GenerationRequest(endpoint, served_model, prompt, stream, include_usage, options,
+                             float(pace) if pace is not None else None)
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:

@@ -264,12 +264,31 @@ async def _generate(request: HTTPRequest, endpoint: Any) -> Response:
     return await _collect(request, job, builder)
 
 
+def _paced(text: str, tokens: int) -> list[str]:
+    """A committed piece split into ``tokens`` near-equal runs of characters (a dLLM block arrives as one piece)."""
+    n = max(1, min(tokens, len(text)))
+    cuts = [round(i * len(text) / n) for i in range(n + 1)]
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
 async def _chunks(job: _Job, greq: GenerationRequest, builder: ResponseBuilder) -> AsyncIterator[dict[str, Any]]:
-    """The stream's chunk objects (SSE and WebSocket send the same ones), ending with a finish chunk or an error."""
+    """The stream's chunk objects (SSE and WebSocket send the same ones), ending with a finish chunk or an error.
+    With ``pace_tokens_per_s`` the text goes out at that steady cadence (a typewriter feel), never ahead of what the
+    model committed: pieces are split into their tokens' worth and spaced 1/pace apart."""
     first = True
+    loop = asyncio.get_running_loop()
+    next_at = 0.0
     async for ev in job.events():
         if ev.kind == "token":
-            if ev.text or (first and greq.endpoint == "chat"):
+            if greq.pace_tokens_per_s and ev.text:
+                for piece in _paced(ev.text, ev.tokens):
+                    delay = next_at - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    next_at = max(next_at, loop.time()) + 1.0 / greq.pace_tokens_per_s
+                    yield builder.chunk(piece, first=first)
+                    first = False
+            elif ev.text or (first and greq.endpoint == "chat"):
                 yield builder.chunk(ev.text, first=first)
                 first = False
         elif ev.kind == "done" and ev.finish_reason == "timeout":

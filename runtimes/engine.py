@@ -34,6 +34,7 @@ class Event:
     finish_reason: FinishReason | None = None
     stats: Stats | None = None
     error: str | None = None
+    tokens: int = 0  # tokens committed with ``text`` (one for AR steps, a block's worth for dLLMs)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Request:
     enqueued_at: float = field(default_factory=time.perf_counter)
     admitted_at: float | None = None
     seq: Seq | None = None  # made when the request is submitted
+    sent_tokens: int = 0  # generated tokens already reported in events
 
 
 class Engine:
@@ -152,7 +154,9 @@ class Engine:
         text = seq.take_text()
         now = time.perf_counter()
         if text is not None:
-            req.on_event(Event("token", text, at=now))
+            made = len(seq.stats.token_ids)
+            req.on_event(Event("token", text, at=now, tokens=max(made - req.sent_tokens, 0)))
+            req.sent_tokens = made
         if seq.done and req in self._active:
             self._active.remove(req)
             req.on_event(Event("done", at=now, finish_reason=seq.stats.finish_reason, stats=seq.stats))

@@ -101,3 +101,23 @@ def test_the_cache_saves_the_recomputation(block_bundle):
         work[cached] = seq.stats.positions_computed
     # cached: each step runs one block (plus the fused commit); recomputing runs the whole prefix every step
     assert work[True] < 0.5 * work[False], work
+
+
+def test_the_server_streams_block_diffusion_per_block_and_paces_it(block_bundle):
+    import httpx
+    from test_serve import Server
+
+    server = Server(block_bundle)
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "stream": True,
+                "max_tokens": 12, "diffusion_steps": 6, "temperature": 0}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "block_length": 8}, timeout=60)
+        assert r.status_code == 400 and "trained block of 4" in r.json()["error"]["message"]
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "cache": "dual"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache"
+        r = httpx.post(server.url + "/v1/chat/completions", json={**body, "repetition_penalty": 1.2}, timeout=60)
+        assert r.status_code == 400  # an AR-only field on a diffusion bundle
+    finally:
+        server.stop()

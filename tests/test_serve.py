@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from edgekit.runtimes import load
@@ -408,3 +410,38 @@ def test_serial_engine_cancel_and_timeout(tmp_path):
     engine.submit(late)
     engine.step()
     assert events[-1].kind == "done" and events[-1].finish_reason == "timeout"
+
+
+def _stream_times(server, body):
+    """(text pieces, arrival times) of a streamed chat completion, read as the chunks arrive."""
+    pieces, times = [], []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                delta = json.loads(line[6:])["choices"][0].get("delta", {}).get("content")
+                if delta:
+                    pieces.append(delta)
+                    times.append(time.perf_counter())
+    return pieces, times
+
+
+def test_stream_pacing_gives_a_steady_cadence_and_the_same_text(server):
+    body = {"model": "tiny", "messages": CHAT, "stream": True, "max_tokens": 24, "temperature": 0}
+    plain, _ = _stream_times(server, body)
+    paced, times = _stream_times(server, {**body, "stream_options": {"pace_tokens_per_s": 40}})
+    assert "".join(paced) == "".join(plain)
+    gaps = np.diff(times)
+    assert len(gaps) >= 10 and np.median(gaps) >= 0.8 / 40, gaps  # ~25 ms apart (never faster than the pace)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"pace_tokens_per_s": 0}, "must be a number in \\[1, 1000\\]"),
+    ({"pace_tokens_per_s": "fast"}, "must be a number in \\[1, 1000\\]"),
+    ({"pace_tokens_per_s": 5000}, "must be a number in \\[1, 1000\\]"),
+])
+def test_bad_pacing_values_are_400s(server, options, message):
+    r = post(server, "/v1/chat/completions", {"messages": CHAT, "stream": True, "stream_options": options})
+    assert r.status_code == 400 and re.search(message, r.json()["error"]["message"]), r.text
+    r = post(server, "/v1/chat/completions", {"messages": CHAT, "stream_options": {"pace_tokens_per_s": 10}})
+    assert r.status_code == 400 and "needs \"stream\": true" in r.json()["error"]["message"]
