@@ -26,7 +26,8 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
     spec = plan.spec
     # the uncompressed model's outputs, taken before pruning so the quality report shows its cost
     baseline = quality.reference(model, prompts.prompt_ids(tokenizer, bool(tokenizer.chat_template)),
-                                 tokenizer(plan.eval_text)["input_ids"], max_tokens=plan.max_context)
+                                 tokenizer(plan.eval_text)["input_ids"], max_tokens=plan.max_context,
+                                 block_length=int(getattr(model.config, BLOCK_FLAG, 0) or 0))
     pruning = None
     if plan.prune is not None:
         with progress.stage(f"Pruning ({plan.prune.label()}, importance from calibration text)"):
@@ -61,8 +62,7 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
                              "layer_windows": list(dims.layer_windows), "block_length": dims.block_length},
                "pruning": pruning,
                "sparse_2_4": bool(pruning and pruning.get("pattern") == "2:4")},
-        # (the quality report compares teacher-forced logits with the causal PyTorch forward: not a block dLLM's)
-        check=None if dims.block_length else check,
+        check=check,
     )
 
 

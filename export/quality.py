@@ -54,16 +54,28 @@ def _nll(logits: np.ndarray, ids: Sequence[int]) -> float:
     return float(-np.mean(lp[np.arange(len(ids) - 1), np.asarray(ids[1:])]))
 
 
-def reference(model: Any, prompt_ids: list[list[int]], eval_ids: list[int], max_tokens: int | None = None) -> Reference:
-    """Run the reference model on the prompts and the evaluation text (each cut to ``max_tokens``)."""
+def reference(model: Any, prompt_ids: list[list[int]], eval_ids: list[int], max_tokens: int | None = None,
+              block_length: int = 0) -> Reference:
+    """Run the reference model on the prompts and the evaluation text (each cut to ``max_tokens``). ``block_length``:
+    a block-diffusion model's attention (bidirectional inside blocks, causal across), as its bundle computes it; its
+    "perplexity" is then teacher-forced with in-block lookahead, comparable between bundles of one model only."""
     import torch
 
     if max_tokens is not None:
         prompt_ids = [ids[:max_tokens] for ids in prompt_ids]
         eval_ids = eval_ids[:max_tokens]
+
+    def run(ids: list[int]) -> np.ndarray:
+        mask = None
+        if block_length:
+            pos = torch.arange(len(ids))
+            seen = (pos[None, :] // block_length) <= (pos[:, None] // block_length)
+            mask = torch.where(seen, 0.0, torch.finfo(torch.float32).min)[None, None]
+        return model(torch.tensor([ids]), attention_mask=mask).logits[0].float().numpy()
+
     with torch.no_grad():
-        logits = [model(torch.tensor([ids])).logits[0].float().numpy() for ids in prompt_ids]
-        eval_logits = model(torch.tensor([eval_ids])).logits[0].float().numpy()
+        logits = [run(ids) for ids in prompt_ids]
+        eval_logits = run(eval_ids)
     return Reference(prompt_ids, logits, list(eval_ids), _nll(eval_logits, eval_ids))
 
 

@@ -121,3 +121,21 @@ def test_the_server_streams_block_diffusion_per_block_and_paces_it(block_bundle)
         assert r.status_code == 400  # an AR-only field on a diffusion bundle
     finally:
         server.stop()
+
+
+def test_the_quality_report_compares_like_with_like(block_bundle):
+    """The report's reference runs PyTorch with the same block-causal mask: the fp32 bundle agrees everywhere."""
+    q = load(block_bundle).manifest.extra["quality"]
+    assert q["top1"] == 1.0 and q["kl"] < 1e-6, q
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantized_block_diffusion_bundles_run_exactly_cached(block_model, tmp_path, precision):
+    res = export_bundle(ExportConfig(source=str(block_model), output=tmp_path / "q", precision=precision,
+                                     algo="rtn"), progress=Silent())
+    assert res.manifest.kind == "block_diffusion" and res.manifest.quantization.bits == int(precision[3:])
+    assert res.manifest.extra["quality"]["top1"] > 0.3  # (random tiny weights; chance is 1/400)
+    model = load(res.path)
+    ids = model.tokenizer.encode(PROMPTS[0])
+    options = dict(gen_length=8, diffusion_steps=8)
+    assert model.trace(ids, options, cached=True).tokens == model.trace(ids, options, cached=False).tokens
