@@ -107,8 +107,21 @@ def encode(tok, prompts: list[str], answers: list[str], gen_length: int):
     return torch.tensor(rows)
 
 
+def block_attention(n: int, block: int):
+    """The two-stream training mask (BD3-LM / SDAR) for a sequence of ``n``: queries and keys are [x_t ; x_0];
+    x_t attends to x_t of its own block and x_0 of earlier blocks, x_0 attends block-causally to x_0. As an additive
+    [1, 1, 2n, 2n] float mask."""
+    import torch
+
+    blk = torch.arange(n) // block
+    same, earlier = blk[:, None] == blk[None, :], blk[None, :] < blk[:, None]
+    causal = blk[None, :] <= blk[:, None]
+    allowed = torch.cat([torch.cat([same, earlier], 1), torch.cat([torch.zeros_like(same), causal], 1)], 0)
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
 def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: str = DEFAULT_TASK,
-          resume: bool = False, prompt_isolated: bool = False) -> Path:
+          resume: bool = False, prompt_isolated: bool = False, block: int = 4) -> Path:
     import torch
     import transformers
 
@@ -117,18 +130,21 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
     tok = make_tokenizer()
     common = dict(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
-    if resume and (folder(task, kind) / "config.json").exists():  # continue from the saved model (new LR schedule)
+    name = f"bdllm{block}" if kind == "bdllm" else kind
+    if resume and (folder(task, name) / "config.json").exists():  # continue from the saved model (new LR schedule)
         model = (transformers.AutoModelForMaskedLM if kind == "dllm" else transformers.AutoModelForCausalLM
-                 ).from_pretrained(folder(task, kind))
+                 ).from_pretrained(folder(task, name))
         cfg = model.config
     elif kind == "dllm":
         cfg = transformers.ModernBertConfig(**common, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                             cls_token_id=tok.eos_token_id, sep_token_id=tok.eos_token_id,
                                             global_attn_every_n_layers=1, local_attention=64)
         model = transformers.ModernBertForMaskedLM(cfg)
-    else:
+    else:  # the AR model, and the block-diffusion one: the same Llama, the latter flagged with its block length
         cfg = transformers.LlamaConfig(**common, num_key_value_heads=4, bos_token_id=tok.eos_token_id,
                                        eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+        if kind == "bdllm":
+            cfg.block_diffusion_length = block  # edgekit's export builds block-causal attention from it
         model = transformers.LlamaForCausalLM(cfg)
     cfg.architectures = [type(model).__name__]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
@@ -140,11 +156,26 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
 
         cfg.attention_prompt_isolated = True  # tells edgekit's export to run (and cache) it that way
     p_len = len(tok(sample(rng, 1, task)[0][0])["input_ids"])
+    n_total = p_len + gen_length
+    two_stream = block_attention(n_total, block) if kind == "bdllm" else None
+    positions = torch.arange(n_total).repeat(2)[None].expand(batch, -1)
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
         x = encode(tok, *sample(rng, batch, task), gen_length)  # [B, P + G]
-        if kind == "dllm":
+        if kind == "bdllm":  # x_t (answer tokens masked with probability t) next to the clean x_0, one noise level
+            t = torch.rand(batch, 1).clamp(min=1e-3)  # per sample; loss on the masked x_t positions, weighted 1/t
+            masked = torch.rand(batch, gen_length) < t
+            masked[masked.sum(1) == 0, 0] = True
+            xt = x.clone()
+            xt[:, p_len:][masked] = tok.mask_token_id
+            logits = model(input_ids=torch.cat([xt, x], 1), attention_mask=two_stream.expand(batch, -1, -1, -1),
+                           position_ids=positions).logits[:, :n_total]
+            labels = torch.full_like(x, -100)
+            labels[:, p_len:][masked] = x[:, p_len:][masked]
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+            loss = (ce.sum(1, keepdim=True) / t).mean() / gen_length
+        elif kind == "dllm":
             t = torch.rand(batch, 1).clamp(min=1e-3)
             masked = torch.rand(batch, gen_length) < t
             masked[masked.sum(1) == 0, 0] = True
@@ -172,7 +203,7 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
             print(f"[{kind}] step {step}/{steps} loss {loss.item():.4f} ({time.time() - start:.0f} s)",
                   file=sys.stderr, flush=True)
     model.eval()
-    out = folder(task, kind)
+    out = folder(task, name)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -189,7 +220,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", choices=["dllm", "ar"], default=None)
+    ap.add_argument("--only", choices=["dllm", "ar", "bdllm"], default=None)
+    ap.add_argument("--block", type=int, default=4, help="bdllm: the block length it is trained for")
     ap.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK)
     ap.add_argument("--resume", action="store_true", help="continue training the saved model")
     ap.add_argument("--prompt-isolated", action="store_true", help="dLLM: the prompt does not attend to the answer")
@@ -197,10 +229,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
-    for kind in ("dllm", "ar"):
+    for kind in ("dllm", "ar", "bdllm"):
         if args.only in (None, kind):
             out = train(kind, args.steps, args.batch, args.seed, max(1, args.steps // 20), args.task, args.resume,
-                        args.prompt_isolated)
+                        args.prompt_isolated, args.block)
             print(f"trained {kind} -> {out}", file=sys.stderr)
 
 

@@ -12,9 +12,9 @@ and gives the same tokens (the exactness check).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,82 +24,153 @@ from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions
 from edgekit.runtimes.bundle import Manifest
 from edgekit.runtimes.decoder import ARModel
-from edgekit.runtimes.denoiser import DenoiseBatch
 from edgekit.runtimes.errors import BundleError, ConfigError
+from edgekit.runtimes.kv_cache import KVCache
 from edgekit.runtimes.sequence import Sequence
 from edgekit.runtimes.tokenizer import Prompt
 from edgekit.runtimes.unmasking import DiffusionParams, select, transfer_schedule
 
 
-def decode_blocks(model: ARModel, prompt_ids: Seq[int], params: DiffusionParams, block: int, mask_id: int,
-                  stats: mdl.Stats, rng: np.random.Generator, cached: bool = True,
-                  should_stop: Callable[[], bool] = lambda: False,
-                  on_step: Callable[[np.ndarray], None] | None = None) -> Iterator[list[int]]:
-    """Yield the generated ids of each block in turn (``params.gen_length`` in all; blocks are aligned to absolute
-    positions, so the first one also holds the prompt's tail). ``cached=False`` recomputes the whole sequence every
-    step instead of running the block on the committed cache."""
-    p0 = len(prompt_ids)
-    start = (p0 // block) * block  # the first block to decode begins here
-    n_blocks = -(-(p0 - start + params.gen_length) // block)
-    steps = max(1, params.diffusion_steps // max(1, params.gen_length // block))
-    x = list(prompt_ids) + [mask_id] * (start + n_blocks * block - p0)
-    cache = model.new_cache()
-    try:
-        if cached and start:
-            model.forward(x[:start], cache)
-            stats.positions_computed += start
-            stats.forward_passes += 1
-        pending: np.ndarray | None = None  # the next block's first-step logits, from the fused commit forward
-        produced = 0
-        for b in range(n_blocks):
-            lo, hi = start + b * block, start + (b + 1) * block
-            schedule = transfer_schedule(sum(t == mask_id for t in x[lo:hi]), steps)
-            step = 0
-            while True:
-                masked = [i for i in range(block) if x[lo + i] == mask_id and lo + i >= p0]
-                if not masked:
-                    break
-                if should_stop():
-                    return
-                if pending is not None:
-                    logits, pending = pending, None
-                else:
-                    logits = _block_logits(model, x, lo, hi, block, cache, cached, stats)
-                if on_step is not None:
-                    on_step(logits)
-                k = schedule[step] if step < len(schedule) else len(masked)
-                x0, chosen = select(logits[masked], max(k, 1), params, rng)
-                for j in chosen:
-                    x[lo + masked[j]] = int(x0[j])
-                step += 1
-            take = x[max(lo, p0):hi][: params.gen_length - produced]
-            produced += len(take)
-            if cached and b + 1 < n_blocks:  # commit the clean block, fused with the next block's first step
-                cache.rewind_to(lo)
-                pending = model.forward(x[lo:hi + block], cache, logits_to_keep=block)
-                stats.positions_computed += 2 * block
-                stats.forward_passes += 1
-            yield take
-            if produced >= params.gen_length:
-                return
-    finally:
-        cache.release()
+@dataclass
+class _State:
+    """One sequence's place in a ``BlockBatch``: its row, the ids so far (prompt, committed blocks, the current
+    block with mask tokens), the current block's start and step schedule, and whether the previous block's exact
+    K/V are still to be written (fused with this block's next step)."""
+
+    seq: Sequence
+    cache: KVCache
+    x: list[int]
+    lo: int
+    schedule: list[int]
+    step: int = 0
+    produced: int = 0
+    commit: bool = False
+    on_step: Callable[[np.ndarray], None] | None = None
 
 
-def _block_logits(model: ARModel, x: list[int], lo: int, hi: int, block: int, cache: Any, cached: bool,
-                  stats: mdl.Stats) -> np.ndarray:
-    """Logits [block, V] of positions lo..hi-1: the block on the committed cache, or everything from scratch."""
-    stats.forward_passes += 1
-    if cached:
-        cache.rewind_to(lo)  # a step rewrites the block's rows: a length change, not a copy
-        stats.positions_computed += hi - lo
-        return model.forward(x[lo:hi], cache, logits_to_keep=block)
-    fresh = model.new_cache()
-    try:
-        stats.positions_computed += hi
-        return model.forward(x[:hi], fresh, logits_to_keep=block)
-    finally:
-        fresh.release()
+class BlockBatch:
+    """Block-diffusion sequences decoding together on one ``BlockDiffusionModel``: each holds a row of one KV buffer;
+    a step runs every sequence's current block in one graph run (two when some rows also commit their previous
+    block, which makes their run 2L tokens long), then applies each sequence's unmasking rule. Blocks are aligned to
+    absolute positions, so a sequence's first block also holds the prompt's tail. ``cached=False`` recomputes each
+    sequence from scratch every step instead (one at a time; the exactness reference)."""
+
+    def __init__(self, model: BlockDiffusionModel, capacity: int = 1, cached: bool = True) -> None:
+        self.model, self.capacity, self.cached = model, capacity, cached
+        self.slots = model.new_slots(capacity)
+        self._states: list[_State] = []
+
+    @property
+    def active(self) -> list[Sequence]:
+        return [st.seq for st in self._states]
+
+    def admit(self, seq: Sequence, on_step: Callable[[np.ndarray], None] | None = None) -> None:
+        """Prefill the prompt's whole blocks; the first block to decode starts at the last block boundary."""
+        m, L = self.model, self.model.block
+        p0 = len(seq.prompt_ids)
+        start = (p0 // L) * L
+        cache = KVCache(self.slots)
+        st = _State(seq, cache, list(seq.prompt_ids) + [m.mask_id] * (start + L - p0), start, [], on_step=on_step)
+        try:
+            if self.cached and start:
+                m.forward(st.x[:start], cache)
+                seq.stats.forward_passes += 1
+                seq.stats.positions_computed += start
+        except BaseException:
+            cache.release()
+            raise
+        st.schedule = self._schedule(st)
+        self._states.append(st)
+
+    def _schedule(self, st: _State) -> list[int]:
+        p = st.seq.params
+        assert isinstance(p, DiffusionParams)
+        steps = max(1, p.diffusion_steps // max(1, p.gen_length // self.model.block))
+        return transfer_schedule(sum(t == self.model.mask_id for t in st.x[st.lo:]), steps)
+
+    def step(self) -> None:
+        """One denoising step of every active sequence's current block."""
+        for st in [st for st in self._states if st.seq.should_stop()]:
+            st.seq.finish("cancelled" if st.seq.cancelled else "timeout")
+            self.remove(st.seq)
+        if not self._states:
+            return
+        logits = self._logits() if self.cached else {id(st): self._recomputed(st) for st in self._states}
+        for st in list(self._states):
+            self._advance(st, logits[id(st)])
+
+    def _logits(self) -> dict[int, np.ndarray]:
+        """The current block's logits [L, V] of every sequence, from one graph run per token count (L, or 2L for
+        the rows that also commit their previous block)."""
+        m, L = self.model, self.model.block
+        out: dict[int, np.ndarray] = {}
+        for fused in (False, True):
+            group = {st.cache.slot: st for st in self._states if st.commit == fused}
+            if not group:
+                continue
+            lo, hi = min(group), max(group) + 1
+            width = 2 * L if fused else L
+            rows, lengths = np.zeros((hi - lo, width), np.int64), []
+            for r in range(lo, hi):
+                st = group.get(r)
+                if st is None:  # another sequence's row, or a free one: throw-away tokens after what it holds
+                    other = next((s for s in self._states if s.cache.slot == r), None)
+                    lengths.append(len(other.cache) if other is not None else 0)
+                    continue
+                begin = st.lo - L if fused else st.lo
+                rows[r - lo] = st.x[begin:st.lo + L]
+                st.cache.rewind_to(begin)  # a step rewrites the block's rows: a length change, not a copy
+                lengths.append(begin)
+            result = m.run_rows(rows, self.slots, lo, lengths, keep=L)
+            for r, st in group.items():
+                begin = st.lo - L if fused else st.lo
+                st.cache.tokens.extend(st.x[begin:st.lo + L])
+                if fused:
+                    st.commit = False
+                st.seq.stats.forward_passes += 1
+                st.seq.stats.positions_computed += width
+                out[id(st)] = result[r - lo]
+        return out
+
+    def _recomputed(self, st: _State) -> np.ndarray:
+        fresh = self.model.new_cache()
+        try:
+            st.seq.stats.forward_passes += 1
+            st.seq.stats.positions_computed += st.lo + self.model.block
+            return self.model.forward(st.x[:st.lo + self.model.block], fresh, logits_to_keep=self.model.block)
+        finally:
+            fresh.release()
+
+    def _advance(self, st: _State, logits: np.ndarray) -> None:
+        """Commit this step's choices in the block; when it is clean, hand its tokens to the sequence and open the
+        next block."""
+        m, L, p0 = self.model, self.model.block, len(st.seq.prompt_ids)
+        if st.on_step is not None:
+            st.on_step(logits)
+        masked = [i for i in range(L) if st.x[st.lo + i] == m.mask_id and st.lo + i >= p0]
+        k = st.schedule[st.step] if st.step < len(st.schedule) else len(masked)
+        assert isinstance(st.seq.params, DiffusionParams)
+        x0, chosen = select(logits[masked], max(k, 1), st.seq.params, st.seq.rng)
+        for j in chosen:
+            st.x[st.lo + masked[j]] = int(x0[j])
+        st.step += 1
+        if any(st.x[st.lo + i] == m.mask_id and st.lo + i >= p0 for i in range(L)):
+            return
+        take = st.x[max(st.lo, p0):st.lo + L][: st.seq.params.gen_length - st.produced]
+        st.produced += len(take)
+        if st.seq.accept_block(take) or st.produced >= st.seq.params.gen_length:
+            if not st.seq.done:
+                st.seq.finish("length")
+            self.remove(st.seq)
+            return
+        st.lo += L
+        st.x += [m.mask_id] * L
+        st.schedule, st.step, st.commit = self._schedule(st), 0, self.cached
+
+    def remove(self, seq: Sequence) -> None:
+        for st in [st for st in self._states if st.seq is seq]:
+            self._states.remove(st)
+            st.cache.release()
 
 
 class BlockDiffusionModel(ARModel):
@@ -152,14 +223,9 @@ class BlockDiffusionModel(ARModel):
     def new_sequence(self, prompt_ids: Seq[int], params: DiffusionParams) -> Sequence:  # type: ignore[override]
         return Sequence(prompt_ids, params, self.tokenizer, self.stop_ids, params.gen_length, params.seed)
 
-    def new_batch(self, max_batch: int = 1, prefix_cache_entries: int = 0) -> DenoiseBatch:  # type: ignore
-        return DenoiseBatch(self, max_batch)  # type: ignore[arg-type]
-
-    def blocks(self, seq: Sequence, net: Any = None, on_step: Callable[[np.ndarray], None] | None = None,
-               cached: bool = True) -> Iterator[list[int]]:
-        assert isinstance(seq.params, DiffusionParams)
-        return decode_blocks(self, seq.prompt_ids, seq.params, self.block, self.mask_id, seq.stats, seq.rng,
-                             cached, seq.should_stop, on_step)
+    def new_batch(self, max_batch: int = 1, prefix_cache_entries: int = 0,  # type: ignore[override]
+                  cached: bool = True) -> BlockBatch:
+        return BlockBatch(self, max_batch, cached)
 
     def stream(self, prompt: Prompt, batch: Any = None, **options: Any) -> mdl.TextStream:
         return mdl.stream(self, prompt, batch, options)
@@ -169,7 +235,8 @@ class BlockDiffusionModel(ARModel):
         """Every step's block logits and the ids generated before a stop token (this bundle's graph)."""
         seq = self.new_sequence(prompt_ids, self.params(len(prompt_ids), **options))
         steps: list[np.ndarray] = []
-        for block in self.blocks(seq, on_step=steps.append, cached=cached):
-            if seq.accept_block(block):
-                break
+        batch = self.new_batch(1, cached=cached)
+        batch.admit(seq, on_step=steps.append)
+        while batch.active:
+            batch.step()
         return mdl.Trace(steps, list(seq.stats.token_ids))

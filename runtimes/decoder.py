@@ -112,13 +112,19 @@ class ARModel:
     def decode_batch(self, tokens: Seq[int], slots: KVSlots, lengths: Seq[int]) -> np.ndarray:
         """One new token for each of rows 0..len(tokens)-1 of ``slots`` (row i holds ``lengths[i]`` valid
         positions and gets the new one at that position); return logits [B, V]."""
+        return self.run_rows(np.asarray(tokens, dtype=np.int64)[:, None], slots, 0, lengths)[:, -1]
+
+    def run_rows(self, tokens: np.ndarray, slots: KVSlots, lo: int, lengths: Seq[int],
+                 keep: int | None = None) -> np.ndarray:
+        """``tokens`` [R, S]: S new tokens for each of rows lo..lo+R-1 of ``slots`` (row i holds ``lengths[i]``
+        valid positions; its new ones land right after them); logits [R, keep, V] of the last ``keep`` (default S).
+        Rows that hold no sequence take throw-away tokens at their own length: nothing valid is overwritten."""
         lens = np.asarray(lengths)
-        width = int(lens.max())
-        if width + 1 > slots.length:  # (rare: the buffer doubles)
-            slots.ensure(width + 1, list(enumerate(lengths)))
-        mask = (np.arange(width + 1)[None, :] <= lens[:, None]).astype(np.int64)  # row i: lengths[i] + 1 ones
-        logits = self._run(slots, 0, len(tokens), np.asarray(tokens, dtype=np.int64)[:, None], mask, 1, width)
-        return logits[:, -1]
+        width, new = int(lens.max()), tokens.shape[1]
+        if width + new > slots.length:  # (rare: the buffer doubles)
+            slots.ensure(width + new, [(lo + i, n) for i, n in enumerate(lengths)])
+        mask = (np.arange(width + new)[None, :] < lens[:, None] + new).astype(np.int64)  # row i: its length + S
+        return self._run(slots, lo, lo + len(lens), tokens.astype(np.int64), mask, keep or new, width)
 
     # --- generation ----------------------------------------------------------------------------------------------
     def params(self, prompt_len: int, **options: Any) -> SamplingParams:

@@ -96,8 +96,11 @@ def test_the_cache_saves_the_recomputation(block_bundle):
     work = {}
     for cached in (True, False):
         seq = model.new_sequence(ids, model.params(len(ids), gen_length=16, diffusion_steps=16))
-        blocks = list(model.blocks(seq, cached=cached))
-        assert sum(len(b) for b in blocks) == 16
+        batch = model.new_batch(1, cached=cached)
+        batch.admit(seq)
+        while batch.active:
+            batch.step()
+        assert seq.stats.generated_tokens == 16 or seq.stats.finish_reason == "stop"
         work[cached] = seq.stats.positions_computed
     # cached: each step runs one block (plus the fused commit); recomputing runs the whole prefix every step
     assert work[True] < 0.5 * work[False], work
@@ -139,3 +142,22 @@ def test_quantized_block_diffusion_bundles_run_exactly_cached(block_model, tmp_p
     ids = model.tokenizer.encode(PROMPTS[0])
     options = dict(gen_length=8, diffusion_steps=8)
     assert model.trace(ids, options, cached=True).tokens == model.trace(ids, options, cached=False).tokens
+
+
+@pytest.mark.parametrize("rule", RULES[:2] + RULES[3:])
+def test_a_batch_of_block_sequences_decodes_as_each_alone(block_bundle, rule):
+    """Rows of different lengths, joining one by one, some committing while others denoise: the same tokens."""
+    model = load(block_bundle)
+    options = dict(gen_length=12, diffusion_steps=12, **rule)
+    alone = [model.trace(model.tokenizer.encode(t), options).tokens for t in PROMPTS]
+    batch = model.new_batch(len(PROMPTS))
+    seqs = []
+    for text in PROMPTS:
+        ids = model.tokenizer.encode(text)
+        seqs.append(model.new_sequence(ids, model.params(len(ids), **options)))
+        batch.admit(seqs[-1])
+        batch.step()
+    while batch.active:
+        batch.step()
+    assert [list(s.stats.token_ids) for s in seqs] == alone
+    assert all(s.stats.blocks >= 3 for s in seqs)
