@@ -173,6 +173,16 @@ class TorchLogits:
 
         return reference_logits(self.model, tokens, prompt_len)
 
+    def blocks(self, tokens: list[int], block: int) -> np.ndarray:
+        """Logits of every position under a block-diffusion model's attention (block-causal)."""
+        import torch
+
+        from edgekit.export.quality import block_causal_mask
+
+        with torch.inference_mode():
+            out = self.model(torch.tensor([tokens]), attention_mask=block_causal_mask(len(tokens), block))
+        return out.logits[0].float().numpy()
+
 
 def _kl(ref: np.ndarray, got: np.ndarray) -> float:
     """Mean over positions of KL(softmax(ref) || softmax(got)), in nats."""

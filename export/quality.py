@@ -54,6 +54,16 @@ def _nll(logits: np.ndarray, ids: Sequence[int]) -> float:
     return float(-np.mean(lp[np.arange(len(ids) - 1), np.asarray(ids[1:])]))
 
 
+def block_causal_mask(n: int, block: int) -> Any:
+    """A block-diffusion model's attention over n positions as an additive [1, 1, n, n] torch mask: bidirectional
+    inside blocks of ``block`` absolute positions, causal across them."""
+    import torch
+
+    pos = torch.arange(n)
+    seen = (pos[None, :] // block) <= (pos[:, None] // block)
+    return torch.where(seen, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
 def reference(model: Any, prompt_ids: list[list[int]], eval_ids: list[int], max_tokens: int | None = None,
               block_length: int = 0) -> Reference:
     """Run the reference model on the prompts and the evaluation text (each cut to ``max_tokens``). ``block_length``:
@@ -66,11 +76,7 @@ def reference(model: Any, prompt_ids: list[list[int]], eval_ids: list[int], max_
         eval_ids = eval_ids[:max_tokens]
 
     def run(ids: list[int]) -> np.ndarray:
-        mask = None
-        if block_length:
-            pos = torch.arange(len(ids))
-            seen = (pos[None, :] // block_length) <= (pos[:, None] // block_length)
-            mask = torch.where(seen, 0.0, torch.finfo(torch.float32).min)[None, None]
+        mask = block_causal_mask(len(ids), block_length) if block_length else None
         return model(torch.tensor([ids]), attention_mask=mask).logits[0].float().numpy()
 
     with torch.no_grad():

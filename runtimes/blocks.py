@@ -55,8 +55,11 @@ class BlockBatch:
     absolute positions, so a sequence's first block also holds the prompt's tail. ``cached=False`` recomputes each
     sequence from scratch every step instead (one at a time; the exactness reference)."""
 
-    def __init__(self, model: BlockDiffusionModel, capacity: int = 1, cached: bool = True) -> None:
-        self.model, self.capacity, self.cached = model, capacity, cached
+    def __init__(self, model: BlockDiffusionModel, capacity: int = 1, cached: bool = True,
+                 reference: Any = None) -> None:
+        # reference: a logits provider with ``blocks(tokens, block) -> [S, V]`` (parity: the PyTorch model)
+        self.model, self.capacity, self.reference = model, capacity, reference
+        self.cached = cached and reference is None
         self.slots = model.new_slots(capacity)
         self._states: list[_State] = []
 
@@ -133,6 +136,10 @@ class BlockBatch:
         return out
 
     def _recomputed(self, st: _State) -> np.ndarray:
+        L = self.model.block
+        if self.reference is not None:
+            st.seq.stats.forward_passes += 1
+            return np.asarray(self.reference.blocks(st.x[:st.lo + L], L))[-L:]
         fresh = self.model.new_cache()
         try:
             st.seq.stats.forward_passes += 1
@@ -232,10 +239,11 @@ class BlockDiffusionModel(ARModel):
 
     def trace(self, prompt_ids: Seq[int], options: Mapping[str, Any], reference: Any = None,
               new_tokens: int = 64, cached: bool = True) -> mdl.Trace:
-        """Every step's block logits and the ids generated before a stop token (this bundle's graph)."""
+        """Every step's block logits and the ids generated before a stop token, on this bundle's graph (cached, or
+        recomputed each step) or on ``reference`` (``blocks(tokens, block) -> logits``, e.g. PyTorch)."""
         seq = self.new_sequence(prompt_ids, self.params(len(prompt_ids), **options))
         steps: list[np.ndarray] = []
-        batch = self.new_batch(1, cached=cached)
+        batch = BlockBatch(self, 1, cached, reference)
         batch.admit(seq, on_step=steps.append)
         while batch.active:
             batch.step()
