@@ -121,7 +121,7 @@ def block_attention(n: int, block: int):
 
 
 def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: str = DEFAULT_TASK,
-          resume: bool = False, prompt_isolated: bool = False, block: int = 4) -> Path:
+          resume: bool = False, prompt_isolated: bool = False, blocks: tuple[int, ...] = (4, 8, 16)) -> Path:
     import torch
     import transformers
 
@@ -130,7 +130,7 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
     tok = make_tokenizer()
     common = dict(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
-    name = f"bdllm{block}" if kind == "bdllm" else kind
+    name = kind
     if resume and (folder(task, name) / "config.json").exists():  # continue from the saved model (new LR schedule)
         model = (transformers.AutoModelForMaskedLM if kind == "dllm" else transformers.AutoModelForCausalLM
                  ).from_pretrained(folder(task, name))
@@ -143,8 +143,8 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
     else:  # the AR model, and the block-diffusion one: the same Llama, the latter flagged with its block length
         cfg = transformers.LlamaConfig(**common, num_key_value_heads=4, bos_token_id=tok.eos_token_id,
                                        eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-        if kind == "bdllm":
-            cfg.block_diffusion_length = block  # edgekit's export builds block-causal attention from it
+        if kind == "bdllm":  # edgekit's export builds block-causal attention from these (the first is the default)
+            cfg.block_diffusion_length, cfg.block_diffusion_lengths = blocks[0], list(blocks)
         model = transformers.LlamaForCausalLM(cfg)
     cfg.architectures = [type(model).__name__]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
@@ -157,7 +157,7 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
         cfg.attention_prompt_isolated = True  # tells edgekit's export to run (and cache) it that way
     p_len = len(tok(sample(rng, 1, task)[0][0])["input_ids"])
     n_total = p_len + gen_length
-    two_stream = block_attention(n_total, block) if kind == "bdllm" else None
+    two_stream = {b: block_attention(n_total, b) for b in blocks} if kind == "bdllm" else {}
     positions = torch.arange(n_total).repeat(2)[None].expand(batch, -1)
     start = time.time()
     model.train()
@@ -169,7 +169,8 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
             masked[masked.sum(1) == 0, 0] = True
             xt = x.clone()
             xt[:, p_len:][masked] = tok.mask_token_id
-            logits = model(input_ids=torch.cat([xt, x], 1), attention_mask=two_stream.expand(batch, -1, -1, -1),
+            mask = two_stream[blocks[step % len(blocks)]]  # each block length in turn: one model serves them all
+            logits = model(input_ids=torch.cat([xt, x], 1), attention_mask=mask.expand(batch, -1, -1, -1),
                            position_ids=positions).logits[:, :n_total]
             labels = torch.full_like(x, -100)
             labels[:, p_len:][masked] = x[:, p_len:][masked]
@@ -221,7 +222,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", choices=["dllm", "ar", "bdllm"], default=None)
-    ap.add_argument("--block", type=int, default=4, help="bdllm: the block length it is trained for")
+    ap.add_argument("--blocks", default="4,8,16", help="bdllm: the block lengths it is trained for (the first is "
+                    "its default)")
     ap.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK)
     ap.add_argument("--resume", action="store_true", help="continue training the saved model")
     ap.add_argument("--prompt-isolated", action="store_true", help="dLLM: the prompt does not attend to the answer")
@@ -232,7 +234,7 @@ def main() -> None:
     for kind in ("dllm", "ar", "bdllm"):
         if args.only in (None, kind):
             out = train(kind, args.steps, args.batch, args.seed, max(1, args.steps // 20), args.task, args.resume,
-                        args.prompt_isolated, args.block)
+                        args.prompt_isolated, tuple(int(b) for b in args.blocks.split(",")))
             print(f"trained {kind} -> {out}", file=sys.stderr)
 
 

@@ -48,7 +48,7 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
         return {"quality": report.to_dict()}
 
     return Built(
-        graphs={"decoder": bdl.GraphSpec("model.onnx", onnx_graph.input_names(dims.num_layers),
+        graphs={"decoder": bdl.GraphSpec("model.onnx", onnx_graph.input_names(dims.num_layers, bool(dims.block_length)),
                                          onnx_graph.output_names(dims.num_layers))},
         generation=generation_defaults(model),
         # the plain (tensorrt) graph concatenates past and new K/V, so its runtime copies the past per step
@@ -59,7 +59,8 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
         mask_id=_mask_id(tokenizer, spec) if dims.block_length else None,
         quantization=quant,
         extra={"attention": {"num_heads": dims.num_heads, "local_window": dims.local_window,
-                             "layer_windows": list(dims.layer_windows), "block_length": dims.block_length},
+                             "layer_windows": list(dims.layer_windows), "block_length": dims.block_length,
+                             "block_lengths": list(dims.block_lengths)},
                "pruning": pruning,
                "sparse_2_4": bool(pruning and pruning.get("pattern") == "2:4")},
         check=check,
@@ -190,7 +191,14 @@ def decoder_parts(model: Any, spec: ArchSpec, max_context: int) -> tuple[onnx_gr
         logits_divisor=float(honour("logits_scaling", 1.0)),
         final_softcap=float(honour("final_logit_softcapping", 0.0)),
     )
-    dims = replace(dims, local_window=max(dims.layer_windows), block_length=int(getattr(cfg, BLOCK_FLAG, 0) or 0))
+    block = int(getattr(cfg, BLOCK_FLAG, 0) or 0)
+    trained = tuple(int(b) for b in (getattr(cfg, BLOCK_FLAG + "s", None) or ([block] if block else [])))
+    if block and (block not in trained or min(trained) < 1 or max(dims.layer_windows) > 0):
+        raise UnsupportedModelError(f"{spec.architecture} block-diffusion config is not supported: {BLOCK_FLAG}="
+                                    f"{block}, {BLOCK_FLAG}s={list(trained)}, sliding windows "
+                                    f"{sorted(set(dims.layer_windows))} (the default block must be one of the trained "
+                                    "lengths; windows and blocks do not combine yet).")
+    dims = replace(dims, local_window=max(dims.layer_windows), block_length=block, block_lengths=trained)
     final_norm = sd["model.norm.weight"].float().numpy() + spec.norm_offset
     weights = onnx_graph.DecoderWeights(
         embed=sd["model.embed_tokens.weight"].float().numpy(),

@@ -63,10 +63,12 @@ class DecoderDims:
     residual_scale: float = 1.0  # branch outputs multiplied before each residual add
     logits_divisor: float = 1.0
     final_softcap: float = 0.0
-    # block diffusion: > 0 makes attention bidirectional inside blocks of this many absolute positions and causal
-    # across them (a block sees every earlier block and all of itself), the attention that keeps a block dLLM's KV
-    # cache of finished blocks exact; 0: causal (AR)
+    # block diffusion: > 0 makes attention bidirectional inside blocks of absolute positions and causal across them
+    # (a block sees every earlier block and all of itself), the attention that keeps a block dLLM's KV cache of
+    # finished blocks exact; the block length of a run is the graph's ``block_length`` input, this the default.
+    # 0: causal (AR)
     block_length: int = 0
+    block_lengths: tuple[int, ...] = ()  # the lengths it was trained with
 
     def window(self, layer: int) -> int:
         return self.layer_windows[layer] if self.layer_windows else self.local_window
@@ -116,10 +118,11 @@ class DecoderWeights:
     layers: Callable[[int], LayerWeights]  # built lazily, one layer at a time, to bound peak memory
 
 
-def input_names(n_layers: int) -> tuple[str, ...]:
+def input_names(n_layers: int, blocks: bool = False) -> tuple[str, ...]:
+    """The graph's inputs; ``blocks``: a block-diffusion graph, which also takes ``block_length`` int64 [1]."""
     kv = KVCacheLayout(n_layers, 0, 0)
     pasts = [n.format(layer=i) for i in range(n_layers) for n in (kv.past_key, kv.past_value)]
-    return ("input_ids", "attention_mask", "logits_to_keep", *pasts)
+    return ("input_ids", "attention_mask", "logits_to_keep", *(("block_length",) if blocks else ()), *pasts)
 
 
 def output_names(n_layers: int) -> tuple[str, ...]:
@@ -448,6 +451,8 @@ def build_decoder(
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T]),
         helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
     ]
+    if dims.block_length:
+        inputs.append(helper.make_tensor_value_info("block_length", TensorProto.INT64, [1]))
     outputs = [helper.make_tensor_value_info("logits", f32, [B, K, dims.vocab_size])]
     for i in range(n):
         for name in (kv.past_key, kv.past_value):
@@ -491,9 +496,8 @@ class _PlainAttention:
         if window not in self._bias:
             g, i64 = self.g, self.i64
             q = g.op("Unsqueeze", [self.qpos, i64("axis2", [2])])  # [B, S, 1]
-            L = self.dims.block_length
-            if L:
-                block = i64(f"block{L}", L)
+            if self.dims.block_length:  # the run's block length is an input: one model may serve several
+                block = g.op("Squeeze", ["block_length", i64("axis0", [0])])
                 ends = g.op("Mul", [g.op("Add", [g.op("Div", [q, block]), i64("one", 1)]), block])  # block end
                 seen = g.op("And", [g.op("Less", [self.kpos, ends]), g.op("Less", [self.kpos, g.op(
                     "Unsqueeze", [self.valid, i64("axis2", [2])])])])

@@ -33,12 +33,13 @@ from edgekit.runtimes.unmasking import DiffusionParams, select, transfer_schedul
 
 @dataclass
 class _State:
-    """One sequence's place in a ``BlockBatch``: its row, the ids so far (prompt, committed blocks, the current
-    block with mask tokens), the current block's start and step schedule, and whether the previous block's exact
-    K/V are still to be written (fused with this block's next step)."""
+    """One sequence's place in a ``BlockBatch``: its row, its block length, the ids so far (prompt, committed
+    blocks, the current block with mask tokens), the current block's start and step schedule, and whether the
+    previous block's exact K/V are still to be written (fused with this block's next step)."""
 
     seq: Sequence
     cache: KVCache
+    block: int
     x: list[int]
     lo: int
     schedule: list[int]
@@ -47,17 +48,25 @@ class _State:
     commit: bool = False
     on_step: Callable[[np.ndarray], None] | None = None
 
+    @property
+    def params(self) -> DiffusionParams:
+        assert isinstance(self.seq.params, DiffusionParams)
+        return self.seq.params
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {"block_length": np.asarray([self.block], np.int64)}
+
 
 class BlockBatch:
     """Block-diffusion sequences decoding together on one ``BlockDiffusionModel``: each holds a row of one KV buffer;
-    a step runs every sequence's current block in one graph run (two when some rows also commit their previous
-    block, which makes their run 2L tokens long), then applies each sequence's unmasking rule. Blocks are aligned to
-    absolute positions, so a sequence's first block also holds the prompt's tail. ``cached=False`` recomputes each
-    sequence from scratch every step instead (one at a time; the exactness reference)."""
+    a step runs every sequence's current block in one graph run per (block length, token count) group (a row that
+    also commits its previous block runs 2L tokens), then applies each sequence's unmasking rule. Blocks are aligned
+    to absolute positions, so a sequence's first block also holds the prompt's tail. ``cached=False`` recomputes each
+    sequence from scratch every step instead (one at a time; the exactness reference); ``reference`` (a provider of
+    ``blocks(tokens, block) -> logits``, e.g. PyTorch for parity) recomputes on it."""
 
     def __init__(self, model: BlockDiffusionModel, capacity: int = 1, cached: bool = True,
                  reference: Any = None) -> None:
-        # reference: a logits provider with ``blocks(tokens, block) -> [S, V]`` (parity: the PyTorch model)
         self.model, self.capacity, self.reference = model, capacity, reference
         self.cached = cached and reference is None
         self.slots = model.new_slots(capacity)
@@ -69,14 +78,16 @@ class BlockBatch:
 
     def admit(self, seq: Sequence, on_step: Callable[[np.ndarray], None] | None = None) -> None:
         """Prefill the prompt's whole blocks; the first block to decode starts at the last block boundary."""
-        m, L = self.model, self.model.block
+        assert isinstance(seq.params, DiffusionParams)
+        m, L = self.model, seq.params.block_length
         p0 = len(seq.prompt_ids)
         start = (p0 // L) * L
         cache = KVCache(self.slots)
-        st = _State(seq, cache, list(seq.prompt_ids) + [m.mask_id] * (start + L - p0), start, [], on_step=on_step)
+        st = _State(seq, cache, L, list(seq.prompt_ids) + [m.mask_id] * (start + L - p0), start, [],
+                    on_step=on_step)
         try:
             if self.cached and start:
-                m.forward(st.x[:start], cache)
+                m.forward(st.x[:start], cache, feeds=st.feeds())
                 seq.stats.forward_passes += 1
                 seq.stats.positions_computed += start
         except BaseException:
@@ -86,9 +97,7 @@ class BlockBatch:
         self._states.append(st)
 
     def _schedule(self, st: _State) -> list[int]:
-        p = st.seq.params
-        assert isinstance(p, DiffusionParams)
-        steps = max(1, p.diffusion_steps // max(1, p.gen_length // self.model.block))
+        steps = max(1, st.params.diffusion_steps // max(1, st.params.gen_length // st.block))
         return transfer_schedule(sum(t == self.model.mask_id for t in st.x[st.lo:]), steps)
 
     def step(self) -> None:
@@ -103,14 +112,12 @@ class BlockBatch:
             self._advance(st, logits[id(st)])
 
     def _logits(self) -> dict[int, np.ndarray]:
-        """The current block's logits [L, V] of every sequence, from one graph run per token count (L, or 2L for
-        the rows that also commit their previous block)."""
-        m, L = self.model, self.model.block
+        """The current block's logits [L, V] of every sequence: one graph run per group of rows sharing a block
+        length and a token count (L, or 2L for the rows that also commit their previous block)."""
         out: dict[int, np.ndarray] = {}
-        for fused in (False, True):
-            group = {st.cache.slot: st for st in self._states if st.commit == fused}
-            if not group:
-                continue
+        for key in sorted({(st.block, st.commit) for st in self._states}):
+            group = {st.cache.slot: st for st in self._states if (st.block, st.commit) == key}
+            L, fused = key
             lo, hi = min(group), max(group) + 1
             width = 2 * L if fused else L
             rows, lengths = np.zeros((hi - lo, width), np.int64), []
@@ -124,48 +131,45 @@ class BlockBatch:
                 rows[r - lo] = st.x[begin:st.lo + L]
                 st.cache.rewind_to(begin)  # a step rewrites the block's rows: a length change, not a copy
                 lengths.append(begin)
-            result = m.run_rows(rows, self.slots, lo, lengths, keep=L)
+            result = self.model.run_rows(rows, self.slots, lo, lengths, keep=L,
+                                         feeds={"block_length": np.asarray([L], np.int64)})
             for r, st in group.items():
-                begin = st.lo - L if fused else st.lo
-                st.cache.tokens.extend(st.x[begin:st.lo + L])
-                if fused:
-                    st.commit = False
+                st.cache.tokens.extend(st.x[st.lo - L if fused else st.lo:st.lo + L])
+                st.commit = False
                 st.seq.stats.forward_passes += 1
                 st.seq.stats.positions_computed += width
                 out[id(st)] = result[r - lo]
         return out
 
     def _recomputed(self, st: _State) -> np.ndarray:
-        L = self.model.block
+        L, end = st.block, st.lo + st.block
+        st.seq.stats.forward_passes += 1
         if self.reference is not None:
-            st.seq.stats.forward_passes += 1
-            return np.asarray(self.reference.blocks(st.x[:st.lo + L], L))[-L:]
+            return np.asarray(self.reference.blocks(st.x[:end], L))[-L:]
         fresh = self.model.new_cache()
         try:
-            st.seq.stats.forward_passes += 1
-            st.seq.stats.positions_computed += st.lo + self.model.block
-            return self.model.forward(st.x[:st.lo + self.model.block], fresh, logits_to_keep=self.model.block)
+            st.seq.stats.positions_computed += end
+            return self.model.forward(st.x[:end], fresh, logits_to_keep=L, feeds=st.feeds())
         finally:
             fresh.release()
 
     def _advance(self, st: _State, logits: np.ndarray) -> None:
         """Commit this step's choices in the block; when it is clean, hand its tokens to the sequence and open the
         next block."""
-        m, L, p0 = self.model, self.model.block, len(st.seq.prompt_ids)
+        m, L, p0 = self.model, st.block, len(st.seq.prompt_ids)
         if st.on_step is not None:
             st.on_step(logits)
         masked = [i for i in range(L) if st.x[st.lo + i] == m.mask_id and st.lo + i >= p0]
         k = st.schedule[st.step] if st.step < len(st.schedule) else len(masked)
-        assert isinstance(st.seq.params, DiffusionParams)
-        x0, chosen = select(logits[masked], max(k, 1), st.seq.params, st.seq.rng)
+        x0, chosen = select(logits[masked], max(k, 1), st.params, st.seq.rng)
         for j in chosen:
             st.x[st.lo + masked[j]] = int(x0[j])
         st.step += 1
         if any(st.x[st.lo + i] == m.mask_id and st.lo + i >= p0 for i in range(L)):
             return
-        take = st.x[max(st.lo, p0):st.lo + L][: st.seq.params.gen_length - st.produced]
+        take = st.x[max(st.lo, p0):st.lo + L][: st.params.gen_length - st.produced]
         st.produced += len(take)
-        if st.seq.accept_block(take) or st.produced >= st.seq.params.gen_length:
+        if st.seq.accept_block(take) or st.produced >= st.params.gen_length:
             if not st.seq.done:
                 st.seq.finish("length")
             self.remove(st.seq)
@@ -191,8 +195,10 @@ class BlockDiffusionModel(ARModel):
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: BackendOptions) -> None:
         super().__init__(bundle_dir, manifest, backend)
-        self.block = int((manifest.extra.get("attention") or {}).get("block_length") or 0)
-        if self.block < 1 or manifest.tokens.mask_id is None:
+        attention = manifest.extra.get("attention") or {}
+        self.block = int(attention.get("block_length") or 0)
+        self.trained_blocks = tuple(int(b) for b in attention.get("block_lengths") or [self.block])
+        if self.block < 1 or manifest.tokens.mask_id is None or self.block not in self.trained_blocks:
             raise BundleError(f"Block-diffusion bundle '{bundle_dir}' lacks its block length or mask token id. "
                               "HINT: re-export it.")
         self.mask_id = int(manifest.tokens.mask_id)
@@ -200,6 +206,12 @@ class BlockDiffusionModel(ARModel):
         steps = {k: v for k, v in manifest.generation.items() if k in known and k != "cache"}
         self.diffusion_defaults = DiffusionParams(**{"block_length": self.block, "gen_length": 4 * self.block,
                                                      "diffusion_steps": 4 * self.block, **steps})
+
+    def forward(self, token_ids: Seq[int], cache: KVCache, logits_to_keep: int = 1,
+                feeds: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """``ARModel.forward`` under block attention, by default of the bundle's default block length."""
+        return super().forward(token_ids, cache, logits_to_keep,
+                               feeds or {"block_length": np.asarray([self.block], np.int64)})
 
     @property
     def parity_settings(self) -> tuple[mdl.ParitySetting, ...]:
@@ -214,17 +226,17 @@ class BlockDiffusionModel(ARModel):
         alias = given.pop("max_new_tokens", None)
         if alias is not None:
             given.setdefault("gen_length", alias)
-        if given.get("block_length", self.block) != self.block:
-            raise ConfigError(f"block_length {given['block_length']!r} does not match this block-diffusion bundle's "
-                              f"trained block of {self.block} (its attention mask is built for it). HINT: drop "
-                              "block_length.")
-        given["block_length"] = self.block
+        block = given.setdefault("block_length", self.block)
+        if block not in self.trained_blocks:
+            raise ConfigError(f"block_length {block!r} does not match this block-diffusion bundle's trained block "
+                              f"length(s) {', '.join(map(str, self.trained_blocks))} (its attention mask follows "
+                              f"them). HINT: drop block_length (default {self.block}) or use one of those.")
         gen = given.get("gen_length", self.diffusion_defaults.gen_length)
         if isinstance(gen, int) and gen > 0:  # whole blocks; one token per step unless told otherwise
-            given["gen_length"] = gen = -(-gen // self.block) * self.block
+            given["gen_length"] = gen = -(-gen // block) * block
             given.setdefault("diffusion_steps", gen)
         p = replace(self.diffusion_defaults, **given)
-        mdl.check_fits(self, prompt_len + self.block, "gen_length", p.gen_length)
+        mdl.check_fits(self, prompt_len + block, "gen_length", p.gen_length)
         return p
 
     def new_sequence(self, prompt_ids: Seq[int], params: DiffusionParams) -> Sequence:  # type: ignore[override]

@@ -43,7 +43,8 @@ class ARModel:
         self.layout = manifest.kv_cache
         pasts, presents = past_names(self.layout), present_names(self.layout)
         self.graph = manifest.graphs[GRAPH]
-        inputs, outputs = (*FEEDS, *pasts), ("logits", *presents)
+        self.extra_feeds = ("block_length",) if manifest.kind == "block_diffusion" else ()
+        inputs, outputs = (*FEEDS, *self.extra_feeds, *pasts), ("logits", *presents)
         if (tuple(self.graph.inputs), tuple(self.graph.outputs)) != (inputs, outputs):
             raise BundleError(f"Bundle '{bundle_dir}': the KV-cache layout ({self.layout.num_layers} layers) does not "
                               f"match the decoder graph's I/O ({len(self.graph.inputs) - len(FEEDS)} past tensors). "
@@ -76,12 +77,13 @@ class ARModel:
 
     # --- the graph -----------------------------------------------------------------------------------------------
     def _run(self, slots: KVSlots, lo: int, hi: int, input_ids: np.ndarray, mask: np.ndarray, keep: int,
-             past_width: int) -> np.ndarray:
+             past_width: int, feeds: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """One graph run over rows [lo, hi) of ``slots``: new K/V land in the rows; return logits [rows, K, V].
 
         Shared-buffer bundles bind the rows as past and present (nothing but ids, mask and logits moves); older
         bundles feed the first ``past_width`` positions and copy the presents back."""
-        small = {"input_ids": input_ids, "attention_mask": mask, "logits_to_keep": np.asarray([keep], np.int64)}
+        small = {"input_ids": input_ids, "attention_mask": mask, "logits_to_keep": np.asarray([keep], np.int64),
+                 **(feeds or {})}
         if not self.layout.shared_buffer:
             logits, *presents = run_graph(self.session, self._outputs, {**small, **slots.pasts(lo, hi, past_width)},
                                           self.graph.file)
@@ -96,7 +98,8 @@ class ARModel:
         run_bound(self.session, io, self.graph.file)
         return logits
 
-    def forward(self, token_ids: Seq[int], cache: KVCache, logits_to_keep: int = 1) -> np.ndarray:
+    def forward(self, token_ids: Seq[int], cache: KVCache, logits_to_keep: int = 1,
+                feeds: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """Run new tokens through the graph on top of ``cache`` (updated in place); return logits [K, V]."""
         past = len(cache)
         total = past + len(token_ids)
@@ -105,7 +108,7 @@ class ARModel:
                 f"Sequence of {total} tokens exceeds the bundle's max context {self.max_context}.")
         cache.slots.ensure(total, [(cache.slot, past)])
         logits = self._run(cache.slots, cache.slot, cache.slot + 1, np.asarray([token_ids], dtype=np.int64),
-                           np.ones((1, total), dtype=np.int64), logits_to_keep, past)
+                           np.ones((1, total), dtype=np.int64), logits_to_keep, past, feeds)
         cache.tokens.extend(token_ids)
         return logits[0]  # [K, V]
 
@@ -114,8 +117,8 @@ class ARModel:
         positions and gets the new one at that position); return logits [B, V]."""
         return self.run_rows(np.asarray(tokens, dtype=np.int64)[:, None], slots, 0, lengths)[:, -1]
 
-    def run_rows(self, tokens: np.ndarray, slots: KVSlots, lo: int, lengths: Seq[int],
-                 keep: int | None = None) -> np.ndarray:
+    def run_rows(self, tokens: np.ndarray, slots: KVSlots, lo: int, lengths: Seq[int], keep: int | None = None,
+                 feeds: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """``tokens`` [R, S]: S new tokens for each of rows lo..lo+R-1 of ``slots`` (row i holds ``lengths[i]``
         valid positions; its new ones land right after them); logits [R, keep, V] of the last ``keep`` (default S).
         Rows that hold no sequence take throw-away tokens at their own length: nothing valid is overwritten."""
@@ -124,7 +127,7 @@ class ARModel:
         if width + new > slots.length:  # (rare: the buffer doubles)
             slots.ensure(width + new, [(lo + i, n) for i, n in enumerate(lengths)])
         mask = (np.arange(width + new)[None, :] < lens[:, None] + new).astype(np.int64)  # row i: its length + S
-        return self._run(slots, lo, lo + len(lens), tokens.astype(np.int64), mask, keep or new, width)
+        return self._run(slots, lo, lo + len(lens), tokens.astype(np.int64), mask, keep or new, width, feeds)
 
     # --- generation ----------------------------------------------------------------------------------------------
     def params(self, prompt_len: int, **options: Any) -> SamplingParams:

@@ -98,7 +98,7 @@ def test_block_logits_match_pytorch_with_the_block_causal_mask(block_model, bloc
 
 def test_block_length_must_be_the_trained_one(block_bundle):
     model = load(block_bundle)
-    with pytest.raises(ConfigError, match="does not match this block-diffusion bundle's trained block of 4"):
+    with pytest.raises(ConfigError, match=r"does not match this block-diffusion bundle's trained block length\(s\) 4"):
         model.generate("Hello", block_length=8)
     with pytest.raises(Exception, match="cache"):
         model.generate("Hello", cache="prefix")  # the cache is exact: no approximation setting applies
@@ -131,7 +131,7 @@ def test_the_server_streams_block_diffusion_per_block_and_paces_it(block_bundle)
         r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         r = httpx.post(server.url + "/v1/chat/completions", json={**body, "block_length": 8}, timeout=60)
-        assert r.status_code == 400 and "trained block of 4" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "trained block length(s) 4" in r.json()["error"]["message"]
         r = httpx.post(server.url + "/v1/chat/completions", json={**body, "cache": "dual"}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == "cache"
         r = httpx.post(server.url + "/v1/chat/completions", json={**body, "repetition_penalty": 1.2}, timeout=60)
@@ -175,3 +175,39 @@ def test_a_batch_of_block_sequences_decodes_as_each_alone(block_bundle, rule):
         batch.step()
     assert [list(s.stats.token_ids) for s in seqs] == alone
     assert all(s.stats.blocks >= 3 for s in seqs)
+
+
+def test_one_bundle_serves_each_trained_block_length(tmp_path):
+    """Trained with blocks of 4 and 8, the bundle takes either per request (the block length is a graph input);
+    a batch mixing them gives each sequence's tokens as alone, and 8 matches PyTorch's block-8 mask."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgekit.export.quality import block_causal_mask
+
+    folder = make_model("LlamaForCausalLM", tmp_path / "m", block_diffusion_length=4, block_diffusion_lengths=[4, 8])
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.mask_token = "<|endoftext|>"
+    tok.save_pretrained(folder)
+    model = load(export_bundle(ExportConfig(source=str(folder), output=tmp_path / "b"), progress=Silent()).path)
+    assert model.trained_blocks == (4, 8)
+    ids = [model.tokenizer.encode(t) for t in PROMPTS[:2]]
+    options = [dict(gen_length=16, diffusion_steps=16, block_length=b) for b in (4, 8)]
+    alone = [model.trace(i, o).tokens for i, o in zip(ids, options)]
+    assert model.trace(ids[1], options[1], cached=False).tokens == alone[1]
+    batch = model.new_batch(2)
+    seqs = [model.new_sequence(i, model.params(len(i), **o)) for i, o in zip(ids, options)]
+    for s in seqs:
+        batch.admit(s)
+    while batch.active:
+        batch.step()
+    assert [list(s.stats.token_ids) for s in seqs] == alone
+    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    x = ids[0] + [model.mask_id] * (-len(ids[0]) % 8 + 8)
+    with torch.no_grad():
+        want = hf(torch.tensor([x]), attention_mask=block_causal_mask(len(x), 8)).logits[0].numpy()
+    got = model.forward(x, model.new_cache(), logits_to_keep=len(x),
+                        feeds={"block_length": np.asarray([8], np.int64)})
+    assert np.abs(got - want).max() < 1e-3
+    with pytest.raises(ConfigError, match="trained block length"):
+        model.params(5, block_length=16)
