@@ -1,13 +1,15 @@
-"""Denoising benchmark: accuracy vs speed of the diffusion sampler settings on a trained synthetic-task dLLM.
+"""Denoising benchmark: accuracy vs speed of the AR model, the block-diffusion dLLM and the full dLLM, one task.
 
-Trains (or reuses) the models of benchmarks/train_dllm.py, exports both with edgekit, and decodes a fixed eval set
-with each setting: cache mode (none, prefix, dual) x rule (one token per step = the naive loop, fixed k tokens per
-step = fewer steps, confidence thresholds and entropy bounds = parallel decoding), a few other remasking rules without
-cache, and the AR model of the same size as a reference row. Columns: exact-answer accuracy, forward passes and tokens
-per forward (means), positions run through the network per answer, latency per answer and time to the first block
-(medians), generated tokens/s. Writes benchmarks/results/denoise.{json,md,png}.
+Trains (or reuses) the models of benchmarks/train_dllm.py (AR, block-diffusion, full-bidirectional, all the same
+size), exports them with edgekit and decodes a fixed eval set: the AR model greedily on its KV cache; the
+block-diffusion model on edgekit's exact KV cache at B in {4, 8, 16} with each rule (one token per step, k=2,
+confidence thresholds, entropy bounds); the full dLLM with cache mode (none, prefix, dual) x rule. Columns: accuracy,
+forward passes and committed tokens per forward (means), positions run through the network per answer, latency per
+answer and time to the first block (medians), generated tokens/s and its ratio to the AR model's; plus the measured
+cost of an S-token forward vs a 1-token one on this machine. Writes benchmarks/results/denoise[-TASK].{json,md,png}.
 
-    python benchmarks/denoise.py --eval 200            # trains the models first if .cache/dllm/ lacks them
+    python benchmarks/denoise.py --eval 200                   # pairs_copy; trains what .cache/dllm/ lacks
+    python benchmarks/denoise.py --task shuffle --no-train    # shuffle, with the models already trained
 """
 
 from __future__ import annotations
@@ -50,12 +52,24 @@ SETTINGS = [(cache, label, opts) for cache in ("none", "prefix", "dual") for lab
     [("none", label, opts) for label, opts in OTHERS]
 
 
+BLOCKS = (4, 8, 16)
+
+
+def block_rules(gen: int) -> list[tuple[str, dict]]:
+    return [("1 token/step", dict(diffusion_steps=gen)), ("k=2/step", dict(diffusion_steps=gen // 2)),
+            ("threshold 0.9", dict(diffusion_steps=gen, threshold=0.9)),
+            ("threshold 0.7", dict(diffusion_steps=gen, threshold=0.7)),
+            ("entropy bound 0.1", dict(diffusion_steps=gen, entropy_bound=0.1)),
+            ("entropy bound 0.5", dict(diffusion_steps=gen, entropy_bound=0.5))]
+
+
 def ensure_models(task: str, steps: int) -> None:
-    for kind in ("dllm", "ar"):
+    for kind in ("dllm", "ar", "bdllm"):
         if not (folder(task, kind) / "config.json").exists():  # the AR model learns the task in far fewer steps
-            n = steps if kind == "dllm" else max(steps // 5, 200)
+            n = steps if kind != "ar" else max(steps // 5, 200)
             subprocess.run([sys.executable, str(Path(__file__).parent / "train_dllm.py"), "--steps", str(n),
-                            "--batch", "64", "--task", task, "--only", kind], check=True)
+                            "--batch", "64" if kind != "bdllm" else "128", "--task", task, "--only", kind],
+                           check=True)
 
 
 def export(task: str, kind: str) -> Path:
@@ -66,108 +80,161 @@ def export(task: str, kind: str) -> Path:
     return out
 
 
+def measure(model, prompts: list[str], **options) -> dict:
+    """Decode every prompt with ``options``: accuracy and the sums/medians of the stats."""
+    ok, passes, tokens, computed, lat, first = 0, [], [], [], [], []
+    for p in prompts:
+        t0 = time.perf_counter()
+        stream = model.stream(p, **options)
+        text = "".join(stream)
+        lat.append(time.perf_counter() - t0)
+        ok += correct(p, text)
+        passes.append(stream.stats.forward_passes)
+        tokens.append(stream.stats.generated_tokens)
+        computed.append(stream.stats.positions_computed)
+        first.append(stream.stats.first_block_s)
+    return {"accuracy": ok / len(prompts), "forward_passes": float(np.mean(passes)),
+            "tokens_per_forward": sum(tokens) / sum(passes), "positions_per_answer": float(np.mean(computed)),
+            "latency_ms": statistics.median(lat) * 1000, "first_block_ms": statistics.median(first) * 1000,
+            "tokens_per_s": sum(tokens) / sum(lat)}
+
+
+def forward_cost(model, runs: int = 30) -> dict[int, float]:
+    """Median time of an S-token forward on a 48-position committed cache, relative to S = 1 (this machine)."""
+    ids = list(range(3, 51))
+    out = {}
+    for s in (1, 2, 4, 8, 16, 32):
+        times = []
+        for _ in range(runs):
+            cache = model.new_cache()
+            model.forward(ids, cache)
+            t0 = time.perf_counter()
+            model.forward(ids[:s], cache, logits_to_keep=s)
+            times.append(time.perf_counter() - t0)
+            cache.release()
+        out[s] = statistics.median(times)
+    return {s: t / out[1] for s, t in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eval", type=int, default=200)
     ap.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK)
     ap.add_argument("--train-steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-train", action="store_true", help="benchmark the models already trained, skip the rest")
     args = ap.parse_args()
     import edgekit.runtimes as rt
 
-    ensure_models(args.task, args.train_steps)
+    if not args.no_train:
+        ensure_models(args.task, args.train_steps)
+    have = {k: (folder(args.task, k) / "config.json").exists() for k in ("dllm", "ar", "bdllm")}
     gen = TASKS[args.task]["gen_length"]
-    dllm = rt.load(export(args.task, "dllm"), threads=args.threads)
-    ar = rt.load(export(args.task, "ar"), threads=args.threads)
     prompts, _ = sample(np.random.default_rng(1234), args.eval, args.task)
     rows = []
-    for n, (cache, label, opts) in enumerate(SETTINGS):
-        ok, passes, tokens, computed, lat, first = 0, [], [], [], [], []
-        for p in prompts:
-            stream = dllm.stream(p, gen_length=gen, block_length=min(BLOCK, gen), cache=cache, **opts)
-            text = "".join(stream)
-            ok += correct(p, text)
-            passes.append(stream.stats.forward_passes)
-            tokens.append(stream.stats.generated_tokens)
-            computed.append(stream.stats.positions_computed)
-            lat.append(stream.stats.latency_s)
-            first.append(stream.stats.first_block_s)
-        rows.append({"setting": f"{cache} / {label}", "cache": cache, "rule": label, **opts,
-                     "accuracy": ok / len(prompts), "forward_passes": float(np.mean(passes)),
-                     "tokens_per_forward": sum(tokens) / sum(passes), "positions_per_answer": float(np.mean(computed)),
-                     "latency_ms": statistics.median(lat) * 1000, "first_block_ms": statistics.median(first) * 1000,
-                     "tokens_per_s": sum(tokens) / sum(lat)})
-        print(f"[{n + 1}/{len(SETTINGS)}] {rows[-1]['setting']:<36} acc {rows[-1]['accuracy']:.1%}  passes "
-              f"{rows[-1]['forward_passes']:.1f}  latency {rows[-1]['latency_ms']:.2f} ms", file=sys.stderr, flush=True)
-    ok, lat, toks, first = 0, [], [], []
-    for p in prompts:
-        t0 = time.perf_counter()
-        stream = ar.stream(p, max_new_tokens=gen, temperature=0)
-        text = "".join(stream)
-        lat.append(time.perf_counter() - t0)
-        first.append(stream.stats.ttft_s)
-        ok += correct(p, text)
-        toks.append(stream.stats.generated_tokens)
-    rows.append({"setting": "AR model (same size), greedy, KV cache", "cache": "kv", "rule": "AR",
-                 "accuracy": ok / len(prompts), "forward_passes": float(np.mean(toks)), "tokens_per_forward": 1.0,
-                 "positions_per_answer": None, "latency_ms": statistics.median(lat) * 1000,
-                 "first_block_ms": statistics.median(first) * 1000, "tokens_per_s": sum(toks) / sum(lat)})
-    naive = rows[0]
+
+    def log(row: dict) -> None:
+        rows.append(row)
+        print(f"{row['setting']:<44} acc {row['accuracy']:.1%}  tok/fwd {row['tokens_per_forward']:.2f}  "
+              f"{row['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+
+    ar = rt.load(export(args.task, "ar"), threads=args.threads)
+    log({"setting": "AR model (same size), greedy, KV cache", "kind": "ar", "cache": "kv", "rule": "AR",
+         **measure(ar, prompts, max_new_tokens=gen, temperature=0)})
+    if have["bdllm"]:
+        bd = rt.load(export(args.task, "bdllm"), threads=args.threads)
+        for b in BLOCKS:
+            for label, opts in block_rules(gen):
+                log({"setting": f"block-diffusion B={b} / {label}", "kind": "block", "cache": "exact KV",
+                     "block": b, "rule": label, **opts,
+                     **measure(bd, prompts, gen_length=gen, block_length=b, **opts)})
+        cost = forward_cost(bd)
+    else:
+        cost = forward_cost(ar)
+    if have["dllm"]:
+        dllm = rt.load(export(args.task, "dllm"), threads=args.threads)
+        for cache, label, opts in SETTINGS:
+            log({"setting": f"full dLLM {cache} / {label}", "kind": "full", "cache": cache, "rule": label, **opts,
+                 **measure(dllm, prompts, gen_length=gen, block_length=min(BLOCK, gen), cache=cache, **opts)})
+    ar_row = rows[0]
     for r in rows:
-        r["speedup_vs_naive"] = naive["latency_ms"] / r["latency_ms"]
-    best = max((r for r in rows[:-1] if r["accuracy"] >= naive["accuracy"] - 0.01),
-               key=lambda r: r["speedup_vs_naive"])
-    task = json.loads((folder(args.task, "dllm") / "task.json").read_text())
+        r["tokens_per_s_vs_ar"] = r["tokens_per_s"] / ar_row["tokens_per_s"]
+    close = [r for r in rows[1:] if r["accuracy"] >= ar_row["accuracy"] - 0.01]
+    best = {k: max((r for r in close if r["kind"] == k), key=lambda r: r["tokens_per_s"], default=None)
+            for k in ("block", "full")}
+    info = {k: json.loads((folder(args.task, k) / "task.json").read_text()) for k, ok in have.items() if ok}
     result = {"benchmark": "denoise", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
-              "task": task, "eval_prompts": len(prompts), "block_length": BLOCK, "rows": rows,
-              "best_within_1_point": {"setting": best["setting"], "accuracy": best["accuracy"],
-                                      "speedup_vs_naive": best["speedup_vs_naive"]}}
-    save_results("denoise", result, render, plot)
+              "task": args.task, "models": info, "eval_prompts": len(prompts), "gen_length": gen, "rows": rows,
+              "forward_cost_vs_1_token": cost,
+              "best_within_1_point_of_ar": {k: (None if r is None else {"setting": r["setting"],
+                                                                       "accuracy": r["accuracy"],
+                                                                       "tokens_per_s_vs_ar": r["tokens_per_s_vs_ar"]})
+                                            for k, r in best.items()}}
+    name = "denoise" if args.task == DEFAULT_TASK else f"denoise-{args.task}"
+    save_results(name, result, render, lambda r: plot(r, name))
 
 
 def render(r: dict) -> str:
-    t, best = r["task"], r["best_within_1_point"]
-    lines = [f"# Denoising benchmark ({r['date']})", "",
-             f"Task `{t['task']}`: {t['pairs']} digit pairs with given sums"
-             + (f", each followed by {t['copy']} digits copied from the prompt" if t["copy"] else "")
-             + f"; {t['gen_length']}-token answers in blocks of {r['block_length']}; {r['eval_prompts']} held-out "
-             f"prompts, exact check. dLLM: ModernBERT masked LM (4 layers, 128 wide) trained {t['steps']} steps "
-             f"({t['train_seconds']} s); AR: Llama of the same size and tokenizer. Machine: {r['machine']['cpu']}, "
-             f"{r['machine']['cores']} cores, 2 threads. Latency: median per answer.", "",
-             f"Best setting within 1 point of the naive loop's accuracy: **{best['setting']}**, "
-             f"{best['accuracy']:.1%}, **{best['speedup_vs_naive']:.2f}x** the naive loop (none / 1 token/step).", "",
-             "| cache / rule | accuracy | forward passes | tokens/forward | positions computed | latency ms | "
-             "first block ms | tokens/s | speed-up vs naive |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    models = r["models"]
+    lines = [f"# Denoising benchmark, task `{r['task']}` ({r['date']})", "",
+             f"{r['eval_prompts']} held-out prompts, {r['gen_length']}-token answers, exact check (shuffle: any "
+             "valid order). Models, all 4 layers x 128 wide, one character tokenizer: AR = Llama trained on next-token "
+             "prediction; block-diffusion = the same Llama trained with the two-stream block-causal objective on "
+             "blocks of 4, 8 and 16, decoded on edgekit's exact KV cache; full dLLM = ModernBERT masked-diffusion LM "
+             "(bidirectional over the whole sequence; prefix/dual are Fast-dLLM's approximate caches). Training: "
+             + ", ".join(f"{k} {v['steps']} steps ({v['train_seconds']:.0f} s)" for k, v in models.items())
+             + f". Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, 2 threads; latency and time to "
+             "first block are medians per answer, tokens/s = all tokens / all latency.", ""]
+    for kind, label in (("block", "block-diffusion"), ("full", "full dLLM")):
+        b = r["best_within_1_point_of_ar"].get(kind)
+        if b is not None:
+            lines.append(f"Fastest {label} setting within 1 point of the AR model's accuracy: **{b['setting']}**, "
+                         f"{b['accuracy']:.1%}, **{b['tokens_per_s_vs_ar']:.2f}x** the AR model's tokens/s.")
+        elif any(row["kind"] == kind for row in r["rows"]):
+            lines.append(f"No {label} setting comes within 1 point of the AR model's accuracy.")
+    cost = ", ".join(f"{s} tokens {c:.2f}x" for s, c in r["forward_cost_vs_1_token"].items())
+    lines += ["", f"Cost of an S-token forward vs a 1-token forward on a 48-position cache (this machine): {cost}.",
+              "", "| model / setting | accuracy | forward passes | tokens/forward | positions computed | latency ms | "
+              "first block ms | tokens/s | vs AR |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
-        pos = f"{row['positions_per_answer']:.0f}" if row["positions_per_answer"] is not None else "-"
         lines.append(f"| {row['setting']} | {row['accuracy']:.1%} | {row['forward_passes']:.1f} | "
-                     f"{row['tokens_per_forward']:.2f} | {pos} | {row['latency_ms']:.2f} | "
-                     f"{row['first_block_ms']:.2f} | {row['tokens_per_s']:.0f} | {row['speedup_vs_naive']:.2f}x |")
+                     f"{row['tokens_per_forward']:.2f} | {row['positions_per_answer']:.0f} | {row['latency_ms']:.2f} | "
+                     f"{row['first_block_ms']:.2f} | {row['tokens_per_s']:.0f} | {row['tokens_per_s_vs_ar']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
-def plot(r: dict) -> None:
+def plot(r: dict, name: str) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    colors = {"none": "#2b7bba", "prefix": "#1b9e77", "dual": "#7570b3", "kv": "#d95f02"}
-    for cache, color in colors.items():
-        pts = [row for row in r["rows"] if row["cache"] == cache]
-        ax.scatter([p["latency_ms"] for p in pts], [p["accuracy"] * 100 for p in pts], color=color,
-                   label="AR model" if cache == "kv" else f"cache {cache}", s=18)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    colors = {"ar": "#d95f02", "block": "#1b9e77", "full": "#2b7bba"}
+    for kind, color in colors.items():
+        pts = [row for row in r["rows"] if row["kind"] == kind]
+        ax.scatter([p["tokens_per_s"] for p in pts], [p["accuracy"] * 100 for p in pts], color=color, s=18,
+                   label={"ar": "AR (KV cache)", "block": "block diffusion (exact KV)", "full": "full dLLM"}[kind])
     for row in r["rows"]:
-        if row["cache"] in ("dual", "kv") or row["rule"].startswith("1 token"):
-            ax.annotate(row["rule"], (row["latency_ms"], row["accuracy"] * 100), fontsize=6)
+        if row["kind"] != "full":
+            ax.annotate(row["setting"].replace("block-diffusion ", ""), (row["tokens_per_s"], row["accuracy"] * 100),
+                        fontsize=5)
     ax.set_xscale("log")
     ax.legend(fontsize=7)
-    ax.set_xlabel("latency per answer (ms, median, log scale)")
-    ax.set_ylabel("exact-answer accuracy (%)")
+    ax.set_xlabel("generated tokens/s (log scale)")
+    ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.set_title("dLLM: cache mode x unmasking rule vs the AR model", fontsize=10)
+    ax.set_title(f"task {r['task']}: accuracy vs speed", fontsize=10)
+    cost = r["forward_cost_vs_1_token"]
+    bx.plot([int(s) for s in cost], list(cost.values()), marker="o", color="#1b9e77", label="measured")
+    bx.plot([int(s) for s in cost], [int(s) for s in cost], ls="--", color="grey", label="linear")
+    bx.set_xscale("log", base=2)
+    bx.set_yscale("log", base=2)
+    bx.set_xlabel("tokens per forward (S)")
+    bx.set_ylabel("time vs a 1-token forward")
+    bx.legend(fontsize=7)
+    bx.grid(alpha=0.3)
+    bx.set_title("S-token forward cost", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "denoise.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
 
 
 if __name__ == "__main__":

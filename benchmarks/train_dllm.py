@@ -12,9 +12,17 @@ and the answer has, per segment, a pair of digits adding up to the sum followed 
 ("25" "39485720" "39" "90123456" ...): 40 tokens, then EOS padding to 48. The copied digits are certain (a confidence
 threshold commits them in parallel), the pair digits are not (committing both of a pair at once breaks the sum).
 
+Task "shuffle": the prompt is 8 digits, e.g. "31415926=", and any ordering of them is a correct answer: valid but
+not unique, and every answer token depends on all the others (committing two at once can repeat a digit). Scored
+for validity.
+
 Models (Hugging Face folders, cached under .cache/dllm/<task>/, not in git): a ModernBERT masked LM trained with the
 masked-diffusion objective (mask ratio t ~ U(0, 1), cross-entropy on masked answer positions weighted by 1/t), and
-a Llama causal LM of the same width/depth trained on next-token prediction; one character-level tokenizer. For
+a Llama causal LM of the same width/depth trained on next-token prediction, and (``bdllm``) the same Llama trained
+as a block-diffusion LM (BD3-LM / SDAR's two-stream objective: the noisy sequence x_t next to the clean x_0, x_t
+attending to its own block of x_t and to earlier blocks of x_0, x_0 block-causal; loss on masked x_t positions
+weighted 1/t, one noise level per sample; blocks of 4, 8 and 16 in turn so one model serves all three; its config's
+block_diffusion_length(s) tell edgekit's export); one character-level tokenizer. For
 --prompt-isolated the dLLM is trained with prompt-isolated attention (prompt positions do not attend to the answer;
 config.attention_prompt_isolated), which makes the prompt's KV cache exact. Measured here: the bidirectional dLLM
 (3000 steps, ~31 min on 2 busy cores) decodes pairs_copy at 99-100% but routes the pair constraint through the
@@ -37,7 +45,8 @@ import numpy as np
 
 CACHE = Path(".cache/dllm")
 TASKS = {"pairs": {"pairs": 6, "copy": 0, "gen_length": 16},  # 12 digits + EOS padding
-         "pairs_copy": {"pairs": 4, "copy": 8, "gen_length": 48}}  # 4 x (2 + 8) = 40 digits + EOS padding
+         "pairs_copy": {"pairs": 4, "copy": 8, "gen_length": 48},  # 4 x (2 + 8) = 40 digits + EOS padding
+         "shuffle": {"pairs": 0, "copy": 0, "digits": 8, "gen_length": 12}}  # any order of the 8 digits + EOS
 DEFAULT_TASK = "pairs_copy"
 VOCAB = ["[PAD]", "[MASK]", "[EOS]", *"0123456789", ",", "=", "|"]
 
@@ -60,6 +69,12 @@ def sample(rng: np.random.Generator, n: int, task: str = DEFAULT_TASK) -> tuple[
     """n (prompt, answer) pairs of strings; the answer excludes EOS padding."""
     k, copy = TASKS[task]["pairs"], TASKS[task]["copy"]
     prompts, answers = [], []
+    if task == "shuffle":  # the 8 digits in any order: every answer token depends on all the others
+        for _ in range(n):
+            digits = "".join(map(str, rng.integers(0, 10, TASKS[task]["digits"])))
+            prompts.append(digits + "=")
+            answers.append("".join(rng.permutation(list(digits))))
+        return prompts, answers
     for _ in range(n):
         sums = rng.integers(0, 19, k)
         text = "".join(map(str, rng.integers(0, 10, k * copy)))
@@ -79,6 +94,8 @@ def correct(prompt: str, answer: str) -> bool:
     """Every pair of digits adds up to its sum and every copied run matches the prompt's string (characters after
     the last segment are ignored)."""
     body = prompt.rstrip("=")
+    if len(body) == TASKS["shuffle"]["digits"]:  # valid: a permutation of the prompt's digits (not a unique answer)
+        return sorted(answer[: len(body)]) == sorted(body)
     if "," in body or len(body) == 2:
         sums, text, copy = [int(x) for x in body.split(",")], "", 0
     else:

@@ -215,6 +215,30 @@ def doctor(bundle: Path | None, root: Path) -> None:
 
 
 @main.command()
+@click.argument("prompts", type=click.Path(path_type=Path))
+@click.option("--url", default="http://127.0.0.1:8000/v1", show_default=True, help="The API base URL.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="JSONL results, appended as they complete; a rerun skips the ids already there.")
+@click.option("--concurrency", default=8, show_default=True, help="Requests in flight at once.")
+@click.option("--rate", type=float, default=None, help="Requests per second at most (token bucket) [unlimited].")
+@click.option("--burst", default=1, show_default=True, help="Requests the bucket may save up.")
+@click.option("--max-retries", default=8, show_default=True,
+              help="Retries per request on 429/5xx/connection errors (Retry-After honoured, else jittered backoff).")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds per request.")
+@click.option("--model", default=None, help="Model name to send when a line has none.")
+@click.option("--api-key", envvar="EDGEKIT_API_KEY", default=None, help="Bearer token [$EDGEKIT_API_KEY].")
+def batch(prompts: Path, output: Path, **opts: Any) -> None:
+    """Answer every request of the JSONL file PROMPTS (one object per line: 'messages' or 'prompt', an optional
+    'id', any request fields incl. the diffusion ones) against an OpenAI-compatible server."""
+    from edgekit.batch import BatchConfig, run
+
+    progress = run(prompts, output, BatchConfig(**opts))
+    if progress.failed:
+        raise EdgekitError(f"{progress.failed} of {progress.total} requests failed (see 'error' in {output}). HINT: "
+                           "rerun the same command: it retries those that ran out of retries and skips the rest.")
+
+
+@main.command()
 def devices() -> None:
     """List the known device profiles."""
     from edgekit.export.device import list_profiles, load_profile
