@@ -5,6 +5,10 @@ Runs the real ``edgekit serve`` (subprocess, loopback only) on a bundle; everyth
 Writes benchmarks/results/serve.{json,md,png}.
 
     python benchmarks/serve.py --bundle bundles/smollm2 --rounds 3
+    python benchmarks/serve.py --bundle .cache/dllm/pairs_copy/bundle-bdllm --task pairs_copy \
+        --fields '{"diffusion_steps": 48, "threshold": 0.9}' --max-tokens 48 --concurrency 1,2,4
+      (a dLLM bundle: the task's prompts through /v1/completions, the fields sent with every request; writes
+       results/serve-<task>.*; no chat-turn part)
 """
 
 from __future__ import annotations
@@ -61,24 +65,31 @@ class Server:
         self.proc.wait(timeout=20)
 
 
-def stream_once(url: str, messages: list[dict], max_tokens: int) -> dict:
-    """One streamed chat request; client-side timings."""
+FIELDS: dict = {}  # extra request fields (--fields)
+
+
+def stream_once(url: str, messages: list[dict] | str, max_tokens: int) -> dict:
+    """One streamed chat request (or completions, for a prompt string); client-side timings."""
     start = time.perf_counter()
     times: list[float] = []
     usage = {}
-    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    chat = not isinstance(messages, str)
+    body = {"model": "m", ("messages" if chat else "prompt"): messages, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, **FIELDS}
     text = []
-    with httpx.Client(timeout=300) as c, c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    with httpx.Client(timeout=300) as c, c.stream("POST", url + path, json=body) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             obj = json.loads(line[6:])
             if obj.get("usage"):
                 usage = obj["usage"]
-            elif obj["choices"] and obj["choices"][0]["delta"].get("content"):
-                times.append(time.perf_counter())
-                text.append(obj["choices"][0]["delta"]["content"])
+            elif obj["choices"]:
+                piece = obj["choices"][0].get("delta", {}).get("content") or obj["choices"][0].get("text")
+                if piece:
+                    times.append(time.perf_counter())
+                    text.append(piece)
     end = time.perf_counter()
     n = usage.get("completion_tokens", len(times))
     return {"ttft_s": times[0] - start, "end_s": end, "start_s": start, "tokens": n, "text": "".join(text),
@@ -113,8 +124,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,2,4,8")
+    ap.add_argument("--task", default=None, help="a train_dllm task: its prompts via /v1/completions (dLLM bundles)")
+    ap.add_argument("--fields", default="{}", help="JSON object of extra request fields (e.g. diffusion settings)")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
+    FIELDS.update(json.loads(args.fields))
+    if args.task is not None:
+        import numpy as np
+        from train_dllm import sample
+
+        texts, _ = sample(np.random.default_rng(7), 64, args.task)
+        global prompt
+        prompt = lambda i: texts[i % len(texts)]  # noqa: E731
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import edgekit.runtimes as rt
@@ -134,13 +155,17 @@ def main() -> None:
     stream_once(cold.url, prompt(0), 8)
     for r in range(args.rounds):
         # 1 stream: in-process runtime vs server, back to back
-        s = model.stream(prompt(r), max_new_tokens=args.max_tokens, temperature=0)
+        s = model.stream(prompt(r), max_new_tokens=args.max_tokens, temperature=0, **FIELDS)
         for _ in s:
             pass
         inproc.append(s.stats.decode_tokens_per_s)
         served.append(stream_once(server.url, prompt(r), args.max_tokens)["decode_tok_s"])
         for c in levels:
             per_level[c].append(concurrent(server.url, c, args.max_tokens, offset=r * 8))
+        if args.task is not None:
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{c}x {per_level[c][-1]['aggregate_tok_s']:.1f}" for c in levels), file=sys.stderr)
+            continue
         # a chat's second turn: with prefix reuse (server) vs without (cold server), same request
         turn1 = [{"role": "user", "content": f"Tell me about {TOPICS[(r + 3) % len(TOPICS)]} in three sentences."}]
         for srv, out in ((server, warm_t2), (cold, cold_t2)):
@@ -172,19 +197,22 @@ def main() -> None:
         "single_stream": {"in_process_decode_tok_s": statistics.median(inproc),
                           "server_decode_tok_s": statistics.median(served),
                           "server_overhead": 1 - statistics.median(served) / statistics.median(inproc)},
-        "prefix_reuse": {"turn2_ttft_ms_with_reuse": statistics.median(warm_t2) * 1000,
-                         "turn2_ttft_ms_without": statistics.median(cold_t2) * 1000,
-                         "cached_prompt_tokens": cached_tokens},
+        "prefix_reuse": None if args.task else {"turn2_ttft_ms_with_reuse": statistics.median(warm_t2) * 1000,
+                                                "turn2_ttft_ms_without": statistics.median(cold_t2) * 1000,
+                                                "cached_prompt_tokens": cached_tokens},
         "raw": {"inproc": inproc, "served": served, "warm_t2": warm_t2, "cold_t2": cold_t2},
     }
-    save_results("serve", result, render, plot)
+    result["settings"].update(task=args.task, fields=FIELDS)
+    name = "serve" if args.task is None else f"serve-{args.task}"
+    save_results(name, result, render, lambda r: plot(r, name))
 
 
 def render(r: dict) -> str:
     s, ss, pr = r["settings"], r["single_stream"], r["prefix_reuse"]
     lines = [f"# Serving benchmark ({r['date']})", "",
              f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores; server threads={s['threads']}; bundle "
-             f"{s['bundle']}; {s['rounds']} rounds, medians; {s['max_tokens']} max tokens per request, greedy.",
+             f"{s['bundle']}; {s['rounds']} rounds, medians; {s['max_tokens']} max tokens per request, greedy"
+             + (f"; task {s['task']} prompts, request fields {s['fields']}." if s.get("task") else "."),
              f"Versions: {', '.join(f'{k} {v}' for k, v in r['machine']['versions'].items())}", "",
              "| concurrent streams | aggregate tok/s | vs 1 stream | TTFT p50 (ms) | TTFT p95 (ms) |",
              "|---:|---:|---:|---:|---:|"]
@@ -193,13 +221,15 @@ def render(r: dict) -> str:
                      f"{row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} |")
     lines += ["", f"Single stream decode: in-process runtime {ss['in_process_decode_tok_s']:.1f} tok/s, through the "
               f"server {ss['server_decode_tok_s']:.1f} tok/s: server overhead **{ss['server_overhead'] * 100:.1f}%**.",
-              "", f"Second chat turn TTFT: {pr['turn2_ttft_ms_with_reuse']:.0f} ms with prefix KV reuse "
-              f"({pr['cached_prompt_tokens']} prompt tokens from cache) vs {pr['turn2_ttft_ms_without']:.0f} ms "
-              "without (same request, server with --prefix-cache-entries 0).", ""]
+              ""]
+    if pr:
+        lines += [f"Second chat turn TTFT: {pr['turn2_ttft_ms_with_reuse']:.0f} ms with prefix KV reuse "
+                  f"({pr['cached_prompt_tokens']} prompt tokens from cache) vs {pr['turn2_ttft_ms_without']:.0f} ms "
+                  "without (same request, server with --prefix-cache-entries 0).", ""]
     return "\n".join(lines)
 
 
-def plot(r: dict) -> None:
+def plot(r: dict, name: str = "serve") -> None:
     plt = pyplot()
     if plt is None:
         return
@@ -220,7 +250,7 @@ def plot(r: dict) -> None:
     b.set_title("time to first token", fontsize=10)
     fig.suptitle(f"edgekit serve, {r['settings']['bundle']}, {r['machine']['cpu']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "serve.png", dpi=110)
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
 
 
 if __name__ == "__main__":
