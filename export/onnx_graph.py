@@ -487,12 +487,16 @@ class _PlainAttention:
         self.kpos = g.op("Range", [zero, width, one])  # [T]
         self.shape_bs = g.op("Shape", ["input_ids"])  # [2] = B, S
         self._bias: dict[int, str] = {}
+        self._untiled: dict[int, str] = {}
         self._rope: dict[int, tuple[str, str]] = {}
 
-    def bias(self, window: int) -> str:
-        """[B, 1, G * S, T] additive mask (0 or the fp32 minimum), G = heads per KV head: key t is visible to the
-        query at position p when t <= p (and t > p - window); with blocks of L: when t // L <= p // L and t is
-        one of the row's valid positions."""
+    def bias(self, window: int, tiled: bool = True) -> str:
+        """[B, 1, G * S, T] additive mask (0 or the fp32 minimum), G = heads per KV head (``tiled=False``:
+        [B, 1, S, T]): key t is visible to the query at position p when t <= p (and t > p - window); with blocks of
+        L: when t // L <= p // L and t is one of the row's valid positions."""
+        if not tiled:
+            self.bias(window)
+            return self._untiled[window]
         if window not in self._bias:
             g, i64 = self.g, self.i64
             q = g.op("Unsqueeze", [self.qpos, i64("axis2", [2])])  # [B, S, 1]
@@ -509,6 +513,7 @@ class _PlainAttention:
             lowest = g.init("const.f32min", np.array(np.finfo(np.float32).min, np.float32))
             bias = g.op("Where", [seen, g.init("const.f32zero", np.array(0.0, np.float32)), lowest])
             bias = g.op("Unsqueeze", [bias, i64("axis1", [1])])  # [B, 1, S, T]
+            self._untiled[window] = bias
             groups = self.dims.num_heads // self.dims.num_kv_heads
             self._bias[window] = g.op("Tile", [bias, i64(f"tile_groups{groups}", [1, 1, groups, 1])])
         return self._bias[window]
@@ -540,7 +545,12 @@ class _PlainAttention:
         return g.op("Concat", out, axis=-1)
 
     def layer(self, i: int, qkv: list[str], past_k: str, past_v: str, present_k: str, present_v: str) -> str:
-        """Attention of layer ``i`` on its q, k, v [B*S, width]: writes present K/V, returns [B*S, heads * hd]."""
+        """Attention of layer ``i`` on its q, k, v [B*S, width]: writes present K/V, returns [B*S, heads * hd].
+        Plain ops for TensorRT; in the onnxruntime flavours (block attention) the rotary embedding and the
+        attention itself are com.microsoft RotaryEmbedding and MultiHeadAttention (far fewer ops per layer), which,
+        unlike GroupQueryAttention, take several rows of several new tokens on a past."""
+        if not self.g.plain and not self.dims.attn_softcap:
+            return self._contrib_layer(i, qkv, past_k, past_v, present_k, present_v)
         g, d, i64 = self.g, self.dims, self.i64
         hd, kvh = d.head_dim, d.num_kv_heads
         table = d.rope(i)
@@ -569,6 +579,36 @@ class _PlainAttention:
         out = g.op("Reshape", [out, i64(f"heads_back{d.num_heads}_{hd}", [0, d.num_heads, -1, hd])])
         out = g.op("Transpose", [out], **perm)  # [B, S, H, hd]
         return g.op("Reshape", [out, i64(f"flat{d.num_heads * hd}", [-1, d.num_heads * hd])])
+
+    def _contrib_layer(self, i: int, qkv: list[str], past_k: str, past_v: str, present_k: str, present_v: str) -> str:
+        g, d, i64 = self.g, self.dims, self.i64
+        hd, kvh, heads = d.head_dim, d.num_kv_heads, d.num_heads
+        table = d.rope(i)
+        bsw = lambda w: g.op("Concat", [self.shape_bs, i64(f"width{w}", [w])], axis=0)  # noqa: E731  [B, S, w]
+        q, k, v = (g.op("Reshape", [t, bsw(n * hd)]) for t, n in zip(qkv, (heads, kvh, kvh)))
+        if table >= 0:
+            cos, sin = self.tables[table]
+            rot = {} if 2 * self.halves[table] == hd else {"rotary_embedding_dim": 2 * self.halves[table]}
+            q, k = (g.op("RotaryEmbedding", [t, self.qpos, cos, sin], domain=MS_DOMAIN, num_heads=n, interleaved=0,
+                         **rot) for t, n in ((q, heads), (k, kvh)))
+        bnsh = lambda t: g.op("Transpose", [g.op("Reshape", [t, g.op("Concat", [  # noqa: E731
+            self.shape_bs, i64(f"heads{kvh}_{hd}", [kvh, hd])], axis=0)])], perm=[0, 2, 1, 3])
+        k, v = bnsh(k), bnsh(v)
+        where = g.op("Unsqueeze", [self.qpos, i64("axes13", [1, 3])])  # [B, 1, S, 1]
+        for past, new, present in ((past_k, k, present_k), (past_v, v, present_v)):
+            index = g.op("Expand", [where, g.op("Shape", [new])])
+            g.op_named("ScatterElements", [g.op("Concat", [past, new], axis=2), index, new], [present], axis=2)
+        keys, values = present_k, present_v
+        if kvh != heads:  # MultiHeadAttention wants every head's K/V: repeat each KV head G times
+            groups = heads // kvh
+            full = lambda t: g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [t, i64("axis2", [2])]), g.op(  # noqa
+                "Concat", [g.op("Shape", [t], start=0, end=2), i64(f"g{groups}", [groups]), g.op(
+                    "Shape", [t], start=2, end=4)], axis=0)]), i64(f"heads_all{heads}_{hd}", [0, heads, -1, hd])])
+            keys, values = full(keys), full(values)
+        attrs = {} if d.attn_scale is None else {"scale": float(d.attn_scale)}
+        out = g.op("MultiHeadAttention", [q, keys, values, "", "", self.bias(d.window(i), tiled=False)],
+                   domain=MS_DOMAIN, num_heads=heads, **attrs)
+        return g.op("Reshape", [out, i64(f"flat{heads * hd}", [-1, heads * hd])])
 
 
 def _rotary(g: _Graph, j: int, rope: Rope, positions: int, total: str) -> tuple[str, str]:
