@@ -211,3 +211,18 @@ def test_one_bundle_serves_each_trained_block_length(tmp_path):
     assert np.abs(got - want).max() < 1e-3
     with pytest.raises(ConfigError, match="trained block length"):
         model.params(5, block_length=16)
+
+
+def test_the_tensorrt_flavour_of_a_block_model_is_plain_and_exact(block_model, tmp_path):
+    import onnx
+
+    from edgekit.export import tensorrt
+
+    res = export_bundle(ExportConfig(source=str(block_model), output=tmp_path / "t", target="tensorrt"),
+                        progress=Silent())
+    assert tensorrt.problems(onnx.load(str(res.path / "model.onnx"), load_external_data=False)) == []
+    assert res.manifest.extra["quality"]["top1"] == 1.0  # the same attention as PyTorch's block-causal mask
+    model = load(res.path)
+    ids = model.tokenizer.encode(PROMPTS[1])
+    options = dict(gen_length=8, diffusion_steps=8)
+    assert model.trace(ids, options, cached=True).tokens == model.trace(ids, options, cached=False).tokens
