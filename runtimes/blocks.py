@@ -98,7 +98,8 @@ class BlockBatch:
 
     def _schedule(self, st: _State) -> list[int]:
         steps = max(1, st.params.diffusion_steps // max(1, st.params.gen_length // st.block))
-        return transfer_schedule(sum(t == self.model.mask_id for t in st.x[st.lo:]), steps)
+        end = len(st.seq.prompt_ids) + st.params.gen_length
+        return transfer_schedule(sum(t == self.model.mask_id for t in st.x[st.lo:end]), steps)
 
     def step(self) -> None:
         """One denoising step of every active sequence's current block."""
@@ -157,17 +158,18 @@ class BlockBatch:
         """Commit this step's choices in the block; when it is clean, hand its tokens to the sequence and open the
         next block."""
         m, L, p0 = self.model, st.block, len(st.seq.prompt_ids)
+        end = p0 + st.params.gen_length  # positions past the answer's length stay masks (never decoded)
         if st.on_step is not None:
             st.on_step(logits)
-        masked = [i for i in range(L) if st.x[st.lo + i] == m.mask_id and st.lo + i >= p0]
+        masked = [i for i in range(L) if st.x[st.lo + i] == m.mask_id and p0 <= st.lo + i < end]
         k = st.schedule[st.step] if st.step < len(st.schedule) else len(masked)
         x0, chosen = select(logits[masked], max(k, 1), st.params, st.seq.rng)
         for j in chosen:
             st.x[st.lo + masked[j]] = int(x0[j])
         st.step += 1
-        if any(st.x[st.lo + i] == m.mask_id and st.lo + i >= p0 for i in range(L)):
+        if any(st.x[st.lo + i] == m.mask_id and p0 <= st.lo + i < end for i in range(L)):
             return
-        take = st.x[max(st.lo, p0):st.lo + L][: st.params.gen_length - st.produced]
+        take = st.x[max(st.lo, p0):min(st.lo + L, end)]
         st.produced += len(take)
         if st.seq.accept_block(take) or st.produced >= st.params.gen_length:
             if not st.seq.done:
