@@ -106,7 +106,7 @@ class ARModel:
         if total > self.max_context:
             raise ContextLengthError(
                 f"Sequence of {total} tokens exceeds the bundle's max context {self.max_context}.")
-        cache.slots.ensure(total, [(cache.slot, past)])
+        cache.slots.ensure(total)
         logits = self._run(cache.slots, cache.slot, cache.slot + 1, np.asarray([token_ids], dtype=np.int64),
                            np.ones((1, total), dtype=np.int64), logits_to_keep, past, feeds)
         cache.tokens.extend(token_ids)
@@ -125,7 +125,7 @@ class ARModel:
         lens = np.asarray(lengths)
         width, new = int(lens.max()), tokens.shape[1]
         if width + new > slots.length:  # (rare: the buffer doubles)
-            slots.ensure(width + new, [(lo + i, n) for i, n in enumerate(lengths)])
+            slots.ensure(width + new)
         mask = (np.arange(width + new)[None, :] < lens[:, None] + new).astype(np.int64)  # row i: its length + S
         return self._run(slots, lo, lo + len(lens), tokens.astype(np.int64), mask, keep or new, width, feeds)
 

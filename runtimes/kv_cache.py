@@ -56,20 +56,20 @@ class KVSlots:
         self._device_values: list[object] = []  # CUDA OrtValues (kept alive; their pointers are bound)
         self._ptrs: list[int] = []
         self.free = list(range(capacity))
-        self._alloc(max_length if device != "cpu" else min(max_length, INITIAL_LENGTH), [])
+        self._alloc(max_length if device != "cpu" else min(max_length, INITIAL_LENGTH))
 
     def _shape(self, rows: int, length: int) -> list[int]:
         return [rows, self.layout.num_kv_heads, length, self.layout.head_dim]
 
-    def _alloc(self, length: int, keep: Sequence[tuple[int, int]]) -> None:
-        """(Re)allocate at ``length`` positions, copying ``keep``'s (slot, valid length) rows over (CPU only)."""
+    def _alloc(self, length: int) -> None:
+        """(Re)allocate at ``length`` positions, every row's contents copied over (CPU only): sequences decoding in
+        other rows and rows kept for prefix reuse stay intact."""
         shape = self._shape(self.capacity, length)
         if self.device == "cpu":
-            old = self.arrays
+            old, n = self.arrays, self.length
             self.arrays = [np.zeros(shape, self.dtype) for _ in self.names]
-            for slot, n in keep:
-                for new, prev in zip(self.arrays, old):
-                    new[slot, :, :n] = prev[slot, :, :n]
+            for new, prev in zip(self.arrays, old):
+                new[:, :, :n] = prev[:, :, :n]
             self._ptrs = [a.ctypes.data for a in self.arrays]
         else:
             import onnxruntime as ort
@@ -79,8 +79,8 @@ class KVSlots:
             self._ptrs = [v.data_ptr() for v in self._device_values]  # type: ignore[attr-defined]
         self.length = length
 
-    def ensure(self, length: int, rows: Sequence[tuple[int, int]]) -> None:
-        """Make room for ``length`` positions per row, keeping ``rows``' (slot, valid length) contents."""
+    def ensure(self, length: int) -> None:
+        """Make room for ``length`` positions per row, keeping every row's contents."""
         if length <= self.length:
             return
         if length > self.max_length or self.device != "cpu":
@@ -88,7 +88,7 @@ class KVSlots:
         new = self.length
         while new < length:
             new *= 2
-        self._alloc(min(new, self.max_length), rows)
+        self._alloc(min(new, self.max_length))
 
     def take(self) -> int:
         if not self.free:

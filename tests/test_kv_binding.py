@@ -81,3 +81,31 @@ def test_buffers_grow_past_their_first_allocation(llama_bundle, monkeypatch):
     ref.forward(ids, rc)
     want = [ref.forward([t], rc)[-1] for t in ids[:30]]
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) == 0.0
+
+
+def test_growing_the_buffer_keeps_every_rows_contents(llama_bundle, monkeypatch):
+    """A long prompt joining a batch doubles the shared buffer: the rows of the sequences already decoding (and of
+    finished ones kept for prefix reuse) keep their contents, so their tokens are those of a run alone."""
+    from edgekit.runtimes import kv_cache
+
+    monkeypatch.setattr(kv_cache, "INITIAL_LENGTH", 16)
+    model = load(llama_bundle)
+    long = " ".join(PROMPTS) * 2
+    chat = lambda t: [{"role": "user", "content": t}]  # noqa: E731
+
+    def run(texts):
+        batch = model.new_batch(len(texts))
+        seqs = []
+        for text in texts:  # (together: the second one's prefill grows the buffer under the first)
+            ids = model.tokenizer.encode_prompt(chat(text))
+            seqs.append(model.new_sequence(ids, model.params(len(ids), max_new_tokens=12, temperature=0.0)))
+            batch.admit(seqs[-1])
+            batch.step()
+        while batch.active:
+            batch.step()
+        return [list(s.stats.token_ids) for s in seqs], batch
+
+    alone = [run([t])[0][0] for t in (PROMPTS[0], long)]
+    together, batch = run([PROMPTS[0], long])
+    assert batch.slots.length > 16
+    assert together == alone
