@@ -488,6 +488,7 @@ class _PlainAttention:
         self.shape_bs = g.op("Shape", ["input_ids"])  # [2] = B, S
         self._bias: dict[int, str] = {}
         self._untiled: dict[int, str] = {}
+        self._half: dict[str, str] = {}  # fp32 bias -> its fp16 cast
         self._rope: dict[int, tuple[str, str]] = {}
 
     def bias(self, window: int, tiled: bool = True) -> str:
@@ -606,8 +607,12 @@ class _PlainAttention:
                     "Shape", [t], start=2, end=4)], axis=0)]), i64(f"heads_all{heads}_{hd}", [0, heads, -1, hd])])
             keys, values = full(keys), full(values)
         attrs = {} if d.attn_scale is None else {"scale": float(d.attn_scale)}
-        out = g.op("MultiHeadAttention", [q, keys, values, "", "", self.bias(d.window(i), tiled=False)],
-                   domain=MS_DOMAIN, num_heads=heads, **attrs)
+        bias = self.bias(d.window(i), tiled=False)
+        if g.float_dtype != np.float32:  # the bias takes the compute dtype (fp16's lowest is -inf: fine for softmax)
+            if bias not in self._half:
+                self._half[bias] = g.op("Cast", [bias], to=TensorProto.FLOAT16)
+            bias = self._half[bias]
+        out = g.op("MultiHeadAttention", [q, keys, values, "", "", bias], domain=MS_DOMAIN, num_heads=heads, **attrs)
         return g.op("Reshape", [out, i64(f"flat{heads * hd}", [-1, heads * hd])])
 
 

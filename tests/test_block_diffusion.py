@@ -146,12 +146,16 @@ def test_the_quality_report_compares_like_with_like(block_bundle):
     assert q["top1"] == 1.0 and q["kl"] < 1e-6, q
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "fp16"])
 def test_quantized_block_diffusion_bundles_run_exactly_cached(block_model, tmp_path, precision):
     res = export_bundle(ExportConfig(source=str(block_model), output=tmp_path / "q", precision=precision,
-                                     algo="rtn"), progress=Silent())
-    assert res.manifest.kind == "block_diffusion" and res.manifest.quantization.bits == int(precision[3:])
-    assert res.manifest.extra["quality"]["top1"] > 0.3  # (random tiny weights; chance is 1/400)
+                                     algo=None if precision == "fp16" else "rtn"), progress=Silent())
+    assert res.manifest.kind == "block_diffusion"
+    if precision == "fp16":
+        assert res.manifest.kv_cache.dtype == "float16" and res.manifest.extra["quality"]["top1"] > 0.95
+    else:
+        assert res.manifest.quantization.bits == int(precision[3:])
+        assert res.manifest.extra["quality"]["top1"] > 0.3  # (random tiny weights; chance is 1/400)
     model = load(res.path)
     ids = model.tokenizer.encode(PROMPTS[0])
     options = dict(gen_length=8, diffusion_steps=8)
