@@ -469,8 +469,10 @@ def build_decoder(
 
 
 class _PlainAttention:
-    """Causal (optionally sliding-window, soft-capped) grouped-query attention in plain ops, with the rotary
-    embedding and the KV write done as GroupQueryAttention does them (row b's new tokens at its own positions)."""
+    """Grouped-query attention that takes batched rows of several new tokens on a past, with the rotary embedding
+    and the KV write done as GroupQueryAttention does them (row b's new tokens at its own positions): causal
+    (optionally sliding-window, soft-capped) for the tensorrt flavour, or block-causal (block diffusion). Plain ops
+    for TensorRT; com.microsoft RotaryEmbedding + MultiHeadAttention in the onnxruntime flavours."""
 
     def __init__(self, g: _Graph, dims: DecoderDims, tables: list[tuple[str, str]], halves: list[int]) -> None:
         self.g, self.dims, self.tables, self.halves = g, dims, tables, halves  # halves: rotary_dim / 2 per table
