@@ -151,8 +151,9 @@ def main() -> None:
     warm_t2: list[float] = []
     cold_t2: list[float] = []
     cached_tokens = 0
-    stream_once(server.url, prompt(0), 8)  # warm-up
-    stream_once(cold.url, prompt(0), 8)
+    warm = args.max_tokens if args.task else 8
+    stream_once(server.url, prompt(0), warm)  # warm-up
+    stream_once(cold.url, prompt(0), warm)
     for r in range(args.rounds):
         # 1 stream: in-process runtime vs server, back to back
         s = model.stream(prompt(r), max_new_tokens=args.max_tokens, temperature=0, **FIELDS)
