@@ -491,16 +491,14 @@ class _PlainAttention:
         self._bias: dict[int, str] = {}
         self._untiled: dict[int, str] = {}
         self._half: dict[str, str] = {}  # fp32 bias -> its fp16 cast
+        self._kv_index: str | None = None
         self._rope: dict[int, tuple[str, str]] = {}
 
     def bias(self, window: int, tiled: bool = True) -> str:
         """[B, 1, G * S, T] additive mask (0 or the fp32 minimum), G = heads per KV head (``tiled=False``:
         [B, 1, S, T]): key t is visible to the query at position p when t <= p (and t > p - window); with blocks of
         L: when t // L <= p // L and t is one of the row's valid positions."""
-        if not tiled:
-            self.bias(window)
-            return self._untiled[window]
-        if window not in self._bias:
+        if window not in self._untiled:
             g, i64 = self.g, self.i64
             q = g.op("Unsqueeze", [self.qpos, i64("axis2", [2])])  # [B, S, 1]
             if self.dims.block_length:  # the run's block length is an input: one model may serve several
@@ -515,11 +513,25 @@ class _PlainAttention:
                 seen = g.op("And", [seen, recent])
             lowest = g.init("const.f32min", np.array(np.finfo(np.float32).min, np.float32))
             bias = g.op("Where", [seen, g.init("const.f32zero", np.array(0.0, np.float32)), lowest])
-            bias = g.op("Unsqueeze", [bias, i64("axis1", [1])])  # [B, 1, S, T]
-            self._untiled[window] = bias
+            self._untiled[window] = g.op("Unsqueeze", [bias, i64("axis1", [1])])  # [B, 1, S, T]
+        if not tiled:
+            return self._untiled[window]
+        if window not in self._bias:
             groups = self.dims.num_heads // self.dims.num_kv_heads
-            self._bias[window] = g.op("Tile", [bias, i64(f"tile_groups{groups}", [1, 1, groups, 1])])
+            self._bias[window] = self.g.op("Tile", [self._untiled[window], self.i64(f"tile_groups{groups}",
+                                                                                    [1, 1, groups, 1])])
         return self._bias[window]
+
+    def write_kv(self, past_k: str, past_v: str, k: str, v: str, present_k: str, present_v: str) -> None:
+        """present = past ++ new [B, KV, P + S, hd], then the new rows written at each row's own positions (right
+        padding), for K and V."""
+        g = self.g
+        if self._kv_index is None:  # [B, KV, S, hd] of the new positions, the same for every layer's K and V
+            where = g.op("Unsqueeze", [self.qpos, self.i64("axes13", [1, 3])])  # [B, 1, S, 1]
+            self._kv_index = g.op("Expand", [where, g.op("Shape", [k])])
+        for past, new, present in ((past_k, k, present_k), (past_v, v, present_v)):
+            g.op_named("ScatterElements", [g.op("Concat", [past, new], axis=2), self._kv_index, new], [present],
+                       axis=2)
 
     def rope(self, table: int) -> tuple[str, str]:
         """cos/sin rows of the new positions, [B, S, 1, rotary_dim / 2]."""
@@ -561,11 +573,7 @@ class _PlainAttention:
         q = g.op("Transpose", [self.rotate(qkv[0], table, d.num_heads)], **perm)  # [B, H, S, hd]
         k = g.op("Transpose", [self.rotate(qkv[1], table, kvh)], **perm)  # [B, KV, S, hd]
         v = g.op("Transpose", [self.rotate(qkv[2], -1, kvh)], **perm)
-        # present = past ++ new, then the new rows written at each row's own positions (right padding)
-        where = g.op("Unsqueeze", [self.qpos, i64("axes13", [1, 3])])  # [B, 1, S, 1]
-        for past, new, present in ((past_k, k, present_k), (past_v, v, present_v)):
-            index = g.op("Expand", [where, g.op("Shape", [new])])
-            g.op_named("ScatterElements", [g.op("Concat", [past, new], axis=2), index, new], [present], axis=2)
+        self.write_kv(past_k, past_v, k, v, present_k, present_v)
         scale = d.attn_scale if d.attn_scale is not None else hd ** -0.5
         q = g.op("Mul", [q, g.scalar(f"attn_scale{scale:.6g}", scale)])
         q = g.op("Reshape", [q, i64(f"grouped{kvh}_{hd}", [0, kvh, -1, hd])])  # [B, KV, G*S, hd]
@@ -596,11 +604,7 @@ class _PlainAttention:
                          **rot) for t, n in ((q, heads), (k, kvh)))
         bnsh = lambda t: g.op("Transpose", [g.op("Reshape", [t, g.op("Concat", [  # noqa: E731
             self.shape_bs, i64(f"heads{kvh}_{hd}", [kvh, hd])], axis=0)])], perm=[0, 2, 1, 3])
-        k, v = bnsh(k), bnsh(v)
-        where = g.op("Unsqueeze", [self.qpos, i64("axes13", [1, 3])])  # [B, 1, S, 1]
-        for past, new, present in ((past_k, k, present_k), (past_v, v, present_v)):
-            index = g.op("Expand", [where, g.op("Shape", [new])])
-            g.op_named("ScatterElements", [g.op("Concat", [past, new], axis=2), index, new], [present], axis=2)
+        self.write_kv(past_k, past_v, bnsh(k), bnsh(v), present_k, present_v)
         keys, values = present_k, present_v
         if kvh != heads:  # MultiHeadAttention wants every head's K/V: repeat each KV head G times
             groups = heads // kvh

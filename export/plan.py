@@ -126,10 +126,6 @@ def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) ->
     if not spec.compressible and (precision != "fp32" or cfg.algo or cfg.prune or cfg.device or target != "cpu"):
         raise ConfigError(f"{spec.architecture} bundles ({spec.kind}) are fp32 only for now: --precision/--algo/"
                           "--prune/--device/--target are not supported with this source yet.")
-    if target == "tensorrt" and precision == "int8":
-        raise ConfigError(f"--target tensorrt --precision int8 would be static W8A8 QDQ, which edgekit refuses: it "
-                          f"measured {W8A8_MEASURED}. HINT: use --precision int4 (symmetric int4 weight-only "
-                          "blocks, fp16 activations) or --precision fp16.")
     pruning = prune.parse(cfg.prune) if cfg.prune else None
     if pruning is not None:
         prune.check_amount(pruning, config)
@@ -185,16 +181,17 @@ def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, insp
 def _format(cfg: ExportConfig, precision: str, method: QuantMethod | None, target: str) -> str:
     if cfg.quant_format is None and (method is None or target != "tensorrt"):
         return "nbits"
-    if method is not None and method.gguf_source and target == "tensorrt" and cfg.quant_format in (None, "qdq"):
-        return "qdq"  # the GGUF's 4-bit blocks as signed int4 behind DequantizeLinear
     fmt = cfg.quant_format or "qdq"  # (tensorrt's quantized form)
     choice("quantization format", fmt, QUANT_FORMATS)
     if target == "tensorrt" and fmt == "nbits":
         raise ConfigError("--quant-format nbits writes onnxruntime's MatMulNBits, which TensorRT cannot parse. HINT: "
                           "drop --quant-format with --target tensorrt (it writes qdq).")
-    if fmt == "qdq" and precision == "int8":
+    if fmt == "qdq" and precision == "int8":  # (also what --target tensorrt --precision int8 would be)
         raise ConfigError(f"--precision int8 --quant-format qdq (static W8A8) is refused: it measured {W8A8_MEASURED}. "
-                          "HINT: use --precision int4 --quant-format qdq (weight-only), or int8 in the nbits format.")
+                          "HINT: use --precision int4 --quant-format qdq (weight-only), --precision fp16, or int8 in "
+                          "the nbits format.")
+    if method is not None and method.gguf_source and target == "tensorrt":
+        return fmt  # the GGUF's 4-bit blocks as signed int4 behind DequantizeLinear
     if method is None or fmt not in method.formats:
         writers = ", ".join(f"--algo {m.name}" for m in METHODS.values() if fmt in m.formats)
         raise ConfigError(f"--quant-format {fmt} (the graph form of the weights) is written by {writers}; this export "

@@ -44,7 +44,6 @@ class _State:
     lo: int
     schedule: list[int]
     step: int = 0
-    produced: int = 0
     commit: bool = False
     on_step: Callable[[np.ndarray], None] | None = None
 
@@ -54,7 +53,12 @@ class _State:
         return self.seq.params
 
     def feeds(self) -> dict[str, np.ndarray]:
-        return {"block_length": np.asarray([self.block], np.int64)}
+        return block_feed(self.block)
+
+
+def block_feed(block: int) -> dict[str, np.ndarray]:
+    """The graph's ``block_length`` input for a run."""
+    return {"block_length": np.asarray([block], np.int64)}
 
 
 class BlockBatch:
@@ -116,6 +120,7 @@ class BlockBatch:
         """The current block's logits [L, V] of every sequence: one graph run per group of rows sharing a block
         length and a token count (L, or 2L for the rows that also commit their previous block)."""
         out: dict[int, np.ndarray] = {}
+        by_slot = {st.cache.slot: st for st in self._states}
         for key in sorted({(st.block, st.commit) for st in self._states}):
             group = {st.cache.slot: st for st in self._states if (st.block, st.commit) == key}
             L, fused = key
@@ -125,15 +130,14 @@ class BlockBatch:
             for r in range(lo, hi):
                 st = group.get(r)
                 if st is None:  # another sequence's row, or a free one: throw-away tokens after what it holds
-                    other = next((s for s in self._states if s.cache.slot == r), None)
+                    other = by_slot.get(r)
                     lengths.append(len(other.cache) if other is not None else 0)
                     continue
                 begin = st.lo - L if fused else st.lo
                 rows[r - lo] = st.x[begin:st.lo + L]
                 st.cache.rewind_to(begin)  # a step rewrites the block's rows: a length change, not a copy
                 lengths.append(begin)
-            result = self.model.run_rows(rows, self.slots, lo, lengths, keep=L,
-                                         feeds={"block_length": np.asarray([L], np.int64)})
+            result = self.model.run_rows(rows, self.slots, lo, lengths, keep=L, feeds=block_feed(L))
             for r, st in group.items():
                 st.cache.tokens.extend(st.x[st.lo - L if fused else st.lo:st.lo + L])
                 st.commit = False
@@ -167,11 +171,10 @@ class BlockBatch:
         for j in chosen:
             st.x[st.lo + masked[j]] = int(x0[j])
         st.step += 1
-        if any(st.x[st.lo + i] == m.mask_id and p0 <= st.lo + i < end for i in range(L)):
+        if len(chosen) < len(masked):  # the block still has masked positions
             return
         take = st.x[max(st.lo, p0):min(st.lo + L, end)]
-        st.produced += len(take)
-        if st.seq.accept_block(take) or st.produced >= st.params.gen_length:
+        if st.seq.accept_block(take) or st.lo + L >= end:
             if not st.seq.done:
                 st.seq.finish("length")
             self.remove(st.seq)
@@ -212,8 +215,7 @@ class BlockDiffusionModel(ARModel):
     def forward(self, token_ids: Seq[int], cache: KVCache, logits_to_keep: int = 1,
                 feeds: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """``ARModel.forward`` under block attention, by default of the bundle's default block length."""
-        return super().forward(token_ids, cache, logits_to_keep,
-                               feeds or {"block_length": np.asarray([self.block], np.int64)})
+        return super().forward(token_ids, cache, logits_to_keep, feeds or block_feed(self.block))
 
     @property
     def parity_settings(self) -> tuple[mdl.ParitySetting, ...]:

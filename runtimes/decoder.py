@@ -43,8 +43,8 @@ class ARModel:
         self.layout = manifest.kv_cache
         pasts, presents = past_names(self.layout), present_names(self.layout)
         self.graph = manifest.graphs[GRAPH]
-        self.extra_feeds = ("block_length",) if manifest.kind == "block_diffusion" else ()
-        inputs, outputs = (*FEEDS, *self.extra_feeds, *pasts), ("logits", *presents)
+        extra = ("block_length",) if manifest.kind == "block_diffusion" else ()  # (runtimes/blocks.py feeds it)
+        inputs, outputs = (*FEEDS, *extra, *pasts), ("logits", *presents)
         if (tuple(self.graph.inputs), tuple(self.graph.outputs)) != (inputs, outputs):
             raise BundleError(f"Bundle '{bundle_dir}': the KV-cache layout ({self.layout.num_layers} layers) does not "
                               f"match the decoder graph's I/O ({len(self.graph.inputs) - len(FEEDS)} past tensors). "
@@ -127,7 +127,8 @@ class ARModel:
         if width + new > slots.length:  # (rare: the buffer doubles)
             slots.ensure(width + new)
         mask = (np.arange(width + new)[None, :] < lens[:, None] + new).astype(np.int64)  # row i: its length + S
-        return self._run(slots, lo, lo + len(lens), tokens.astype(np.int64), mask, keep or new, width, feeds)
+        return self._run(slots, lo, lo + len(lens), tokens.astype(np.int64, copy=False), mask, keep or new, width,
+                         feeds)
 
     # --- generation ----------------------------------------------------------------------------------------------
     def params(self, prompt_len: int, **options: Any) -> SamplingParams:
