@@ -137,8 +137,19 @@ def block_attention(n: int, block: int):
     return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[None, None]
 
 
+def shifted_sources(n: int, block: int):
+    """With the AR token shift (Fast-dLLM v2): the index, in the two-stream logits [x_t ; x_0] of length 2n, of the
+    logit that predicts token i: x_t's position i - 1 inside a block, and for a block's first token the clean
+    stream's position i - 1 (the committed previous block's last logit, as the runtime has it)."""
+    import torch
+
+    i = torch.arange(n)
+    return torch.where(i % block == 0, n + i - 1, i - 1).clamp(min=0)
+
+
 def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: str = DEFAULT_TASK,
-          resume: bool = False, prompt_isolated: bool = False, blocks: tuple[int, ...] = (4, 8, 16)) -> Path:
+          resume: bool = False, prompt_isolated: bool = False, blocks: tuple[int, ...] = (4, 8, 16),
+          init: str | None = None, lr: float = 2e-3) -> Path:
     import torch
     import transformers
 
@@ -148,7 +159,12 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
     common = dict(vocab_size=len(VOCAB), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                   num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
     name = kind
-    if resume and (folder(task, name) / "config.json").exists():  # continue from the saved model (new LR schedule)
+    if init and kind == "bdllm":  # adapt a trained AR model (Fast-dLLM v2 / SDAR start from AR checkpoints):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder(task, init))  # it keeps the token shift
+        cfg = model.config
+        cfg.block_diffusion_length, cfg.block_diffusion_lengths = blocks[0], list(blocks)
+        cfg.block_diffusion_token_shift = True
+    elif resume and (folder(task, name) / "config.json").exists():  # continue the saved model (new LR schedule)
         model = (transformers.AutoModelForMaskedLM if kind == "dllm" else transformers.AutoModelForCausalLM
                  ).from_pretrained(folder(task, name))
         cfg = model.config
@@ -164,8 +180,8 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
             cfg.block_diffusion_length, cfg.block_diffusion_lengths = blocks[0], list(blocks)
         model = transformers.LlamaForCausalLM(cfg)
     cfg.architectures = [type(model).__name__]
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     gen_length = TASKS[task]["gen_length"]
     isolate = kind == "dllm" and prompt_isolated
     if isolate:
@@ -175,20 +191,24 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
     p_len = len(tok(sample(rng, 1, task)[0][0])["input_ids"])
     n_total = p_len + gen_length
     two_stream = {b: block_attention(n_total, b) for b in blocks} if kind == "bdllm" else {}
+    shift = bool(getattr(cfg, "block_diffusion_token_shift", False))
+    sources = {b: shifted_sources(n_total, b) for b in blocks}
     positions = torch.arange(n_total).repeat(2)[None].expand(batch, -1)
     start = time.time()
     model.train()
     for step in range(1, steps + 1):
         x = encode(tok, *sample(rng, batch, task), gen_length)  # [B, P + G]
         if kind == "bdllm":  # x_t (answer tokens masked with probability t) next to the clean x_0, one noise level
-            t = torch.rand(batch, 1).clamp(min=1e-3)  # per sample; loss on the masked x_t positions, weighted 1/t
+            # per sample (stratified over the batch); loss on the masked x_t positions, weighted 1/t
+            t = ((torch.arange(batch) + torch.rand(1)) / batch)[torch.randperm(batch), None].clamp(min=1e-3)
             masked = torch.rand(batch, gen_length) < t
             masked[masked.sum(1) == 0, 0] = True
             xt = x.clone()
             xt[:, p_len:][masked] = tok.mask_token_id
-            mask = two_stream[blocks[step % len(blocks)]]  # each block length in turn: one model serves them all
-            logits = model(input_ids=torch.cat([xt, x], 1), attention_mask=mask.expand(batch, -1, -1, -1),
-                           position_ids=positions).logits[:, :n_total]
+            block = blocks[step % len(blocks)]  # each block length in turn: one model serves them all
+            logits = model(input_ids=torch.cat([xt, x], 1), attention_mask=two_stream[block].expand(
+                batch, -1, -1, -1), position_ids=positions).logits
+            logits = logits[:, sources[block]] if shift else logits[:, :n_total]
             labels = torch.full_like(x, -100)
             labels[:, p_len:][masked] = x[:, p_len:][masked]
             ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
@@ -228,7 +248,7 @@ def train(kind: str, steps: int, batch: int, seed: int, log_every: int, task: st
     before = json.loads((out / "task.json").read_text()) if resume and (out / "task.json").exists() else {}
     (out / "task.json").write_text(json.dumps({
         "task": task, **TASKS[task], "steps": before.get("steps", 0) + steps, "batch": batch,
-        "seed": seed, "runs": before.get("runs", 0) + 1,
+        "seed": seed, "runs": before.get("runs", 0) + 1, "init": init or before.get("init"),
         "train_seconds": round(before.get("train_seconds", 0) + time.time() - start, 1)}))
     return out
 
@@ -242,6 +262,9 @@ def main() -> None:
     ap.add_argument("--blocks", default="4,8,16", help="bdllm: the block lengths it is trained for (the first is "
                     "its default)")
     ap.add_argument("--task", choices=sorted(TASKS), default=DEFAULT_TASK)
+    ap.add_argument("--init", choices=["ar"], default=None, help="bdllm: start from the trained AR model (with its "
+                    "token shift) instead of random weights")
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--resume", action="store_true", help="continue training the saved model")
     ap.add_argument("--prompt-isolated", action="store_true", help="dLLM: the prompt does not attend to the answer")
     args = ap.parse_args()
@@ -251,7 +274,7 @@ def main() -> None:
     for kind in ("dllm", "ar", "bdllm"):
         if args.only in (None, kind):
             out = train(kind, args.steps, args.batch, args.seed, max(1, args.steps // 20), args.task, args.resume,
-                        args.prompt_isolated, tuple(int(b) for b in args.blocks.split(",")))
+                        args.prompt_isolated, tuple(int(b) for b in args.blocks.split(",")), args.init, args.lr)
             print(f"trained {kind} -> {out}", file=sys.stderr)
 
 

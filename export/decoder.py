@@ -60,7 +60,8 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
         quantization=quant,
         extra={"attention": {"num_heads": dims.num_heads, "local_window": dims.local_window,
                              "layer_windows": list(dims.layer_windows), "block_length": dims.block_length,
-                             "block_lengths": list(dims.block_lengths)},
+                             "block_lengths": list(dims.block_lengths),
+                             "token_shift": bool(dims.block_length and getattr(model.config, SHIFT_FLAG, False))},
                "pruning": pruning,
                "sparse_2_4": bool(pruning and pruning.get("pattern") == "2:4")},
         check=check,
@@ -143,6 +144,7 @@ def calibration_feeds(dims: onnx_graph.DecoderDims, tokenizer: Any, text: str, l
 
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 BLOCK_FLAG = "block_diffusion_length"  # config field marking an AR-family checkpoint as a block-diffusion dLLM
+SHIFT_FLAG = "block_diffusion_token_shift"  # ... that predicts token i at position i - 1 (AR-adapted, Fast-dLLM v2)
 
 
 def _mask_id(tokenizer: Any, spec: ArchSpec) -> int:

@@ -8,6 +8,10 @@ existing unmasking rules choosing what to commit each step; once the block is cl
 writes its exact K/V, fused with the next block's first step. A rewind to the block start (a length change of the
 ``KVCache``) is all a step needs. No cache approximation applies: ``cached=False`` recomputes everything each step
 and gives the same tokens (the exactness check).
+
+Families that keep the AR token shift (Fast-dLLM v2; config ``block_diffusion_token_shift``) predict token ``i`` at
+position ``i - 1``: a block's first token comes from the previous block's last position, which the commit forward
+computes once the previous block is clean (exact, so it is kept for the block's later steps).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class _State:
     step: int = 0
     commit: bool = False
     on_step: Callable[[np.ndarray], None] | None = None
+    first: np.ndarray | None = None  # token-shift models: the logits of position lo - 1 (predicting x[lo])
 
     @property
     def params(self) -> DiffusionParams:
@@ -91,7 +96,7 @@ class BlockBatch:
                     on_step=on_step)
         try:
             if self.cached and start:
-                m.forward(st.x[:start], cache, feeds=st.feeds())
+                st.first = m.forward(st.x[:start], cache, feeds=st.feeds())[-1]
                 seq.stats.forward_passes += 1
                 seq.stats.positions_computed += start
         except BaseException:
@@ -126,6 +131,7 @@ class BlockBatch:
             L, fused = key
             lo, hi = min(group), max(group) + 1
             width = 2 * L if fused else L
+            shift = int(self.model.token_shift and fused)  # a commit also yields the previous block's last logit
             rows, lengths = np.zeros((hi - lo, width), np.int64), []
             for r in range(lo, hi):
                 st = group.get(r)
@@ -137,26 +143,44 @@ class BlockBatch:
                 rows[r - lo] = st.x[begin:st.lo + L]
                 st.cache.rewind_to(begin)  # a step rewrites the block's rows: a length change, not a copy
                 lengths.append(begin)
-            result = self.model.run_rows(rows, self.slots, lo, lengths, keep=L, feeds=block_feed(L))
+            result = self.model.run_rows(rows, self.slots, lo, lengths, keep=L + shift, feeds=block_feed(L))
             for r, st in group.items():
                 st.cache.tokens.extend(st.x[st.lo - L if fused else st.lo:st.lo + L])
                 st.commit = False
                 st.seq.stats.forward_passes += 1
                 st.seq.stats.positions_computed += width
-                out[id(st)] = result[r - lo]
+                got = result[r - lo]
+                if shift:  # positions lo-1..lo+L-1: the first is the previous (now clean) block's last
+                    st.first, got = got[0], got[:L]
+                elif self.model.token_shift:  # positions lo..lo+L-1
+                    got = self._after_first(st, got)
+                out[id(st)] = got
         return out
+
+    @staticmethod
+    def _after_first(st: _State, logits: np.ndarray) -> np.ndarray:
+        """Token shift: the block's logits (row i predicting token lo + i) from those of positions lo..lo+L-1 and the
+        kept logits of position lo - 1 (none when lo == 0: position 0 is a prompt token, never predicted)."""
+        first = st.first if st.first is not None else np.zeros_like(logits[0])
+        return np.concatenate([first[None], logits[:-1]])
 
     def _recomputed(self, st: _State) -> np.ndarray:
         L, end = st.block, st.lo + st.block
+        shift = int(self.model.token_shift and st.lo > 0)  # also position lo - 1 (the last of the previous block)
         st.seq.stats.forward_passes += 1
         if self.reference is not None:
-            return np.asarray(self.reference.blocks(st.x[:end], L))[-L:]
-        fresh = self.model.new_cache()
-        try:
-            st.seq.stats.positions_computed += end
-            return self.model.forward(st.x[:end], fresh, logits_to_keep=L, feeds=st.feeds())
-        finally:
-            fresh.release()
+            got = np.asarray(self.reference.blocks(st.x[:end], L))[-L - shift:]
+        else:
+            fresh = self.model.new_cache()
+            try:
+                st.seq.stats.positions_computed += end
+                got = self.model.forward(st.x[:end], fresh, logits_to_keep=L + shift, feeds=st.feeds())
+            finally:
+                fresh.release()
+        if not self.model.token_shift:
+            return got
+        st.first = got[0] if shift else None
+        return self._after_first(st, got[shift:])
 
     def _advance(self, st: _State, logits: np.ndarray) -> None:
         """Commit this step's choices in the block; when it is clean, hand its tokens to the sequence and open the
@@ -203,6 +227,7 @@ class BlockDiffusionModel(ARModel):
         attention = manifest.extra.get("attention") or {}
         self.block = int(attention.get("block_length") or 0)
         self.trained_blocks = tuple(int(b) for b in attention.get("block_lengths") or [self.block])
+        self.token_shift = bool(attention.get("token_shift"))  # token i predicted at position i - 1
         if self.block < 1 or manifest.tokens.mask_id is None or self.block not in self.trained_blocks:
             raise BundleError(f"Block-diffusion bundle '{bundle_dir}' lacks its block length or mask token id. "
                               "HINT: re-export it.")

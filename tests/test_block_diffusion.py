@@ -230,3 +230,49 @@ def test_the_tensorrt_flavour_of_a_block_model_is_plain_and_exact(block_model, t
     ids = model.tokenizer.encode(PROMPTS[1])
     options = dict(gen_length=8, diffusion_steps=8)
     assert model.trace(ids, options, cached=True).tokens == model.trace(ids, options, cached=False).tokens
+
+
+def test_a_token_shift_model_predicts_each_token_one_position_earlier(tmp_path):
+    """AR-adapted block models (Fast-dLLM v2, config block_diffusion_token_shift) predict token i at position i - 1:
+    a block's first token from the previous block's last position, kept from the commit forward. Per step the block
+    logits equal PyTorch's under the block-causal mask one position earlier; cached decoding (prompts ending inside a
+    block and on its boundary, alone and batched) gives the recomputed tokens; parity passes."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgekit.export.quality import block_causal_mask
+    from edgekit.parity import verifier
+
+    folder = make_model("LlamaForCausalLM", tmp_path / "m", block_diffusion_length=BLOCK,
+                        block_diffusion_token_shift=True)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.mask_token = "<|endoftext|>"
+    tok.save_pretrained(folder)
+    res = export_bundle(ExportConfig(source=str(folder), output=tmp_path / "b"), progress=Silent(),
+                        verify=verifier(12))
+    assert res.manifest.parity["passed"], res.manifest.parity["misses"]
+    model = load(res.path)
+    assert model.token_shift
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = model.tokenizer.encode(PROMPTS[0] + " " + PROMPTS[1])
+    whole = (len(ids) // BLOCK - 1) * BLOCK
+    prompts = [ids[:whole + 2], ids[:whole], ids[:3]]  # ending inside a block, on a boundary, in the first block
+    assert whole >= BLOCK
+    options = dict(gen_length=12, diffusion_steps=12)
+    for ids in prompts:
+        trace = model.trace(ids, options)
+        assert trace.tokens == model.trace(ids, options, cached=False).tokens
+        lo = len(ids) // BLOCK * BLOCK + BLOCK  # the second block: its first row comes from the commit forward
+        x = (ids + trace.tokens)[:lo] + [model.mask_id] * BLOCK
+        with torch.no_grad():
+            want = hf(torch.tensor([x]), attention_mask=block_causal_mask(len(x), BLOCK)).logits[0].numpy()
+        got = trace.steps[lo - len(ids)]  # one token per step: the first block took lo - len(ids) steps
+        assert np.abs(got - want[lo - 1:lo + BLOCK - 1]).max() < 1e-3
+    batch = model.new_batch(len(prompts))
+    seqs = [model.new_sequence(i, model.params(len(i), **options)) for i in prompts]
+    for s in seqs:
+        batch.admit(s)
+        batch.step()
+    while batch.active:
+        batch.step()
+    assert [list(s.stats.token_ids) for s in seqs] == [model.trace(i, options).tokens for i in prompts]
