@@ -30,26 +30,33 @@ from train_dllm import CACHE, DEFAULT_TASK, TASKS, correct, folder, sample  # no
 
 RESULTS = Path(__file__).parent / "results"
 BLOCK = 16
-RULES: list[tuple[str, dict]] = [  # (label, options); gen_length 48 = 3 blocks of 16
-    ("1 token/step (48 steps)", dict(diffusion_steps=48)),
-    ("k=2/step (24 steps)", dict(diffusion_steps=24)),
-    ("k=4/step (12 steps)", dict(diffusion_steps=12)),
-    ("k=8/step (6 steps)", dict(diffusion_steps=6)),
-    ("k=16/step (3 steps)", dict(diffusion_steps=3)),
-    ("threshold 0.9", dict(diffusion_steps=48, threshold=0.9)),
-    ("threshold 0.8", dict(diffusion_steps=48, threshold=0.8)),
-    ("threshold 0.7", dict(diffusion_steps=48, threshold=0.7)),
-    ("entropy bound 0.1", dict(diffusion_steps=48, entropy_bound=0.1)),
-    ("entropy bound 0.5", dict(diffusion_steps=48, entropy_bound=0.5)),
-]
-OTHERS: list[tuple[str, dict]] = [  # other remasking rules, no cache
-    ("threshold 0.5", dict(diffusion_steps=48, threshold=0.5)),
-    ("margin, k=2/step", dict(diffusion_steps=24, remasking="margin")),
-    ("entropy, k=2/step", dict(diffusion_steps=24, remasking="entropy")),
-    ("random, k=2/step", dict(diffusion_steps=24, remasking="random", seed=0)),
-]
-SETTINGS = [(cache, label, opts) for cache in ("none", "prefix", "dual") for label, opts in RULES] + \
-    [("none", label, opts) for label, opts in OTHERS]
+def full_rules(gen: int, block: int) -> list[tuple[str, dict]]:
+    """The full dLLM's (label, options) for a gen-token answer in blocks of ``block``: k tokens per step, thresholds,
+    entropy bounds (``full_settings``: each cache mode x these, plus other remasking rules without cache)."""
+    steps = sorted({gen // k for k in (1, 2, 4, 8, 16) if k <= block and (gen // k) % (gen // block) == 0},
+                   reverse=True)
+    fixed = [(f"1 token/step ({n} steps)" if n == gen else f"k={gen / n:g}/step ({n} steps)", dict(diffusion_steps=n))
+             for n in steps]
+    return fixed + [
+        ("threshold 0.9", dict(diffusion_steps=gen, threshold=0.9)),
+        ("threshold 0.8", dict(diffusion_steps=gen, threshold=0.8)),
+        ("threshold 0.7", dict(diffusion_steps=gen, threshold=0.7)),
+        ("entropy bound 0.1", dict(diffusion_steps=gen, entropy_bound=0.1)),
+        ("entropy bound 0.5", dict(diffusion_steps=gen, entropy_bound=0.5)),
+        ("entropy bound 0.5 + position decay 1", dict(diffusion_steps=gen, entropy_bound=0.5, position_decay=1.0)),
+    ]
+
+
+def other_rules(gen: int) -> list[tuple[str, dict]]:  # other remasking rules, no cache
+    return [("threshold 0.5", dict(diffusion_steps=gen, threshold=0.5)),
+            ("margin, k=2/step", dict(diffusion_steps=gen // 2, remasking="margin")),
+            ("entropy, k=2/step", dict(diffusion_steps=gen // 2, remasking="entropy")),
+            ("random, k=2/step", dict(diffusion_steps=gen // 2, remasking="random", seed=0))]
+
+
+def full_settings(gen: int, block: int) -> list[tuple[str, str, dict]]:
+    return [(cache, label, opts) for cache in ("none", "prefix", "dual") for label, opts in full_rules(gen, block)] + \
+        [("none", label, opts) for label, opts in other_rules(gen)]
 
 
 BLOCKS = (4, 8, 16)
@@ -60,16 +67,25 @@ def block_rules(gen: int) -> list[tuple[str, dict]]:
             ("threshold 0.9", dict(diffusion_steps=gen, threshold=0.9)),
             ("threshold 0.7", dict(diffusion_steps=gen, threshold=0.7)),
             ("entropy bound 0.1", dict(diffusion_steps=gen, entropy_bound=0.1)),
-            ("entropy bound 0.5", dict(diffusion_steps=gen, entropy_bound=0.5))]
+            ("entropy bound 0.5", dict(diffusion_steps=gen, entropy_bound=0.5)),
+            # PC-Sampler's positional prior: between similar scores the earlier position first
+            ("threshold 0.9 + position decay 1", dict(diffusion_steps=gen, threshold=0.9, position_decay=1.0)),
+            ("entropy bound 0.5 + position decay 0.3", dict(diffusion_steps=gen, entropy_bound=0.5,
+                                                             position_decay=0.3)),
+            ("entropy bound 0.5 + position decay 1", dict(diffusion_steps=gen, entropy_bound=0.5, position_decay=1.0)),
+            ("entropy bound 1.0 + position decay 1", dict(diffusion_steps=gen, entropy_bound=1.0, position_decay=1.0))]
 
 
 def ensure_models(task: str, steps: int) -> None:
-    for kind in ("dllm", "ar", "bdllm"):
-        if not (folder(task, kind) / "config.json").exists():  # the AR model learns the task in far fewer steps
-            n = steps if kind != "ar" else max(steps // 5, 200)
-            subprocess.run([sys.executable, str(Path(__file__).parent / "train_dllm.py"), "--steps", str(n),
-                            "--batch", "64" if kind != "bdllm" else "128", "--task", task, "--only", kind],
-                           check=True)
+    """Train what .cache/dllm/<task>/ lacks: the AR model first (it learns a task in far fewer steps), the block
+    dLLM adapted from it (token shift kept, as Fast-dLLM v2 / SDAR adapt AR checkpoints), the full dLLM from scratch."""
+    script = str(Path(__file__).parent / "train_dllm.py")
+    runs = {"ar": ["--steps", str(max(steps // 5, 200)), "--batch", "64"],
+            "bdllm": ["--steps", str(steps // 2), "--batch", "128", "--init", "ar", "--lr", "1e-3"],
+            "dllm": ["--steps", str(steps), "--batch", "64"]}
+    for kind, extra in runs.items():
+        if not (folder(task, kind) / "config.json").exists():
+            subprocess.run([sys.executable, script, *extra, "--task", task, "--only", kind], check=True)
 
 
 def export(task: str, kind: str) -> Path:
@@ -145,16 +161,17 @@ def main() -> None:
     if have["bdllm"]:
         bd = rt.load(export(args.task, "bdllm"), threads=args.threads)
         for b in BLOCKS:
-            for label, opts in block_rules(gen):
+            whole = -(-gen // b) * b  # the answer in whole blocks (a shorter task answer is then EOS padding)
+            for label, opts in block_rules(whole):
                 log({"setting": f"block-diffusion B={b} / {label}", "kind": "block", "cache": "exact KV",
                      "block": b, "rule": label, **opts,
-                     **measure(bd, prompts, gen_length=gen, block_length=b, **opts)})
+                     **measure(bd, prompts, gen_length=whole, block_length=b, **opts)})
         cost = forward_cost(bd)
     else:
         cost = forward_cost(ar)
     if have["dllm"]:
         dllm = rt.load(export(args.task, "dllm"), threads=args.threads)
-        for cache, label, opts in SETTINGS:
+        for cache, label, opts in full_settings(gen, min(BLOCK, gen)):
             log({"setting": f"full dLLM {cache} / {label}", "kind": "full", "cache": cache, "rule": label, **opts,
                  **measure(dllm, prompts, gen_length=gen, block_length=min(BLOCK, gen), cache=cache, **opts)})
     ar_row = rows[0]

@@ -68,8 +68,11 @@ class Server:
 FIELDS: dict = {}  # extra request fields (--fields)
 
 
-def stream_once(url: str, messages: list[dict] | str, max_tokens: int) -> dict:
-    """One streamed chat request (or completions, for a prompt string); client-side timings."""
+def stream_once(url: str, messages: list[dict] | str, max_tokens: int, client: httpx.Client | None = None) -> dict:
+    """One streamed chat request (or completions, for a prompt string); client-side timings. ``client``: a kept-alive
+    connection (as real clients hold; making an ``httpx.Client`` costs ~10 ms of CPU, which would be timed)."""
+    own = client is None
+    client = client or httpx.Client(timeout=300)
     start = time.perf_counter()
     times: list[float] = []
     usage = {}
@@ -78,7 +81,7 @@ def stream_once(url: str, messages: list[dict] | str, max_tokens: int) -> dict:
             "stream": True, "stream_options": {"include_usage": True}, **FIELDS}
     text = []
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    with httpx.Client(timeout=300) as c, c.stream("POST", url + path, json=body) as r:
+    with client.stream("POST", url + path, json=body) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -91,25 +94,36 @@ def stream_once(url: str, messages: list[dict] | str, max_tokens: int) -> dict:
                     times.append(time.perf_counter())
                     text.append(piece)
     end = time.perf_counter()
+    if own:
+        client.close()
     n = usage.get("completion_tokens", len(times))
     return {"ttft_s": times[0] - start, "end_s": end, "start_s": start, "tokens": n, "text": "".join(text),
             "decode_tok_s": (n - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0,
             "cached": usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)}
 
 
-def concurrent(url: str, c: int, max_tokens: int, offset: int) -> dict:
-    results: list[dict] = [{}] * c
+def concurrent(url: str, c: int, max_tokens: int, offset: int, per_stream: int = 1) -> dict:
+    """``c`` streams at once, each on its own kept-alive connection sending ``per_stream`` requests back to back;
+    aggregate tok/s = all tokens / the wall time from the first request to the last answer."""
+    results: list[list[dict]] = [[] for _ in range(c)]
+    clients = [httpx.Client(timeout=300) for _ in range(c)]
+    for cl in clients:  # connect before timing
+        cl.get(url.rsplit("/v1", 1)[0] + "/health")
 
     def run(i: int) -> None:
-        results[i] = stream_once(url, prompt(offset + i), max_tokens)
+        for k in range(per_stream):
+            results[i].append(stream_once(url, prompt(offset + i * per_stream + k), max_tokens, clients[i]))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(c)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = max(r["end_s"] for r in results) - min(r["start_s"] for r in results)
-    return {"aggregate_tok_s": sum(r["tokens"] for r in results) / wall, "ttfts": [r["ttft_s"] for r in results]}
+    for cl in clients:
+        cl.close()
+    done = [r for rs in results for r in rs]
+    wall = max(r["end_s"] for r in done) - min(r["start_s"] for r in done)
+    return {"aggregate_tok_s": sum(r["tokens"] for r in done) / wall, "ttfts": [r["ttft_s"] for r in done]}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -125,6 +139,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,2,4,8")
     ap.add_argument("--task", default=None, help="a train_dllm task: its prompts via /v1/completions (dLLM bundles)")
+    ap.add_argument("--requests-per-stream", type=int, default=1, help="requests each stream sends back to back")
     ap.add_argument("--fields", default="{}", help="JSON object of extra request fields (e.g. diffusion settings)")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -148,6 +163,8 @@ def main() -> None:
     per_level: dict[int, list[dict]] = {c: [] for c in levels}
     inproc: list[float] = []
     served: list[float] = []
+    inproc_e2e: list[float] = []  # whole request: tokens / wall time (prefill and first block included)
+    served_e2e: list[float] = []
     warm_t2: list[float] = []
     cold_t2: list[float] = []
     cached_tokens = 0
@@ -156,13 +173,20 @@ def main() -> None:
     stream_once(cold.url, prompt(0), warm)
     for r in range(args.rounds):
         # 1 stream: in-process runtime vs server, back to back
+        t0 = time.perf_counter()
         s = model.stream(prompt(r), max_new_tokens=args.max_tokens, temperature=0, **FIELDS)
         for _ in s:
             pass
+        inproc_e2e.append(s.stats.generated_tokens / (time.perf_counter() - t0))
         inproc.append(s.stats.decode_tokens_per_s)
-        served.append(stream_once(server.url, prompt(r), args.max_tokens)["decode_tok_s"])
+        with httpx.Client(timeout=300) as kept:
+            kept.get(server.url + "/health")
+            one = stream_once(server.url, prompt(r), args.max_tokens, kept)
+        served.append(one["decode_tok_s"])
+        served_e2e.append(one["tokens"] / (one["end_s"] - one["start_s"]))
         for c in levels:
-            per_level[c].append(concurrent(server.url, c, args.max_tokens, offset=r * 8))
+            per_level[c].append(concurrent(server.url, c, args.max_tokens, offset=r * 8,
+                                           per_stream=args.requests_per_stream))
         if args.task is not None:
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{c}x {per_level[c][-1]['aggregate_tok_s']:.1f}" for c in levels), file=sys.stderr)
@@ -193,11 +217,14 @@ def main() -> None:
     result = {
         "benchmark": "serve", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
         "settings": {"bundle": str(args.bundle), "threads": args.threads, "rounds": args.rounds,
-                     "max_tokens": args.max_tokens, "decoding": "greedy"},
+                     "max_tokens": args.max_tokens, "decoding": "greedy",
+                     "requests_per_stream": args.requests_per_stream},
         "concurrency": rows,
         "single_stream": {"in_process_decode_tok_s": statistics.median(inproc),
                           "server_decode_tok_s": statistics.median(served),
-                          "server_overhead": 1 - statistics.median(served) / statistics.median(inproc)},
+                          "server_overhead": 1 - statistics.median(served) / statistics.median(inproc),
+                          "in_process_e2e_tok_s": statistics.median(inproc_e2e),
+                          "server_e2e_tok_s": statistics.median(served_e2e)},
         "prefix_reuse": None if args.task else {"turn2_ttft_ms_with_reuse": statistics.median(warm_t2) * 1000,
                                                 "turn2_ttft_ms_without": statistics.median(cold_t2) * 1000,
                                                 "cached_prompt_tokens": cached_tokens},
@@ -221,7 +248,11 @@ def render(r: dict) -> str:
         lines.append(f"| {row['concurrency']} | {row['aggregate_tok_s']:.1f} | {row['scaling']:.2f}x | "
                      f"{row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} |")
     lines += ["", f"Single stream decode: in-process runtime {ss['in_process_decode_tok_s']:.1f} tok/s, through the "
-              f"server {ss['server_decode_tok_s']:.1f} tok/s: server overhead **{ss['server_overhead'] * 100:.1f}%**.",
+              f"server {ss['server_decode_tok_s']:.1f} tok/s: server overhead **{ss['server_overhead'] * 100:.1f}%**."
+              + (f" Whole request (tokens / wall time, first block included): in-process "
+                 f"{ss['in_process_e2e_tok_s']:.1f} tok/s, through the server {ss['server_e2e_tok_s']:.1f} tok/s."
+                 if "server_e2e_tok_s" in ss else ""),
+              f"Each stream keeps its connection and sends {s.get('requests_per_stream', 1)} request(s) back to back.",
               ""]
     if pr:
         lines += [f"Second chat turn TTFT: {pr['turn2_ttft_ms_with_reuse']:.0f} ms with prefix KV reuse "

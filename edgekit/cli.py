@@ -113,6 +113,8 @@ def export(source: str, output: Path, parity_tokens: int, no_parity: bool, **opt
 @click.option("--entropy-bound", type=float, default=None,
               help="Diffusion: EB-sampler; commit the most confident positions while their entropy sum minus the "
                    "largest stays within this many nats.")
+@click.option("--position-decay", type=float, default=None,
+              help="Diffusion: rank scores x exp(-decay * offset in the block), so earlier positions go first.")
 @click.option("--cache", type=click.Choice(CACHE_MODES), default=None,
               help="Diffusion: KV cache mode (prefix/dual: Fast-dLLM's approximate cache, refreshed per block).")
 @click.option("--provider", "providers", multiple=True, help="onnxruntime execution provider (repeatable, in order).")

@@ -3,7 +3,8 @@
 Accepted fields: model, messages | prompt, stream, stream_options.include_usage, max_tokens | max_completion_tokens,
 n (must be 1), and the generation fields in ``FIELDS`` that the served model takes (its ``option_names``: AR
 bundles take temperature, top_p, top_k, seed, stop, repetition_penalty; diffusion bundles temperature, top_p, top_k,
-seed, gen_length (default: max_tokens), block_length, diffusion_steps, remasking, threshold, entropy_bound, cache).
+seed, gen_length (default: max_tokens), block_length, diffusion_steps, remasking, threshold, entropy_bound,
+position_decay, cache).
 A generation field the model does not take is refused with 400, never silently ignored, and so are n > 1, logprobs,
 tools / tool_choice / functions, response_format other than text and non-zero presence/frequency penalties. Other
 fields (user, metadata, ...) are ignored. Here only types and shapes are checked; the model's ``params`` checks
@@ -33,7 +34,7 @@ FIELDS: dict[str, FieldType] = {
     "temperature": "number", "top_p": "number", "top_k": "integer", "seed": "integer",
     "repetition_penalty": "number", "gen_length": "integer", "block_length": "integer",
     "diffusion_steps": "integer", "remasking": "string", "threshold": "number", "entropy_bound": "number",
-    "cache": "string",
+    "position_decay": "number", "cache": "string",
 }
 
 

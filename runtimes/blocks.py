@@ -191,7 +191,7 @@ class BlockBatch:
             st.on_step(logits)
         masked = [i for i in range(L) if st.x[st.lo + i] == m.mask_id and p0 <= st.lo + i < end]
         k = st.schedule[st.step] if st.step < len(st.schedule) else len(masked)
-        x0, chosen = select(logits[masked], max(k, 1), st.params, st.seq.rng)
+        x0, chosen = select(logits[masked], max(k, 1), st.params, st.seq.rng, np.asarray(masked))
         for j in chosen:
             st.x[st.lo + masked[j]] = int(x0[j])
         st.step += 1
@@ -216,7 +216,7 @@ class BlockBatch:
 class BlockDiffusionModel(ARModel):
     """A block-diffusion bundle: the AR decoder's graph and KV cache, decoded a block at a time. ``stream`` yields
     each committed block's text. Options: gen_length (or max_new_tokens), diffusion_steps, remasking, threshold,
-    entropy_bound, temperature, top_k, top_p, seed; block_length must be the trained one."""
+    entropy_bound, position_decay, temperature, top_k, top_p, seed; block_length must be the trained one."""
 
     kind = "block_diffusion"
     option_names = (frozenset(DiffusionParams.__dataclass_fields__) - {"cache"}) | {"max_new_tokens"}

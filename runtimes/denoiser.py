@@ -72,7 +72,7 @@ def denoise(net: Any, prompt_ids: Seq[int], params: DiffusionParams, mask_id: in
                 on_step(logits)
             masked = np.flatnonzero(x[lo:hi] == mask_id)
             k = schedule[step] if step < len(schedule) else len(masked)
-            x0, chosen = select(logits[masked], max(k, 1), params, rng)
+            x0, chosen = select(logits[masked], max(k, 1), params, rng, masked)
             x[lo + masked[chosen]] = x0[chosen]
             step += 1
         yield [int(t) for t in x[lo:hi]]
@@ -208,7 +208,7 @@ class DiffusionModel:
 
     def stream(self, prompt: Prompt, batch: DenoiseBatch | None = None, **options: Any) -> mdl.TextStream:
         """Stream the answer block by block. Options: gen_length (or max_new_tokens), block_length,
-        diffusion_steps, remasking, threshold, entropy_bound, temperature, top_k, top_p, seed, cache
+        diffusion_steps, remasking, threshold, entropy_bound, position_decay, temperature, top_k, top_p, seed, cache
         (none | prefix | dual). Close the stream to cancel."""
         return mdl.stream(self, prompt, batch, options)
 

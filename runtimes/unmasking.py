@@ -3,8 +3,10 @@
 Remasking rules are a named enum (LLaDA's low-confidence and random orders, margin, entropy); with a ``threshold``
 every position whose predicted token is that confident is committed at once (Fast-dLLM's parallel decoding, at least
 one per step); with an ``entropy_bound`` the longest prefix of the ranking whose summed entropy minus its largest
-entropy stays within the bound is committed (the EB-sampler's rule). Pure numpy functions, unit-tested on
-hand-worked cases.
+entropy stays within the bound is committed (the EB-sampler's rule). ``position_decay`` (PC-Sampler's positional
+prior) scales each position's ranking score by exp(-decay x its offset in the block), so that, between similarly
+confident positions, the earlier goes first: the order an AR-adapted block model (which knows its left-to-right
+dependencies best) decodes correctly in. Pure numpy functions, unit-tested on hand-worked cases.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class CacheMode(str, Enum):
 
 
 CACHE_MODES = tuple(c.value for c in CacheMode)
+POSITION_DECAY_MAX = 10.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class DiffusionParams:
     top_p: float = 1.0
     seed: int | None = None
     cache: str = "none"
+    position_decay: float = 0.0  # rank scores x exp(-decay * offset in the block): earlier positions first
 
     def __post_init__(self) -> None:
         def whole(name: str, lo: int) -> int:
@@ -87,6 +91,10 @@ class DiffusionParams:
             raise ConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}.")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if not isinstance(self.position_decay, (int, float)) or isinstance(self.position_decay, bool) \
+                or not 0 <= self.position_decay <= POSITION_DECAY_MAX:
+            raise ConfigError(f"position_decay must be a number in [0, {POSITION_DECAY_MAX:g}], got "
+                              f"{self.position_decay!r}.")
         if self.cache not in CACHE_MODES:
             raise ConfigError(f"cache must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}.")
 
@@ -122,10 +130,10 @@ def _filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     return out
 
 
-def select(logits: np.ndarray, k: int, params: DiffusionParams,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One denoising decision for N masked positions (logits [N, V]): the predicted token of each, and the
-    indices (into those N) to commit now."""
+def select(logits: np.ndarray, k: int, params: DiffusionParams, rng: np.random.Generator,
+           offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One denoising decision for N masked positions (logits [N, V]; ``offsets``: their offsets in the block, for
+    ``position_decay``): the predicted token of each, and the indices (into those N) to commit now."""
     filtered = _filter(logits, params.top_k, params.top_p)
     if params.temperature > 0:  # Gumbel-max: a sample from softmax(logits / T) per position
         gumbel = -np.log(-np.log(rng.random(filtered.shape)))
@@ -144,6 +152,9 @@ def select(logits: np.ndarray, k: int, params: DiffusionParams,
         conf = top2[:, 1] - top2[:, 0]
     else:
         conf = np.sum(p * np.log(p + 1e-30), axis=-1)  # -entropy
+    if params.position_decay and offsets is not None:  # later positions rank lower (scores of either sign)
+        w = np.exp(-params.position_decay * (np.asarray(offsets, np.float64) - np.min(offsets)))
+        conf = np.where(conf >= 0, conf * w, conf / w)
     order = np.argsort(-conf, kind="stable")
     if params.threshold is not None:
         chosen = np.flatnonzero(p_x0 > params.threshold)

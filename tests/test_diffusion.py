@@ -107,6 +107,8 @@ def test_stop_token_ends_after_its_block_and_close_cancels(mlm_bundle, monkeypat
     (dict(cache="kv"), "cache must be one of none, prefix, dual"),
     (dict(entropy_bound=-1), "entropy_bound must be a number"),
     (dict(entropy_bound=0.5, threshold=0.9), "set only one"),
+    (dict(position_decay=-0.1), "position_decay must be a number in \\[0, 10\\]"),
+    (dict(position_decay=True), "position_decay must be a number"),
 ])
 def test_bad_diffusion_settings(kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -137,6 +139,24 @@ def test_entropy_bound_commits_the_longest_prefix_within_the_bound():
     assert pick(1.5) == [0, 1, 2, 3, 4]
     one = np.array([die])  # nothing fits a zero bound beyond the first: at least one is committed
     assert select(one, 1, DiffusionParams(entropy_bound=0.0), rng)[1].tolist() == [0]
+
+
+def test_position_decay_ranks_earlier_positions_first():
+    """Two near-coin positions, the later slightly more confident, and a certain one further on: without the decay
+    the later coin goes first; with it the earlier does (PC-Sampler's positional prior), for any rule's score sign."""
+    coin, bolder, sure = [0.1, 0.0, -30, -30], [0.3, 0.0, -30, -30], [20.0, 0, 0, 0]
+    logits, offsets = np.array([coin, bolder, sure]), np.array([2, 3, 7])
+    rng = np.random.default_rng(0)
+    pick = lambda **kw: select(logits, 1, DiffusionParams(**kw), rng, offsets)[1].tolist()  # noqa: E731
+    assert pick(entropy_bound=0.5) == [1, 2]  # sure, bolder coin; the second coin would exceed the bound
+    assert pick(entropy_bound=0.5, position_decay=1.0) == [0]  # the earlier coin first; the rest wait a step
+    assert pick(threshold=0.9) == [2] and pick(threshold=0.99, position_decay=1.0) == [2]
+    assert select(logits[:2], 1, DiffusionParams(), rng, offsets[:2])[1].tolist() == [1]
+    assert select(logits[:2], 1, DiffusionParams(position_decay=0.5), rng, offsets[:2])[1].tolist() == [0]
+    for rule in ("margin", "entropy"):  # (the entropy score is negative: the decay still ranks the later one lower)
+        assert select(logits[:2], 1, DiffusionParams(remasking=rule, position_decay=2.0), rng,
+                      offsets[:2])[1].tolist() == [0]
+        assert select(logits[:2], 1, DiffusionParams(remasking=rule), rng, offsets[:2])[1].tolist() == [1]
 
 
 def test_schedule_spreads_tokens_evenly():
