@@ -122,39 +122,61 @@ class BlockBatch:
             self._advance(st, logits[id(st)])
 
     def _logits(self) -> dict[int, np.ndarray]:
-        """The current block's logits [L, V] of every sequence: one graph run per group of rows sharing a block
-        length and a token count (L, or 2L for the rows that also commit their previous block)."""
+        """The current block's logits [L, V] of every sequence: one graph run per block length. Rows that also
+        commit their previous block run 2L tokens; the others run their block then L throw-away mask tokens (a later
+        block, which the block cannot attend to; its K/V land past the row's length), so that both share the run
+        (unless that padding would pass the context, then they run apart)."""
         out: dict[int, np.ndarray] = {}
         by_slot = {st.cache.slot: st for st in self._states}
-        for key in sorted({(st.block, st.commit) for st in self._states}):
-            group = {st.cache.slot: st for st in self._states if (st.block, st.commit) == key}
-            L, fused = key
-            lo, hi = min(group), max(group) + 1
-            width = 2 * L if fused else L
-            shift = int(self.model.token_shift and fused)  # a commit also yields the previous block's last logit
-            rows, lengths = np.zeros((hi - lo, width), np.int64), []
-            for r in range(lo, hi):
-                st = group.get(r)
-                if st is None:  # another sequence's row, or a free one: throw-away tokens after what it holds
-                    other = by_slot.get(r)
-                    lengths.append(len(other.cache) if other is not None else 0)
-                    continue
-                begin = st.lo - L if fused else st.lo
-                rows[r - lo] = st.x[begin:st.lo + L]
-                st.cache.rewind_to(begin)  # a step rewrites the block's rows: a length change, not a copy
-                lengths.append(begin)
-            result = self.model.run_rows(rows, self.slots, lo, lengths, keep=L + shift, feeds=block_feed(L))
-            for r, st in group.items():
-                st.cache.tokens.extend(st.x[st.lo - L if fused else st.lo:st.lo + L])
-                st.commit = False
-                st.seq.stats.forward_passes += 1
-                st.seq.stats.positions_computed += width
-                got = result[r - lo]
-                if shift:  # positions lo-1..lo+L-1: the first is the previous (now clean) block's last
-                    st.first, got = got[0], got[:L]
-                elif self.model.token_shift:  # positions lo..lo+L-1
-                    got = self._after_first(st, got)
-                out[id(st)] = got
+        m = self.model
+        groups: dict[tuple[int, bool], list[_State]] = {}
+        for st in self._states:
+            groups.setdefault((st.block, st.commit), []).append(st)
+        for L in sorted({st.block for st in self._states}):
+            fused, alone = groups.get((L, True), []), groups.get((L, False), [])
+            if fused and alone and all(st.lo + 2 * L <= m.max_context for st in alone):
+                runs = [fused + alone]
+            else:
+                runs = [g for g in (fused, alone) if g]
+            for run in runs:
+                out.update(self._run_group(L, run, by_slot))
+        return out
+
+    def _run_group(self, L: int, group: list[_State], by_slot: dict[int, _State]) -> dict[int, np.ndarray]:
+        m = self.model
+        slots = {st.cache.slot: st for st in group}
+        lo, hi = min(slots), max(slots) + 1
+        commits = {st.commit for st in group}
+        width = 2 * L if True in commits else L
+        keep = width if len(commits) == 2 else L + int(m.token_shift and True in commits)
+        rows, lengths = np.full((hi - lo, width), m.mask_id, np.int64), []
+        for r in range(lo, hi):
+            st = slots.get(r)
+            if st is None:  # another sequence's row, or a free one: throw-away tokens after what it holds
+                other = by_slot.get(r)
+                lengths.append(len(other.cache) if other is not None else 0)
+                continue
+            begin = st.lo - L if st.commit else st.lo
+            tokens = st.x[begin:st.lo + L]
+            rows[r - lo, :len(tokens)] = tokens
+            st.cache.rewind_to(begin)  # a step rewrites the block's rows: a length change, not a copy
+            lengths.append(begin)
+        result = m.run_rows(rows, self.slots, lo, lengths, keep=keep, feeds=block_feed(L))
+        out: dict[int, np.ndarray] = {}
+        for r, st in slots.items():
+            begin = st.lo - L if st.commit else st.lo
+            st.cache.tokens.extend(st.x[begin:st.lo + L])
+            st.seq.stats.forward_passes += 1
+            st.seq.stats.positions_computed += width
+            shift = int(m.token_shift and st.commit)  # a commit also yields the previous block's last logit
+            j = st.lo - shift - begin - (width - keep)  # where position lo - shift sits among the kept logits
+            got = result[r - lo, j:j + L + shift]
+            if shift:  # positions lo-1..lo+L-1: the first is the previous (now clean) block's last
+                st.first, got = got[0], got[:L]
+            elif m.token_shift:  # positions lo..lo+L-1
+                got = self._after_first(st, got)
+            st.commit = False
+            out[id(st)] = got
         return out
 
     @staticmethod
