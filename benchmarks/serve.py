@@ -158,7 +158,7 @@ def main() -> None:
     print("starting servers and loading the in-process runtime ...", file=sys.stderr)
     server = Server(args.bundle, args.threads)
     cold = Server(args.bundle, args.threads, "--prefix-cache-entries", "0")
-    model = rt.load(args.bundle, threads=args.threads)
+    model = rt.load(args.bundle, threads=args.threads, spin=False)  # as the server (edgekit serve --no-spin)
 
     per_level: dict[int, list[dict]] = {c: [] for c in levels}
     inproc: list[float] = []

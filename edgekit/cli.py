@@ -321,7 +321,11 @@ def describe(bundle: Path, m: Any) -> str:
 @click.option("--header-timeout", default=10.0, show_default=True, help="Seconds a client has to send headers.")
 @click.option("--body-timeout", default=30.0, show_default=True, help="Seconds a client has to send its body.")
 @click.option("--max-connections", default=256, show_default=True, help="Open connections beyond this get 503.")
-@click.option("--threads", type=int, default=None)
+@click.option("--threads", type=int, default=None, help="onnxruntime threads [onnxruntime decides]; a model this "
+              "small may serve more with 1 on a 2-core device (benchmarks/results/serve-*.md).")
+@click.option("--spin/--no-spin", default=False, show_default=True,
+              help="Let onnxruntime's threads busy-wait between runs (a little lower latency for one stream; "
+                   "takes cores from the HTTP side when they are shared).")
 @click.option("--provider", "providers", multiple=True)
 def serve(bundle: Path, providers: tuple[str, ...], **opts: Any) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API with streaming."""

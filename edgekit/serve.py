@@ -51,6 +51,7 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     model_name: str | None = None
     threads: int | None = None
+    spin: bool = False  # onnxruntime threads busy-wait between runs (they would take cores from the HTTP side)
     providers: tuple[str, ...] | None = None
     prefix_cache_entries: int = 8
     header_timeout: float = 10.0  # seconds a client has to send a request's headers
@@ -88,7 +89,8 @@ class ServerState:
 
     def load(self) -> None:
         try:
-            model = load(self.cfg.bundle, providers=self.cfg.providers, threads=self.cfg.threads)
+            model = load(self.cfg.bundle, providers=self.cfg.providers, threads=self.cfg.threads,
+                         spin=self.cfg.spin)
             self.model = model  # (before the engine: a request is admitted once the engine is there)
             self.engine = Engine(model, self.cfg.max_batch, self.cfg.max_queue, self.cfg.prefix_cache_entries).start()
         except EdgekitError as e:

@@ -15,10 +15,13 @@ from edgekit.runtimes.errors import BundleError, ConfigError, did_you_mean
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """How sessions are created. ``providers=None``: the bundle's recorded order; ``threads=None``: ORT decides."""
+    """How sessions are created. ``providers=None``: the bundle's recorded order; ``threads=None``: ORT decides;
+    ``spin=False``: onnxruntime's worker threads sleep between runs instead of busy-waiting (a server whose HTTP side
+    shares the cores wants that; None: onnxruntime's default, spinning)."""
 
     providers: tuple[str, ...] | None = None
     threads: int | None = None
+    spin: bool | None = None
     engine_cache: Path | None = None  # TensorRT engine + timing caches [a folder beside the bundle]
 
 
@@ -108,6 +111,8 @@ def create_session(bundle_dir: Path, graph: GraphSpec, options: BackendOptions, 
             raise ConfigError(f"threads must be >= 1, got {options.threads}.")
         so.intra_op_num_threads = options.threads
     so.inter_op_num_threads = 1
+    if options.spin is False:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     for key, value in runtime.session_config.items():
         so.add_session_config_entry(key, value)

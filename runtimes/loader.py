@@ -19,16 +19,18 @@ def load(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
     verify_hashes: bool = True,
+    spin: bool | None = None,
 ) -> Model:
     """Load a bundle for inference; ``providers`` overrides the bundle's recorded execution providers (e.g.
     ["CPUExecutionProvider"]).
 
     The manifest's format version and every file's SHA-256 are checked first (``verify_hashes=False`` skips hashing,
-    for fast restarts of a bundle already verified).
+    for fast restarts of a bundle already verified). ``spin=False``: onnxruntime's threads sleep between runs
+    (``BackendOptions.spin``).
     """
     root = Path(bundle_dir)
     manifest = load_manifest(root, check_hashes=verify_hashes)  # refuses kinds outside bundle.MODEL_KINDS
-    backend = BackendOptions(providers=tuple(providers) if providers else None, threads=threads)
+    backend = BackendOptions(providers=tuple(providers) if providers else None, threads=threads, spin=spin)
     if manifest.kind == "diffusion":
         return DiffusionModel(root, manifest, backend)
     if manifest.kind == "block_diffusion":

@@ -213,3 +213,15 @@ def test_doctor_says_where_a_tensorrt_bundle_runs_and_whether_its_engines_exist(
     assert m.bundle["engine_cache"].startswith("1 TensorRT engine(s)") and "engines" in m.table()
     cpu = inspect(root, providers=["CPUExecutionProvider"], arch="aarch64", bundle=bundle)
     assert cpu.bundle["runs_on"] == "CPUExecutionProvider" and cpu.bundle["fallback"]
+
+
+def test_spin_false_lets_onnxruntime_threads_sleep_between_runs(llama_bundle):
+    """``edgekit serve`` loads with spin=False (its HTTP side shares the cores); the library default is ORT's."""
+    from edgekit.serve import ServeConfig
+
+    key = "session.intra_op.allow_spinning"
+    quiet = load(llama_bundle, spin=False).session.get_session_options()
+    assert quiet.get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: onnxruntime spins
+        load(llama_bundle).session.get_session_options().get_session_config_entry(key)
+    assert ServeConfig(bundle=llama_bundle).spin is False
