@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-train", action="store_true", help="benchmark the models already trained, skip the rest")
+    ap.add_argument("--rounds", type=int, default=5, help="head to head: times the AR model and the fastest settings "
+                    "within a point of it are run, alternated")
     args = ap.parse_args()
     import edgekit.runtimes as rt
 
@@ -156,34 +158,54 @@ def main() -> None:
               f"{row['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
 
     ar = rt.load(export(args.task, "ar"), threads=args.threads)
+    models = {"ar": ar}
+    ar_options = dict(max_new_tokens=gen, temperature=0)
     log({"setting": "AR model (same size), greedy, KV cache", "kind": "ar", "cache": "kv", "rule": "AR",
-         **measure(ar, prompts, max_new_tokens=gen, temperature=0)})
+         "options": ar_options, **measure(ar, prompts, **ar_options)})
     if have["bdllm"]:
-        bd = rt.load(export(args.task, "bdllm"), threads=args.threads)
+        bd = models["block"] = rt.load(export(args.task, "bdllm"), threads=args.threads)
         for b in BLOCKS:
             whole = -(-gen // b) * b  # the answer in whole blocks (a shorter task answer is then EOS padding)
             for label, opts in block_rules(whole):
+                options = dict(gen_length=whole, block_length=b, **opts)
                 log({"setting": f"block-diffusion B={b} / {label}", "kind": "block", "cache": "exact KV",
-                     "block": b, "rule": label, **opts,
-                     **measure(bd, prompts, gen_length=whole, block_length=b, **opts)})
+                     "block": b, "rule": label, **opts, "options": options, **measure(bd, prompts, **options)})
         cost = forward_cost(bd)
     else:
         cost = forward_cost(ar)
     if have["dllm"]:
-        dllm = rt.load(export(args.task, "dllm"), threads=args.threads)
+        dllm = models["full"] = rt.load(export(args.task, "dllm"), threads=args.threads)
         for cache, label, opts in full_settings(gen, min(BLOCK, gen)):
+            options = dict(gen_length=gen, block_length=min(BLOCK, gen), cache=cache, **opts)
             log({"setting": f"full dLLM {cache} / {label}", "kind": "full", "cache": cache, "rule": label, **opts,
-                 **measure(dllm, prompts, gen_length=gen, block_length=min(BLOCK, gen), cache=cache, **opts)})
+                 "options": options, **measure(dllm, prompts, **options)})
     ar_row = rows[0]
     for r in rows:
         r["tokens_per_s_vs_ar"] = r["tokens_per_s"] / ar_row["tokens_per_s"]
     close = [r for r in rows[1:] if r["accuracy"] >= ar_row["accuracy"] - 0.01]
     best = {k: max((r for r in close if r["kind"] == k), key=lambda r: r["tokens_per_s"], default=None)
             for k in ("block", "full")}
+    # the sweep runs each row once, minutes apart on a shared machine: the speed claim comes from the AR model and the
+    # fastest settings within a point of it, run alternately, medians
+    # (where none is within a point: the most accurate setting of that kind, the fastest of those)
+    top = {k: best[k] or max((r for r in rows if r["kind"] == k), key=lambda r: (r["accuracy"], r["tokens_per_s"]),
+                             default=None) for k in best}
+    contenders = [ar_row] + [r for r in top.values() if r is not None]
+    runs: dict[str, list[float]] = {r["setting"]: [] for r in contenders}
+    for i in range(args.rounds):
+        for r in contenders:
+            runs[r["setting"]].append(measure(models[r["kind"]], prompts, **r["options"])["tokens_per_s"])
+        print(f"head to head {i + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in runs.items()),
+              file=sys.stderr, flush=True)
+    ar_runs = runs[ar_row["setting"]]
+    head = {k: {"kind": next(r["kind"] for r in contenders if r["setting"] == k), "tokens_per_s": v,
+                "accuracy": next(r["accuracy"] for r in contenders if r["setting"] == k),
+                "median_tokens_per_s": statistics.median(v),
+                "median_ratio_vs_ar": statistics.median(x / y for x, y in zip(v, ar_runs))} for k, v in runs.items()}
     info = {k: json.loads((folder(args.task, k) / "task.json").read_text()) for k, ok in have.items() if ok}
     result = {"benchmark": "denoise", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
               "task": args.task, "models": info, "eval_prompts": len(prompts), "gen_length": gen, "rows": rows,
-              "forward_cost_vs_1_token": cost,
+              "forward_cost_vs_1_token": cost, "head_to_head": {"rounds": args.rounds, "rows": head},
               "best_within_1_point_of_ar": {k: (None if r is None else {"setting": r["setting"],
                                                                        "accuracy": r["accuracy"],
                                                                        "tokens_per_s_vs_ar": r["tokens_per_s_vs_ar"]})
@@ -197,7 +219,10 @@ def render(r: dict) -> str:
     lines = [f"# Denoising benchmark, task `{r['task']}` ({r['date']})", "",
              f"{r['eval_prompts']} held-out prompts, {r['gen_length']}-token answers, exact check (shuffle: any "
              "valid order). Models, all 4 layers x 128 wide, one character tokenizer: AR = Llama trained on next-token "
-             "prediction; block-diffusion = the same Llama trained with the two-stream block-causal objective on "
+             "prediction; block-diffusion = the same Llama "
+             + ("adapted from that AR model (its token shift kept: Fast-dLLM v2 / SDAR) with"
+                if models.get("bdllm", {}).get("init") else "trained with")
+             + " the two-stream block-causal objective on "
              "blocks of 4, 8 and 16, decoded on edgekit's exact KV cache; full dLLM = ModernBERT masked-diffusion LM "
              "(bidirectional over the whole sequence; prefix/dual are Fast-dLLM's approximate caches). Training: "
              + ", ".join(f"{k} {v['steps']} steps ({v['train_seconds']:.0f} s)" for k, v in models.items())
@@ -210,9 +235,18 @@ def render(r: dict) -> str:
                          f"{b['accuracy']:.1%}, **{b['tokens_per_s_vs_ar']:.2f}x** the AR model's tokens/s.")
         elif any(row["kind"] == kind for row in r["rows"]):
             lines.append(f"No {label} setting comes within 1 point of the AR model's accuracy.")
+    h2h = r.get("head_to_head")
+    if h2h:
+        lines += ["", f"Head to head (the AR model and the fastest setting of each kind within a point of it, or the "
+                  f"most accurate where none is; run alternately {h2h['rounds']} times on the same prompts; medians):",
+                  "", "| setting | accuracy | tokens/s (median) | vs AR (median of per-round ratios) |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {k} | {v['accuracy']:.1%} | {v['median_tokens_per_s']:.0f} | {v['median_ratio_vs_ar']:.2f}x |"
+                  for k, v in h2h["rows"].items()]
     cost = ", ".join(f"{s} tokens {c:.2f}x" for s, c in r["forward_cost_vs_1_token"].items())
     lines += ["", f"Cost of an S-token forward vs a 1-token forward on a 48-position cache (this machine): {cost}.",
-              "", "| model / setting | accuracy | forward passes | tokens/forward | positions computed | latency ms | "
+              "", "The sweep (each row run once, in this order):", "",
+              "| model / setting | accuracy | forward passes | tokens/forward | positions computed | latency ms | "
               "first block ms | tokens/s | vs AR |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         lines.append(f"| {row['setting']} | {row['accuracy']:.1%} | {row['forward_passes']:.1f} | "

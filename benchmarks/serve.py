@@ -8,7 +8,7 @@ Writes benchmarks/results/serve.{json,md,png}.
     python benchmarks/serve.py --bundle .cache/dllm/pairs_copy/bundle-bdllm --task pairs_copy \
         --fields '{"diffusion_steps": 48, "threshold": 0.9}' --max-tokens 48 --concurrency 1,2,4
       (a dLLM bundle: the task's prompts through /v1/completions, the fields sent with every request; writes
-       results/serve-<task>.*; no chat-turn part)
+       results/serve-<task>.*; no chat-turn part; --threads N other than 2 adds -tN to the name)
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def main() -> None:
         "raw": {"inproc": inproc, "served": served, "warm_t2": warm_t2, "cold_t2": cold_t2},
     }
     result["settings"].update(task=args.task, fields=FIELDS)
-    name = "serve" if args.task is None else f"serve-{args.task}"
+    name = ("serve" if args.task is None else f"serve-{args.task}") + ("" if args.threads == 2 else f"-t{args.threads}")
     save_results(name, result, render, lambda r: plot(r, name))
 
 

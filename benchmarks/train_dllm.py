@@ -21,8 +21,14 @@ masked-diffusion objective (mask ratio t ~ U(0, 1), cross-entropy on masked answ
 a Llama causal LM of the same width/depth trained on next-token prediction, and (``bdllm``) the same Llama trained
 as a block-diffusion LM (BD3-LM / SDAR's two-stream objective: the noisy sequence x_t next to the clean x_0, x_t
 attending to its own block of x_t and to earlier blocks of x_0, x_0 block-causal; loss on masked x_t positions
-weighted 1/t, one noise level per sample; blocks of 4, 8 and 16 in turn so one model serves all three; its config's
-block_diffusion_length(s) tell edgekit's export); one character-level tokenizer. For
+weighted 1/t, one noise level per sample, stratified over the batch; blocks of 4, 8 and 16 in turn so one model
+serves all three; its config's block_diffusion_length(s) tell edgekit's export); one character-level tokenizer. With
+``--init ar`` the block model starts from the trained AR model and keeps its token shift (Fast-dLLM v2 / SDAR adapt
+AR checkpoints this way; config block_diffusion_token_shift): token i is predicted at position i - 1, a block's first
+token from the clean previous block's last position. Measured here: from scratch, 2,500 steps learned the copies but
+not the pair sums (1%); adapted from the AR model it keeps left-to-right dependencies (b given a: 100%) but in 2,000
+steps did not learn right-to-left ones inside a block (a given b: chance), so it decodes correctly with a positional
+prior (``position_decay``) that commits the earlier of two uncertain positions first. For
 --prompt-isolated the dLLM is trained with prompt-isolated attention (prompt positions do not attend to the answer;
 config.attention_prompt_isolated), which makes the prompt's KV cache exact. Measured here: the bidirectional dLLM
 (3000 steps, ~31 min on 2 busy cores) decodes pairs_copy at 99-100% but routes the pair constraint through the
@@ -31,6 +37,7 @@ Fast-dLLM's approximate caches (stale prompt keys/values) drop it to 0%; the pro
 but not the pairs in 4000 steps (2.5%).
 
     python benchmarks/train_dllm.py --steps 3000 --only dllm; python benchmarks/train_dllm.py --steps 600 --only ar
+    python benchmarks/train_dllm.py --only bdllm --init ar --steps 600 --lr 5e-4   # then --resume for more
 """
 
 from __future__ import annotations
