@@ -143,15 +143,16 @@ class BlockBatch:
         return out
 
     def _run_group(self, L: int, group: list[_State], by_slot: dict[int, _State]) -> dict[int, np.ndarray]:
+        """One graph run over the rows of ``group`` (block length ``L``); each one's block logits [L, V]."""
         m = self.model
-        slots = {st.cache.slot: st for st in group}
-        lo, hi = min(slots), max(slots) + 1
+        rows_of = {st.cache.slot: st for st in group}
+        lo, hi = min(rows_of), max(rows_of) + 1
         commits = {st.commit for st in group}
         width = 2 * L if True in commits else L
         keep = width if len(commits) == 2 else L + int(m.token_shift and True in commits)
         rows, lengths = np.full((hi - lo, width), m.mask_id, np.int64), []
         for r in range(lo, hi):
-            st = slots.get(r)
+            st = rows_of.get(r)
             if st is None:  # another sequence's row, or a free one: throw-away tokens after what it holds
                 other = by_slot.get(r)
                 lengths.append(len(other.cache) if other is not None else 0)
@@ -163,7 +164,7 @@ class BlockBatch:
             lengths.append(begin)
         result = m.run_rows(rows, self.slots, lo, lengths, keep=keep, feeds=block_feed(L))
         out: dict[int, np.ndarray] = {}
-        for r, st in slots.items():
+        for r, st in rows_of.items():
             begin = st.lo - L if st.commit else st.lo
             st.cache.tokens.extend(st.x[begin:st.lo + L])
             st.seq.stats.forward_passes += 1
