@@ -126,6 +126,23 @@ def concurrent(url: str, c: int, max_tokens: int, offset: int, per_stream: int =
     return {"aggregate_tok_s": sum(r["tokens"] for r in done) / wall, "ttfts": [r["ttft_s"] for r in done]}
 
 
+def in_process(model, c: int, max_tokens: int, offset: int, per_stream: int = 1) -> float:
+    """The same load without HTTP: c * per_stream requests through the model's own batch, at most c at once;
+    aggregate tok/s (what continuous batching alone gives on this machine)."""
+    batch = model.new_batch(c)
+    pending = [model.tokenizer.encode_prompt(prompt(offset + i)) for i in range(c * per_stream)]
+    seqs = []
+    start = time.perf_counter()
+    while pending or batch.active:
+        while pending and len(batch.active) < c:
+            ids = pending.pop(0)
+            seqs.append(model.new_sequence(ids, model.params(len(ids), max_new_tokens=max_tokens, temperature=0,
+                                                             **FIELDS)))
+            batch.admit(seqs[-1])
+        batch.step()
+    return sum(len(q.stats.token_ids) for q in seqs) / (time.perf_counter() - start)
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -161,6 +178,7 @@ def main() -> None:
     model = rt.load(args.bundle, threads=args.threads, spin=False)  # as the server (edgekit serve --no-spin)
 
     per_level: dict[int, list[dict]] = {c: [] for c in levels}
+    batched: dict[int, list[float]] = {c: [] for c in levels}  # the same load in-process (no HTTP)
     inproc: list[float] = []
     served: list[float] = []
     inproc_e2e: list[float] = []  # whole request: tokens / wall time (prefill and first block included)
@@ -187,6 +205,7 @@ def main() -> None:
         for c in levels:
             per_level[c].append(concurrent(server.url, c, args.max_tokens, offset=r * 8,
                                            per_stream=args.requests_per_stream))
+            batched[c].append(in_process(model, c, args.max_tokens, r * 8, args.requests_per_stream))
         if args.task is not None:
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{c}x {per_level[c][-1]['aggregate_tok_s']:.1f}" for c in levels), file=sys.stderr)
@@ -210,10 +229,12 @@ def main() -> None:
     for c in levels:
         ttfts = [t for run in per_level[c] for t in run["ttfts"]]
         rows.append({"concurrency": c, "aggregate_tok_s": statistics.median(x["aggregate_tok_s"] for x in per_level[c]),
-                     "ttft_p50_ms": pct(ttfts, 0.5) * 1000, "ttft_p95_ms": pct(ttfts, 0.95) * 1000})
-    base = rows[0]["aggregate_tok_s"]
+                     "ttft_p50_ms": pct(ttfts, 0.5) * 1000, "ttft_p95_ms": pct(ttfts, 0.95) * 1000,
+                     "in_process_tok_s": statistics.median(batched[c])})
+    base, base_in = rows[0]["aggregate_tok_s"], rows[0]["in_process_tok_s"]
     for row in rows:
         row["scaling"] = row["aggregate_tok_s"] / base
+        row["in_process_scaling"] = row["in_process_tok_s"] / base_in
     result = {
         "benchmark": "serve", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
         "settings": {"bundle": str(args.bundle), "threads": args.threads, "rounds": args.rounds,
@@ -242,11 +263,13 @@ def render(r: dict) -> str:
              f"{s['bundle']}; {s['rounds']} rounds, medians; {s['max_tokens']} max tokens per request, greedy"
              + (f"; task {s['task']} prompts, request fields {s['fields']}." if s.get("task") else "."),
              f"Versions: {', '.join(f'{k} {v}' for k, v in r['machine']['versions'].items())}", "",
-             "| concurrent streams | aggregate tok/s | vs 1 stream | TTFT p50 (ms) | TTFT p95 (ms) |",
-             "|---:|---:|---:|---:|---:|"]
+             "| concurrent streams | aggregate tok/s | vs 1 stream | TTFT p50 (ms) | TTFT p95 (ms) | same load "
+             "in-process (no HTTP) tok/s | vs 1 |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["concurrency"]:
+        inp = (f"{row['in_process_tok_s']:.1f} | {row['in_process_scaling']:.2f}x" if "in_process_tok_s" in row
+               else "- | -")
         lines.append(f"| {row['concurrency']} | {row['aggregate_tok_s']:.1f} | {row['scaling']:.2f}x | "
-                     f"{row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} |")
+                     f"{row['ttft_p50_ms']:.0f} | {row['ttft_p95_ms']:.0f} | {inp} |")
     lines += ["", f"Single stream decode: in-process runtime {ss['in_process_decode_tok_s']:.1f} tok/s, through the "
               f"server {ss['server_decode_tok_s']:.1f} tok/s: server overhead **{ss['server_overhead'] * 100:.1f}%**."
               + (f" Whole request (tokens / wall time, first block included): in-process "
