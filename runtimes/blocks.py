@@ -60,6 +60,11 @@ class _State:
     def feeds(self) -> dict[str, np.ndarray]:
         return block_feed(self.block)
 
+    @property
+    def begin(self) -> int:
+        """Where this step's tokens start: the previous block's start when it is committed with this step."""
+        return self.lo - self.block if self.commit else self.lo
+
 
 def block_feed(block: int) -> dict[str, np.ndarray]:
     """The graph's ``block_length`` input for a run."""
@@ -68,8 +73,9 @@ def block_feed(block: int) -> dict[str, np.ndarray]:
 
 class BlockBatch:
     """Block-diffusion sequences decoding together on one ``BlockDiffusionModel``: each holds a row of one KV buffer;
-    a step runs every sequence's current block in one graph run per (block length, token count) group (a row that
-    also commits its previous block runs 2L tokens), then applies each sequence's unmasking rule. Blocks are aligned
+    a step runs every sequence's current block in one graph run per block length (a row that also commits its
+    previous block runs 2L tokens; ``_logits`` says how the others share that run), then applies each sequence's
+    unmasking rule. Blocks are aligned
     to absolute positions, so a sequence's first block also holds the prompt's tail. ``cached=False`` recomputes each
     sequence from scratch every step instead (one at a time; the exactness reference); ``reference`` (a provider of
     ``blocks(tokens, block) -> logits``, e.g. PyTorch for parity) recomputes on it."""
@@ -157,20 +163,18 @@ class BlockBatch:
                 other = by_slot.get(r)
                 lengths.append(len(other.cache) if other is not None else 0)
                 continue
-            begin = st.lo - L if st.commit else st.lo
-            tokens = st.x[begin:st.lo + L]
+            tokens = st.x[st.begin:st.lo + L]
             rows[r - lo, :len(tokens)] = tokens
-            st.cache.rewind_to(begin)  # a step rewrites the block's rows: a length change, not a copy
-            lengths.append(begin)
+            st.cache.rewind_to(st.begin)  # a step rewrites the block's rows: a length change, not a copy
+            lengths.append(st.begin)
         result = m.run_rows(rows, self.slots, lo, lengths, keep=keep, feeds=block_feed(L))
         out: dict[int, np.ndarray] = {}
         for r, st in rows_of.items():
-            begin = st.lo - L if st.commit else st.lo
-            st.cache.tokens.extend(st.x[begin:st.lo + L])
+            st.cache.tokens.extend(st.x[st.begin:st.lo + L])
             st.seq.stats.forward_passes += 1
             st.seq.stats.positions_computed += width
             shift = int(m.token_shift and st.commit)  # a commit also yields the previous block's last logit
-            j = st.lo - shift - begin - (width - keep)  # where position lo - shift sits among the kept logits
+            j = st.lo - shift - st.begin - (width - keep)  # where position lo - shift sits among the kept logits
             got = result[r - lo, j:j + L + shift]
             if shift:  # positions lo-1..lo+L-1: the first is the previous (now clean) block's last
                 st.first, got = got[0], got[:L]
