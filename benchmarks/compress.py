@@ -84,7 +84,7 @@ class EdgekitEngine:
         self.model.stop_ids = frozenset()
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        return self.model.forward(ids, self.model.new_cache(), logits_to_keep=len(ids))
+        return self.model.graph.forward(ids, self.model.graph.new_cache(), logits_to_keep=len(ids))
 
     def speed(self, ids: list[int], n: int) -> tuple[float, float]:
         from edgekit.runtimes.model import run_one
@@ -231,7 +231,7 @@ def main() -> None:
     tag = "" if args.source == "smollm2-135m-instruct" else "-" + "".join(c if c.isalnum() or c in ".-" else "-"
                                                                            for c in args.source)
     CACHE.mkdir(parents=True, exist_ok=True)
-    from edgekit.parity import PROMPTS
+    from edgekit.export.prompts import PROMPTS
 
     log("reference: loading the PyTorch model ...")
     ref, prompt_ids, ref_logits, eval_ids, (model, tok, ppl_ref_logits) = reference(args.source,

@@ -123,10 +123,10 @@ def forward_cost(model, runs: int = 30) -> dict[int, float]:
     for s in (1, 2, 4, 8, 16, 32):
         times = []
         for _ in range(runs):
-            cache = model.new_cache()
-            model.forward(ids, cache)
+            cache = model.graph.new_cache()
+            model.graph.forward(ids, cache)
             t0 = time.perf_counter()
-            model.forward(ids[:s], cache, logits_to_keep=s)
+            model.graph.forward(ids[:s], cache, logits_to_keep=s)
             times.append(time.perf_counter() - t0)
             cache.release()
         out[s] = statistics.median(times)

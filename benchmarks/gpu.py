@@ -67,7 +67,7 @@ def decode_speed(path: Path, provider: str, tokens: int, runs: int) -> dict:
     ready = time.perf_counter() - start
     speeds = [once(tokens) for _ in range(runs)]
     return {"decode_tok_s": statistics.median(speeds), "runs": speeds, "load_and_first_run_s": ready,
-            "session_providers": model.session.get_providers()}
+            "session_providers": model.graph.session.get_providers()}
 
 
 def main() -> int:

@@ -189,14 +189,19 @@ def quality_cmd(bundle: Path, reference: str, text_file: str | None, plot_path: 
                 trust_remote_code: bool) -> None:
     """Perplexity, agreement with the uncompressed model, size and speed of BUNDLE."""
     from edgekit.export import prompts, quality, source
+    from edgekit.export.reference import TorchReference
+    from edgekit.export.registry import lookup
     from edgekit.runtimes import load
 
     text = quality.read_text(text_file)
     runtime = load(bundle)
     ref = source.resolve(reference)
-    model, tok = source.load_model(ref, trust_remote_code), source.load_tokenizer(ref, trust_remote_code)
-    baseline = quality.reference(model, prompts.prompt_ids(tok, runtime.tokenizer.has_chat_template),
-                                 tok(text)["input_ids"], max_tokens=runtime.max_context)
+    model = source.load_model(ref, trust_remote_code, lookup(runtime.manifest.architecture).auto_classes)
+    tok = source.load_tokenizer(ref, trust_remote_code)
+    baseline = quality.baseline(TorchReference.for_manifest(model, runtime.manifest),
+                                prompts.prompt_ids(tok, runtime.tokenizer.has_chat_template), tok(text)["input_ids"],
+                                max_tokens=runtime.max_context, objective=runtime.objective,
+                                mask_id=runtime.manifest.tokens.mask_id)
     report = quality.evaluate(runtime, baseline, bundle)
     click.echo(report.table())
     if plot_path:

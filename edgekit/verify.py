@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.parity import REFERENCE_FORMAT, TOLERANCES, ParityReport, TopK, score, tolerance_key
+from edgekit.report import REFERENCE_FORMAT, TOLERANCES, ParityReport, TopK, score, tolerance_key
 from edgekit.runtimes import load
 from edgekit.runtimes.bundle import bundle_file
 from edgekit.runtimes.errors import BundleError

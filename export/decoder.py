@@ -13,6 +13,7 @@ from edgekit.export import gguf, onnx_graph, prompts, prune, quality, quantize, 
 from edgekit.export.manifest import Built
 from edgekit.export.plan import Plan
 from edgekit.export.progress import Progress
+from edgekit.export.reference import TorchReference
 from edgekit.export.registry import ArchSpec
 from edgekit.export.source import SourceRef
 from edgekit.runtimes import bundle as bdl
@@ -21,17 +22,22 @@ from edgekit.runtimes.errors import UnsupportedModelError
 STAGES = 1  # progress stages of ``build`` (plus one when pruning)
 
 
-def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, progress: Progress) -> Built:
-    """Write ``model.onnx`` into ``stage``; return its manifest entries."""
+def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, progress: Progress,
+          reference: TorchReference) -> Built:
+    """Write ``model.onnx`` into ``stage``; return its manifest entries. ``reference``: the PyTorch model's logits,
+    shared with parity (the prompts' forwards run once)."""
     spec = plan.spec
+    block = int(getattr(model.config, BLOCK_FLAG, 0) or 0)
+    if block:
+        reference = TorchReference(model, "block", block)
     # the uncompressed model's outputs, taken before pruning so the quality report shows its cost
-    baseline = quality.reference(model, prompts.prompt_ids(tokenizer, bool(tokenizer.chat_template)),
-                                 tokenizer(plan.eval_text)["input_ids"], max_tokens=plan.max_context,
-                                 block_length=int(getattr(model.config, BLOCK_FLAG, 0) or 0))
+    baseline = quality.baseline(reference, prompts.prompt_ids(tokenizer, bool(tokenizer.chat_template)),
+                                tokenizer(plan.eval_text)["input_ids"], max_tokens=plan.max_context)
     pruning = None
     if plan.prune is not None:
         with progress.stage(f"Pruning ({plan.prune.label()}, importance from calibration text)"):
             pruning = prune.apply(model, tokenizer, plan.prune, plan.calibration_text)
+            reference.forget()  # (the weights changed: parity compares with the pruned model)
             progress.note(", ".join(f"{k}: {v}" for k, v in pruning.items() if k != "block_influence"))
     with progress.stage(f"Building the ONNX graph ({spec.architecture}, {plan.label()})"):
         dims, weights = decoder_parts(model, spec, plan.max_context)
@@ -58,12 +64,10 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
         kind="block_diffusion" if dims.block_length else None,
         mask_id=_mask_id(tokenizer, spec) if dims.block_length else None,
         quantization=quant,
-        extra={"attention": {"num_heads": dims.num_heads, "local_window": dims.local_window,
-                             "layer_windows": list(dims.layer_windows), "block_length": dims.block_length,
-                             "block_lengths": list(dims.block_lengths),
-                             "token_shift": bool(dims.block_length and getattr(model.config, SHIFT_FLAG, False))},
-               "pruning": pruning,
-               "sparse_2_4": bool(pruning and pruning.get("pattern") == "2:4")},
+        block_attention=bdl.BlockAttention(dims.block_length, dims.block_lengths,
+                                           bool(getattr(model.config, SHIFT_FLAG, False))) if dims.block_length
+        else None,
+        extra={"pruning": pruning} if pruning else {},
         check=check,
     )
 

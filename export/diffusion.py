@@ -28,10 +28,6 @@ if TYPE_CHECKING:
     from edgekit.export.progress import Progress
     from edgekit.export.source import SourceRef
 
-DEFAULTS = {"gen_length": 64, "block_length": 32, "diffusion_steps": 64, "remasking": "low_confidence",
-            "threshold": None}
-
-
 def build_denoiser(model: Any) -> onnx.ModelProto:
     """Export the whole masked LM: input_ids [B, S], attention_mask [B, S] -> logits [B, S, V]."""
     import torch
@@ -301,13 +297,15 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
 STAGES = 2  # progress stages of ``build``
 
 
-def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, progress: Progress) -> Built:
+def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, progress: Progress,
+          reference: Any = None) -> Built:
     """A masked LM as a diffusion bundle: the whole-sequence denoiser graph and, when the model's attention allows,
     the encode/block graphs of the cached modes; written into ``stage``. Returns its manifest entries."""
     from edgekit.export import onnx_graph
     from edgekit.export.manifest import Built
-    from edgekit.runtimes.bundle import GraphSpec
-    from edgekit.runtimes.unmasking import CACHE_MODES, Remasking
+    from edgekit.runtimes.bundle import DiffusionGraphs, GraphSpec
+    from edgekit.runtimes.diffusion_params import DiffusionParams
+    from edgekit.runtimes.unmasking import CACHE_MODES
 
     mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else getattr(
         model.config, "mask_token_id", None)
@@ -320,7 +318,7 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
     with progress.stage(f"Building the ONNX denoiser graph ({plan.spec.architecture}, torch.onnx)"):
         if not isolated:  # (a prompt-isolated model's whole-sequence graph is the encode graph below)
             onnx_graph.save_model(build_denoiser(model), stage / "model.onnx")
-    cache_info: dict[str, Any] = {}
+    notes: dict[str, Any] = {}
     with progress.stage("Building the cached graphs (prefix / dual cache: encode + block)"):
         try:
             cached: CacheGraphs | None = build_cached_denoisers(model)
@@ -329,7 +327,7 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
                 raise UnsupportedModelError(f"'{ref.spec}' declares prompt-isolated attention "
                                             f"(attention_prompt_isolated), which edgekit runs through its own "
                                             f"attention function, but: {e}") from None
-            cached, cache_info = None, {"unavailable": str(e)}
+            cached, notes = None, {"cache_modes_unavailable": str(e)}
             progress.note(f"no cache modes: {e}")
     if cached is not None:
         onnx_graph.save_model(cached.encode, stage / "encode.onnx")
@@ -341,14 +339,14 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
             graphs["denoiser"] = graphs["denoise_encode"]
         graphs["denoise_block"] = GraphSpec(
             "block.onnx", ("input_ids", "position_ids", "past_positions", *(f"past_{n}" for n in kv)), ("logits",))
-        cache_info = {"layers": cached.layers, "position_offset": cached.position_offset,
-                      "torch_block_vs_full_max_abs_diff": cached.max_abs_diff}
-    gen = dict(DEFAULTS)
-    gen["gen_length"] = min(gen["gen_length"], plan.max_context // 2)
-    gen["block_length"] = min(gen["block_length"], gen["gen_length"])
-    gen["diffusion_steps"] = gen["gen_length"]
-    return Built(graphs=graphs, generation=gen, add_special_tokens=False, mask_id=int(mask_id),
-                 extra={"diffusion": {"cache_modes": list(CACHE_MODES) if cached is not None else ["none"],
-                                      "cache": cache_info,
-                                      "attention": "prompt_isolated" if isolated else "bidirectional",
-                                      "remasking": [r.value for r in Remasking]}})
+        notes = {"torch_block_vs_full_max_abs_diff": cached.max_abs_diff}
+    gen_length = min(DiffusionParams.gen_length, plan.max_context // 2)
+    defaults = DiffusionParams(gen_length=gen_length, block_length=min(DiffusionParams.block_length, gen_length),
+                               diffusion_steps=gen_length)
+    generation = {k: getattr(defaults, k) for k in ("gen_length", "block_length", "diffusion_steps", "remasking",
+                                                     "threshold")}
+    return Built(graphs=graphs, generation=generation, add_special_tokens=False, mask_id=int(mask_id),
+                 diffusion=DiffusionGraphs(attention="prompt_isolated" if isolated else "bidirectional",
+                                           cache_modes=CACHE_MODES if cached is not None else ("none",),
+                                           position_offset=cached.position_offset if cached is not None else 0),
+                 extra={"diffusion_cache": notes})

@@ -33,8 +33,10 @@ class Built:
     kind: str | None = None  # overrides the registry record's kind (an AR family checkpoint trained as a block dLLM)
     kv_cache: bdl.KVCacheLayout | None = None
     quantization: bdl.Quantization | None = None
+    block_attention: bdl.BlockAttention | None = None
+    diffusion: bdl.DiffusionGraphs | None = None
     disabled_optimizers: tuple[str, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # shown to people only (the runtime never reads it)
     # run on the bundle once it loads (e.g. its quality report); returns more ``extra`` fields
     check: Callable[[Any, Path], Mapping[str, Any]] | None = None
 
@@ -78,6 +80,8 @@ def build(plan: Plan, ref: SourceRef, arch: str, model: Any, tokenizer: Any, bui
         generation=built.generation,
         runtime=runtime_spec(plan, built),
         quantization=built.quantization,
+        block_attention=built.block_attention,
+        diffusion=built.diffusion,
         provenance=provenance(ref, plan.spec.family),
         extra={**built.extra, "device": device.name if device else None,
                "fit": plan.fit.to_dict() if plan.fit else None},

@@ -41,7 +41,7 @@ class QuantMethod:
     accuracy_level: int = 4  # default MatMulNBits compute mode (0: float activations, 4: int8 activations)
 
     def tolerance(self, precision: str, accuracy_level: int, kv_cache: str = "fp32") -> str:
-        """The parity tolerance (a key of edgekit.parity.TOLERANCES) a bundle made this way is held to."""
+        """The parity tolerance (a key of edgekit.report.TOLERANCES) a bundle made this way is held to."""
         if self.gguf_source:  # exact layers at accuracy level 0: near-fp32 promises
             if kv_cache == "fp16":  # the same weights (fp16 scales) under fp16 activations
                 return f"{precision}/gguf-fp16"

@@ -18,6 +18,7 @@ from edgekit.export import manifest as mf
 from edgekit.export import source
 from edgekit.export.plan import ExportConfig, make_plan
 from edgekit.export.progress import Progress
+from edgekit.export.reference import TorchReference
 from edgekit.export.registry import lookup
 from edgekit.runtimes import bundle as bdl
 from edgekit.runtimes import load
@@ -38,7 +39,7 @@ class Report(Protocol):
     def files(self) -> dict[str, bytes]: ...  # files to add to the bundle (the stored reference)
 
 
-# (loaded bundle, torch_model, hf_tokenizer, progress) -> parity report
+# (loaded bundle, the PyTorch reference (shared with the quality report), hf_tokenizer, progress) -> parity report
 Verifier = Callable[[Any, Any, Any, Progress], Report]
 
 
@@ -63,7 +64,8 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
         with progress.stage(f"Loading {ref.label}"):
             model = source.load_model(ref, cfg.trust_remote_code, spec.auto_classes)
             tokenizer = source.load_tokenizer(ref, cfg.trust_remote_code)
-        built: mf.Built = exporter.build(plan, ref, model, tokenizer, stage, progress)
+        reference = TorchReference(model)  # its prompt forwards are shared by the quality report and parity
+        built: mf.Built = exporter.build(plan, ref, model, tokenizer, stage, progress, reference)
         with progress.stage("Writing the bundle"):
             tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
             manifest = mf.build(plan, ref, arch, model, tokenizer, built)
@@ -77,7 +79,7 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
         report = None
         if verify is not None:
             with progress.stage("Parity against the PyTorch model"):
-                report = verify(runtime, model, tokenizer, progress)
+                report = verify(runtime, reference.for_bundle(runtime.manifest), tokenizer, progress)
             added = report.files()
             for name, data in added.items():
                 (stage / name).write_bytes(data)

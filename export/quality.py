@@ -1,8 +1,9 @@
 """Quality report: how far a (compressed) bundle is from the uncompressed PyTorch model, and what it costs.
 
 Perplexity on an evaluation text (built-in, or a user file), top-1 agreement and KL against the reference over
-the built-in parity prompts (teacher-forced on the prompt positions), size on disk and decode tok/s. The
-reference outputs are taken *before* pruning at export time, so the cost of pruning shows.
+the built-in parity prompts (teacher-forced on the prompt positions), size on disk and decode tok/s, for every kind
+of bundle (``Model.logits`` and its ``objective``: next token, or masked positions for masked LMs). The reference
+outputs are taken *before* pruning at export time, so the cost of pruning shows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from edgekit.export.prompts import read_user_text
+from edgekit.export.reference import TorchReference
 from edgekit.runtimes.errors import ConfigError
+from edgekit.runtimes.sampling import kl, log_softmax
 
 EVAL_TEXT = (
     "The history of the lighthouse is closely tied to the history of navigation. Before electric light, keepers "
@@ -34,55 +37,53 @@ def read_text(path: str | None) -> str:
     return read_user_text(path, EVAL_TEXT, "evaluation text")
 
 
+MASK_EVERY = 4  # masked-LM objective: every 4th position (from the second) is masked and scored
+
+
 @dataclass(frozen=True)
 class Reference:
-    """The uncompressed model's outputs, computed once."""
+    """The uncompressed model's outputs, computed once: on the prompts and the evaluation text, as the bundle's
+    ``objective`` sees them (masked LMs: with every ``MASK_EVERY``-th position masked)."""
 
     prompt_ids: list[list[int]]
     prompt_logits: list[np.ndarray]  # [S, V] each
-    eval_ids: list[int]
+    eval_ids: list[int]  # the model's input (masked positions as the mask id)
+    eval_targets: list[int]  # the tokens scored: the text itself
     eval_nll: float
+    objective: str = "next_token"
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+def masked_input(ids: Sequence[int], objective: str, mask_id: int | None) -> list[int]:
+    """What a model of ``objective`` is scored on: the ids themselves, or (masked LMs) every ``MASK_EVERY``-th
+    position from the second replaced by the mask id."""
+    if objective != "masked":
+        return list(ids)
+    assert mask_id is not None, "masked-LM bundles record their mask id"
+    return [mask_id if i % MASK_EVERY == 1 else int(t) for i, t in enumerate(ids)]
 
 
-def _nll(logits: np.ndarray, ids: Sequence[int]) -> float:
-    lp = _log_softmax(logits[:-1])
-    return float(-np.mean(lp[np.arange(len(ids) - 1), np.asarray(ids[1:])]))
+def nll(logits: np.ndarray, targets: Sequence[int], objective: str) -> float:
+    """Mean negative log-likelihood of ``targets``: of each next token, or (masked LMs) of the masked positions."""
+    lp = log_softmax(logits)
+    t = np.asarray(targets)
+    if objective == "masked":
+        at = np.arange(1, len(t), MASK_EVERY)
+        return float(-np.mean(lp[at, t[at]]))
+    return float(-np.mean(lp[np.arange(len(t) - 1), t[1:]]))
 
 
-def block_causal_mask(n: int, block: int) -> Any:
-    """A block-diffusion model's attention over n positions as an additive [1, 1, n, n] torch mask: bidirectional
-    inside blocks of ``block`` absolute positions, causal across them."""
-    import torch
-
-    pos = torch.arange(n)
-    seen = (pos[None, :] // block) <= (pos[:, None] // block)
-    return torch.where(seen, 0.0, torch.finfo(torch.float32).min)[None, None]
-
-
-def reference(model: Any, prompt_ids: list[list[int]], eval_ids: list[int], max_tokens: int | None = None,
-              block_length: int = 0) -> Reference:
-    """Run the reference model on the prompts and the evaluation text (each cut to ``max_tokens``). ``block_length``:
-    a block-diffusion model's attention (bidirectional inside blocks, causal across), as its bundle computes it; its
-    "perplexity" is then teacher-forced with in-block lookahead, comparable between bundles of one model only."""
-    import torch
-
+def baseline(ref: TorchReference, prompt_ids: list[list[int]], eval_ids: list[int], max_tokens: int | None = None,
+             objective: str = "next_token", mask_id: int | None = None) -> Reference:
+    """Run the reference model on the prompts and the evaluation text (each cut to ``max_tokens``). A block-diffusion
+    model's "perplexity" is teacher-forced with in-block lookahead, comparable between bundles of one model only; a
+    masked LM's is over the masked positions (``MASK_EVERY``)."""
     if max_tokens is not None:
         prompt_ids = [ids[:max_tokens] for ids in prompt_ids]
         eval_ids = eval_ids[:max_tokens]
-
-    def run(ids: list[int]) -> np.ndarray:
-        mask = block_causal_mask(len(ids), block_length) if block_length else None
-        return model(torch.tensor([ids]), attention_mask=mask).logits[0].float().numpy()
-
-    with torch.no_grad():
-        logits = [run(ids) for ids in prompt_ids]
-        eval_logits = run(eval_ids)
-    return Reference(prompt_ids, logits, list(eval_ids), _nll(eval_logits, eval_ids))
+    inputs = [masked_input(ids, objective, mask_id) for ids in prompt_ids]
+    text = masked_input(eval_ids, objective, mask_id)
+    logits = [ref.logits(ids) for ids in inputs]
+    return Reference(inputs, logits, text, list(eval_ids), nll(ref.logits(text), eval_ids, objective), objective)
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,11 @@ def evaluate(runtime: Any, ref: Reference, bundle_dir: Path, speed_tokens: int =
     agree = total = 0
     kls = []
     for ids, r in zip(ref.prompt_ids, ref.prompt_logits):
-        got = runtime.forward(ids, runtime.new_cache(), logits_to_keep=len(ids))
+        got = runtime.logits(ids)
         agree += int((got.argmax(-1) == r.argmax(-1)).sum())
         total += len(ids)
-        lp, lq = _log_softmax(r), _log_softmax(got)
-        kls.append(float(np.mean(np.sum(np.exp(lp) * (lp - lq), -1))))
-    eval_logits = runtime.forward(ref.eval_ids, runtime.new_cache(), logits_to_keep=len(ref.eval_ids))
+        kls.append(kl(r, got))
+    eval_logits = runtime.logits(ref.eval_ids)
     speeds = []
     prompt: Any = [{"role": "user", "content": "Write a short story about the sea."}]
     if not runtime.tokenizer.has_chat_template:
@@ -135,7 +135,8 @@ def evaluate(runtime: Any, ref: Reference, bundle_dir: Path, speed_tokens: int =
         speeds.append(stream.stats.decode_tokens_per_s)
     size = sum(p.stat().st_size for p in Path(bundle_dir).iterdir() if p.is_file()) / 1e6
     return QualityReport(
-        precision=runtime.manifest.precision, size_mb=size, perplexity=float(np.exp(_nll(eval_logits, ref.eval_ids))),
+        precision=runtime.manifest.precision, size_mb=size,
+        perplexity=float(np.exp(nll(eval_logits, ref.eval_targets, ref.objective))),
         reference_perplexity=float(np.exp(ref.eval_nll)), top1=agree / total, kl=float(np.mean(kls)),
         decode_tok_s=statistics.median(speeds) if speeds else 0.0, positions=total,
     )

@@ -6,9 +6,11 @@
         print(piece, end="", flush=True)
 """
 
+from edgekit.runtimes.blocks import BlockDiffusionModel
 from edgekit.runtimes.bundle import FORMAT_VERSION, Manifest, read_manifest
 from edgekit.runtimes.decoder import ARModel
 from edgekit.runtimes.denoiser import DiffusionModel
+from edgekit.runtimes.diffusion_params import DiffusionParams
 from edgekit.runtimes.engine import Engine, Event, Request
 from edgekit.runtimes.errors import (
     BundleError,
@@ -23,11 +25,11 @@ from edgekit.runtimes.model import Batch, FinishReason, Model, Stats, TextStream
 from edgekit.runtimes.sampling import SamplingParams
 from edgekit.runtimes.sequence import Sequence
 from edgekit.runtimes.tokenizer import StreamingDetokenizer, Tokenizer
-from edgekit.runtimes.unmasking import DiffusionParams
 
 __all__ = [
     "ARModel",
     "Batch",
+    "BlockDiffusionModel",
     "BundleError",
     "ConfigError",
     "ContextLengthError",

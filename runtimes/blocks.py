@@ -18,21 +18,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgekit.runtimes import diffusion_params as dp
 from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions
-from edgekit.runtimes.bundle import Manifest
-from edgekit.runtimes.decoder import ARModel
-from edgekit.runtimes.errors import BundleError, ConfigError
+from edgekit.runtimes.bundle import Manifest, bundle_file
+from edgekit.runtimes.errors import BundleError
+from edgekit.runtimes.graph import GraphRunner
 from edgekit.runtimes.kv_cache import KVCache
 from edgekit.runtimes.sequence import Sequence
-from edgekit.runtimes.tokenizer import Prompt
-from edgekit.runtimes.unmasking import DiffusionParams, select, transfer_schedule
+from edgekit.runtimes.tokenizer import Prompt, Tokenizer
+from edgekit.runtimes.unmasking import commit, schedule
 
 
 @dataclass
@@ -53,8 +54,8 @@ class _State:
     first: np.ndarray | None = None  # token-shift models: the logits of position lo - 1 (predicting x[lo])
 
     @property
-    def params(self) -> DiffusionParams:
-        assert isinstance(self.seq.params, DiffusionParams)
+    def params(self) -> dp.DiffusionParams:
+        assert isinstance(self.seq.params, dp.DiffusionParams)
         return self.seq.params
 
     def feeds(self) -> dict[str, np.ndarray]:
@@ -84,7 +85,7 @@ class BlockBatch:
                  reference: Any = None) -> None:
         self.model, self.capacity, self.reference = model, capacity, reference
         self.cached = cached and reference is None
-        self.slots = model.new_slots(capacity)
+        self.slots = model.graph.new_slots(capacity)
         self._states: list[_State] = []
 
     @property
@@ -93,7 +94,7 @@ class BlockBatch:
 
     def admit(self, seq: Sequence, on_step: Callable[[np.ndarray], None] | None = None) -> None:
         """Prefill the prompt's whole blocks; the first block to decode starts at the last block boundary."""
-        assert isinstance(seq.params, DiffusionParams)
+        assert isinstance(seq.params, dp.DiffusionParams)
         m, L = self.model, seq.params.block_length
         p0 = len(seq.prompt_ids)
         start = (p0 // L) * L
@@ -102,7 +103,7 @@ class BlockBatch:
                     on_step=on_step)
         try:
             if self.cached and start:
-                st.first = m.forward(st.x[:start], cache, feeds=st.feeds())[-1]
+                st.first = m.graph.forward(st.x[:start], cache, feeds=st.feeds())[-1]
                 seq.stats.forward_passes += 1
                 seq.stats.positions_computed += start
         except BaseException:
@@ -112,9 +113,8 @@ class BlockBatch:
         self._states.append(st)
 
     def _schedule(self, st: _State) -> list[int]:
-        steps = max(1, st.params.diffusion_steps // max(1, st.params.gen_length // st.block))
         end = len(st.seq.prompt_ids) + st.params.gen_length
-        return transfer_schedule(sum(t == self.model.mask_id for t in st.x[st.lo:end]), steps)
+        return schedule(sum(t == self.model.mask_id for t in st.x[st.lo:end]), st.params)
 
     def step(self) -> None:
         """One denoising step of every active sequence's current block."""
@@ -167,7 +167,7 @@ class BlockBatch:
             rows[r - lo, :len(tokens)] = tokens
             st.cache.rewind_to(st.begin)  # a step rewrites the block's rows: a length change, not a copy
             lengths.append(st.begin)
-        result = m.run_rows(rows, self.slots, lo, lengths, keep=keep, feeds=block_feed(L))
+        result = m.graph.run_rows(rows, self.slots, lo, lengths, keep=keep, feeds=block_feed(L))
         out: dict[int, np.ndarray] = {}
         for r, st in rows_of.items():
             st.cache.tokens.extend(st.x[st.begin:st.lo + L])
@@ -198,10 +198,10 @@ class BlockBatch:
         if self.reference is not None:
             got = np.asarray(self.reference.blocks(st.x[:end], L))[-L - shift:]
         else:
-            fresh = self.model.new_cache()
+            fresh = self.model.graph.new_cache()
             try:
                 st.seq.stats.positions_computed += end
-                got = self.model.forward(st.x[:end], fresh, logits_to_keep=L + shift, feeds=st.feeds())
+                got = self.model.graph.forward(st.x[:end], fresh, logits_to_keep=L + shift, feeds=st.feeds())
             finally:
                 fresh.release()
         if not self.model.token_shift:
@@ -216,13 +216,11 @@ class BlockBatch:
         end = p0 + st.params.gen_length  # positions past the answer's length stay masks (never decoded)
         if st.on_step is not None:
             st.on_step(logits)
-        masked = [i for i in range(L) if st.x[st.lo + i] == m.mask_id and p0 <= st.lo + i < end]
-        k = st.schedule[st.step] if st.step < len(st.schedule) else len(masked)
-        x0, chosen = select(logits[masked], max(k, 1), st.params, st.seq.rng, np.asarray(masked))
-        for j in chosen:
-            st.x[st.lo + masked[j]] = int(x0[j])
+        masked = np.asarray([i for i in range(L) if st.x[st.lo + i] == m.mask_id and p0 <= st.lo + i < end],
+                            np.int64)
+        clean = commit(st.x, st.lo, logits, masked, st.schedule, st.step, st.params, st.seq.rng)
         st.step += 1
-        if len(chosen) < len(masked):  # the block still has masked positions
+        if not clean:  # the block still has masked positions
             return
         take = st.x[max(st.lo, p0):min(st.lo + L, end)]
         if st.seq.accept_block(take) or st.lo + L >= end:
@@ -240,34 +238,39 @@ class BlockBatch:
             st.cache.release()
 
 
-class BlockDiffusionModel(ARModel):
-    """A block-diffusion bundle: the AR decoder's graph and KV cache, decoded a block at a time. ``stream`` yields
-    each committed block's text. Options: gen_length (or max_new_tokens), diffusion_steps, remasking, threshold,
-    entropy_bound, position_decay, temperature, top_k, top_p, seed; block_length must be the trained one."""
+class BlockDiffusionModel:
+    """A block-diffusion bundle: an AR-family decoder graph under block attention (its ``graph`` runner, fed the run's
+    block length) decoded a block at a time on the KV cache. ``stream`` yields each committed block's text. Options:
+    gen_length (or max_new_tokens), diffusion_steps, remasking, threshold, entropy_bound, position_decay,
+    temperature, top_k, top_p, seed; block_length must be one of the trained ones."""
 
     kind = "block_diffusion"
-    option_names = (frozenset(DiffusionParams.__dataclass_fields__) - {"cache"}) | {"max_new_tokens"}
+    objective = "next_token"  # teacher-forced with in-block lookahead: comparable between bundles of one model
+    option_names = (dp.FIELDS - {"cache"}) | {"max_new_tokens"}
     parity_prompts = 3
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: BackendOptions) -> None:
-        super().__init__(bundle_dir, manifest, backend)
-        attention = manifest.extra.get("attention") or {}
-        self.block = int(attention.get("block_length") or 0)
-        self.trained_blocks = tuple(int(b) for b in attention.get("block_lengths") or [self.block])
-        self.token_shift = bool(attention.get("token_shift"))  # token i predicted at position i - 1
-        if self.block < 1 or manifest.tokens.mask_id is None or self.block not in self.trained_blocks:
-            raise BundleError(f"Block-diffusion bundle '{bundle_dir}' lacks its block length or mask token id. "
-                              "HINT: re-export it.")
+        blocks = manifest.block_attention
+        if blocks is None or manifest.tokens.mask_id is None:
+            raise BundleError(f"Block-diffusion bundle '{bundle_dir}' lacks its block attention record or mask token "
+                              "id. HINT: re-export it.")
+        self.path = bundle_dir
+        self.manifest = manifest
+        self.block, self.trained_blocks, self.token_shift = blocks.block_length, blocks.block_lengths, \
+            blocks.token_shift  # token_shift: token i predicted at position i - 1
+        self.graph = GraphRunner(bundle_dir, manifest, backend, defaults=block_feed(self.block))
+        self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
+        self.stop_ids = frozenset(manifest.tokens.stop_ids)
         self.mask_id = int(manifest.tokens.mask_id)
-        known = DiffusionParams.__dataclass_fields__
-        steps = {k: v for k, v in manifest.generation.items() if k in known and k != "cache"}
-        self.diffusion_defaults = DiffusionParams(**{"block_length": self.block, "gen_length": 4 * self.block,
-                                                     "diffusion_steps": 4 * self.block, **steps})
+        self.defaults = dp.defaults(manifest.generation, block_length=self.block)
 
-    def forward(self, token_ids: Seq[int], cache: KVCache, logits_to_keep: int = 1,
-                feeds: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """``ARModel.forward`` under block attention, by default of the bundle's default block length."""
-        return super().forward(token_ids, cache, logits_to_keep, feeds or block_feed(self.block))
+    @property
+    def max_context(self) -> int:
+        return self.manifest.max_context
+
+    def logits(self, token_ids: Seq[int]) -> np.ndarray:
+        """Teacher-forced logits [S, V] under block attention of the default block length (quality reports)."""
+        return self.graph.logits(token_ids)
 
     @property
     def parity_settings(self) -> tuple[mdl.ParitySetting, ...]:
@@ -276,34 +279,23 @@ class BlockDiffusionModel(ARModel):
                 mdl.ParitySetting("threshold_0.9", {**base, "threshold": 0.9}),
                 mdl.ParitySetting("entropy_bound_0.5", {**base, "entropy_bound": 0.5}))
 
-    def params(self, prompt_len: int, **options: Any) -> DiffusionParams:  # type: ignore[override]
+    def params(self, prompt_len: int, **options: Any) -> dp.DiffusionParams:
         mdl.refuse_unknown(self, options)
-        given = {k: v for k, v in options.items() if v is not None}
-        alias = given.pop("max_new_tokens", None)
-        if alias is not None:
-            given.setdefault("gen_length", alias)
-        block = given.setdefault("block_length", self.block)
-        if block not in self.trained_blocks:
-            raise ConfigError(f"block_length {block!r} does not match this block-diffusion bundle's trained block "
-                              f"length(s) {', '.join(map(str, self.trained_blocks))} (its attention mask follows "
-                              f"them). HINT: drop block_length (default {self.block}) or use one of those.")
-        gen = given.get("gen_length", self.diffusion_defaults.gen_length)
-        if isinstance(gen, int) and gen > 0:  # whole blocks; one token per step unless told otherwise
-            given["gen_length"] = gen = -(-gen // block) * block
-            given.setdefault("diffusion_steps", gen)
-        p = replace(self.diffusion_defaults, **given)
-        mdl.check_fits(self, prompt_len + block, "gen_length", p.gen_length)
+        p = dp.resolve(self.defaults, options, block_lengths=self.trained_blocks)
+        mdl.check_fits(self, prompt_len + p.block_length, "gen_length", p.gen_length)
         return p
 
-    def new_sequence(self, prompt_ids: Seq[int], params: DiffusionParams) -> Sequence:  # type: ignore[override]
+    def new_sequence(self, prompt_ids: Seq[int], params: dp.DiffusionParams) -> Sequence:
         return Sequence(prompt_ids, params, self.tokenizer, self.stop_ids, params.gen_length, params.seed)
 
-    def new_batch(self, max_batch: int = 1, prefix_cache_entries: int = 0,  # type: ignore[override]
-                  cached: bool = True) -> BlockBatch:
-        return BlockBatch(self, max_batch, cached)
+    def new_batch(self, max_batch: int = 1, prefix_cache_entries: int = 0) -> BlockBatch:
+        return BlockBatch(self, max_batch)
 
-    def stream(self, prompt: Prompt, batch: Any = None, **options: Any) -> mdl.TextStream:
+    def stream(self, prompt: Prompt, batch: BlockBatch | None = None, **options: Any) -> mdl.TextStream:
         return mdl.stream(self, prompt, batch, options)
+
+    def generate(self, prompt: Prompt, **options: Any) -> str:
+        return "".join(self.stream(prompt, **options))
 
     def trace(self, prompt_ids: Seq[int], options: Mapping[str, Any], reference: Any = None,
               new_tokens: int = 64, cached: bool = True) -> mdl.Trace:

@@ -20,9 +20,11 @@ from typing import Any, Literal
 
 from edgekit.runtimes import schema
 from edgekit.runtimes.errors import BundleError, ExportError
+from edgekit.runtimes.unmasking import CACHE_MODES
 
 FORMAT_NAME = "edgekit-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: block attention and diffusion graphs as typed records (1 kept them in an untyped bag)
+MIN_FORMAT_VERSION = 2
 MANIFEST_FILE = "edgekit.json"
 MAX_MANIFEST_BYTES = 16 << 20  # ours are ~100 KB (chat template and parity report included)
 KV_DTYPES: tuple[str, ...] = ("float32", "float16")
@@ -108,7 +110,7 @@ class RuntimeSpec:
 @dataclass(frozen=True)
 class Quantization:
     """How the weights were compressed: a row of export's table of methods, as data (never prose to parse back).
-    ``tolerance`` names the parity tolerance that applies (a key of edgekit.parity.TOLERANCES)."""
+    ``tolerance`` names the parity tolerance that applies (a key of edgekit.report.TOLERANCES)."""
 
     method: str  # gguf | rtn | hqq | gptq
     bits: int
@@ -121,6 +123,32 @@ class Quantization:
     embedding: str = "float32"
     lm_head: str = "8-bit"
     source_types: Mapping[str, int] = field(default_factory=dict)  # GGUF tensor types carried over
+
+
+@dataclass(frozen=True)
+class BlockAttention:
+    """A block-diffusion graph's attention: bidirectional inside blocks of absolute positions, causal across them.
+    The block length of a run is a graph input; ``block_lengths`` are those the model was trained with (the default
+    ``block_length`` among them). ``token_shift``: token i is predicted at position i - 1 (AR-adapted models, Fast-dLLM
+    v2 style)."""
+
+    block_length: int
+    block_lengths: tuple[int, ...]
+    token_shift: bool = False
+
+
+DIFFUSION_ATTENTION: tuple[str, ...] = ("bidirectional", "prompt_isolated")
+
+
+@dataclass(frozen=True)
+class DiffusionGraphs:
+    """How a full-bidirectional dLLM's graphs run: ``attention`` (prompt-isolated models' prompt positions do not
+    attend to the answer, and their whole-sequence graph takes the prompt length), the cache modes its graphs support
+    (``denoise_encode``/``denoise_block`` graphs for prefix/dual) and the position id of the first token in them."""
+
+    attention: str = "bidirectional"
+    cache_modes: tuple[str, ...] = ("none",)
+    position_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,7 +171,9 @@ class Manifest:
     files: Mapping[str, str] = field(default_factory=dict)
     provenance: Mapping[str, Any] = field(default_factory=dict)
     parity: Mapping[str, Any] | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    block_attention: BlockAttention | None = None  # block-diffusion bundles
+    diffusion: DiffusionGraphs | None = None  # full-bidirectional diffusion bundles
+    extra: Mapping[str, Any] = field(default_factory=dict)  # shown to people (device fit, quality report), never read
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -157,7 +187,7 @@ class Manifest:
         vocab = r.int("vocab_size", lo=1, hi=1 << 24)
         tokens, tokenizer, kv, quant = r.obj("tokens"), r.obj("tokenizer"), r.obj("kv_cache", False), \
             r.obj("quantization", False)
-        runtime = r.obj("runtime", False)
+        runtime, blocks, diffusion = r.obj("runtime", False), r.obj("block_attention", False), r.obj("diffusion", False)
         assert tokens is not None and tokenizer is not None
         token_id = dict(required=False, lo=0, hi=vocab - 1)
         return cls(
@@ -203,9 +233,14 @@ class Manifest:
             files=r.mapping("files", schema.is_hex_digest, "an object of SHA-256 hex digests"),
             provenance=r.mapping("provenance"),
             parity=r.mapping("parity") or None,
+            block_attention=None if blocks is None else _block_attention(blocks),
+            diffusion=None if diffusion is None else DiffusionGraphs(
+                attention=diffusion.str("attention", False, "bidirectional", choices=DIFFUSION_ATTENTION),
+                cache_modes=diffusion.choices("cache_modes", CACHE_MODES) or ("none",),
+                position_offset=diffusion.int("position_offset", False, 0, hi=1 << 20)),
             extra=r.mapping("extra"),
             format=r.str("format", choices=(FORMAT_NAME,)),
-            format_version=r.int("format_version", lo=1, hi=FORMAT_VERSION),
+            format_version=r.int("format_version", lo=MIN_FORMAT_VERSION, hi=FORMAT_VERSION),
         )
 
 
@@ -218,6 +253,15 @@ def _checked_keys(r: schema.Reader, key: str, groups: dict[str, Any],
             raise BundleError(f"{r.where}: '{where}' sets {bad[0]!r}, which a bundle may not set (allowed: "
                               f"{', '.join(sorted(allowed.get(group, ()))) or 'none'}). {schema.HINT}")
     return groups
+
+
+def _block_attention(r: schema.Reader) -> BlockAttention:
+    block = r.int("block_length", lo=1, hi=1 << 16)
+    lengths = r.ints("block_lengths", 1, 1 << 16) or (block,)
+    if block not in lengths:
+        raise BundleError(f"{r.where}: 'block_length' {block} is not one of 'block_lengths' {list(lengths)}. "
+                          f"{schema.HINT}")
+    return BlockAttention(block, lengths, r.bool("token_shift", False))
 
 
 def _string_map(v: Any) -> bool:
@@ -265,6 +309,10 @@ def read_manifest(bundle_dir: str | os.PathLike[str]) -> Manifest:
         got = data.get("format") if isinstance(data, dict) else f"a JSON {type(data).__name__}"
         raise BundleError(f"{mpath} is not an edgekit manifest (format={got!r}, want '{FORMAT_NAME}').")
     version = data.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < MIN_FORMAT_VERSION:
+        raise BundleError(
+            f"Bundle '{root}' has format_version {version}, written by an older edgekit; this edgekit reads versions "
+            f"{MIN_FORMAT_VERSION}..{FORMAT_VERSION}. HINT: re-export the bundle with this edgekit version.")
     if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION or version < 1:
         raise BundleError(
             f"Bundle '{root}' has format_version {version!r}, but this edgekit reads versions 1..{FORMAT_VERSION}. "

@@ -1,8 +1,8 @@
 """The KV-cached decoder for AR bundles: prefill once, then one graph run per new token for every sequence of a batch.
 
-``ARModel`` owns the graph's feeds (names from the manifest): ``forward`` runs one sequence's new tokens on its cache
-(prefill), ``decode_batch`` one token for every row of a ``BatchKV``. ``ARBatch`` is the loop both the single-stream
-API and the serving engine run: admit (prefill, reusing a cached prefix), then steps of one token per sequence.
+``ARModel`` holds the decoder graph's runner (``graph.GraphRunner``) and the sampling settings; ``ARBatch`` is the loop
+both the single-stream API and the serving engine run: admit (prefill, reusing a cached prefix), then steps of one
+token per sequence, one graph run over the rows of a shared KV buffer.
 """
 
 from __future__ import annotations
@@ -15,120 +15,41 @@ from typing import Any
 import numpy as np
 
 from edgekit.runtimes import model as mdl
-from edgekit.runtimes.backend import BackendOptions, check_dims, create_session, device_of, run_bound, run_graph
+from edgekit.runtimes.backend import BackendOptions
 from edgekit.runtimes.bundle import Manifest, bundle_file
-from edgekit.runtimes.errors import BundleError, ContextLengthError
-from edgekit.runtimes.kv_cache import KVCache, KVSlots, PrefixCache, past_names, present_names
+from edgekit.runtimes.errors import ContextLengthError
+from edgekit.runtimes.graph import GraphRunner
+from edgekit.runtimes.kv_cache import KVCache, PrefixCache
 from edgekit.runtimes.sampling import SamplingParams, sample_next
 from edgekit.runtimes.sequence import Sequence
 from edgekit.runtimes.tokenizer import Prompt, Tokenizer
 
-GRAPH = "decoder"
-FEEDS = ("input_ids", "attention_mask", "logits_to_keep")  # besides the KV cache, named by the manifest's layout
-
 
 class ARModel:
-    """A loaded AR bundle. ``stream``/``generate`` take a prompt string or a list of chat messages."""
+    """A loaded AR bundle. ``stream``/``generate`` take a prompt string or a list of chat messages. ``graph`` is its
+    decoder graph's runner (``GraphRunner``: forward, run_rows, KV slots)."""
 
     kind = "ar"
+    objective = "next_token"  # logits at position i predict token i + 1 (what quality reports score)
     option_names = frozenset(SamplingParams.__dataclass_fields__)
     parity_settings = (mdl.ParitySetting("greedy", {"temperature": 0.0}),)
     parity_prompts = 9  # how many of the built-in prompts parity runs (each setting on each)
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: BackendOptions) -> None:
-        if manifest.kv_cache is None or GRAPH not in manifest.graphs:
-            raise BundleError(f"AR bundle '{bundle_dir}' lacks a decoder graph or KV-cache layout in its manifest.")
         self.path = bundle_dir
         self.manifest = manifest
-        self.layout = manifest.kv_cache
-        pasts, presents = past_names(self.layout), present_names(self.layout)
-        self.graph = manifest.graphs[GRAPH]
-        extra = ("block_length",) if manifest.kind == "block_diffusion" else ()  # (runtimes/blocks.py feeds it)
-        inputs, outputs = (*FEEDS, *extra, *pasts), ("logits", *presents)
-        if (tuple(self.graph.inputs), tuple(self.graph.outputs)) != (inputs, outputs):
-            raise BundleError(f"Bundle '{bundle_dir}': the KV-cache layout ({self.layout.num_layers} layers) does not "
-                              f"match the decoder graph's I/O ({len(self.graph.inputs) - len(FEEDS)} past tensors). "
-                              "HINT: the manifest was altered; re-export the bundle.")
-        self.session = create_session(bundle_dir, self.graph, backend, manifest.runtime, inputs, outputs)
-        kv_axes = {1: self.layout.num_kv_heads, 3: self.layout.head_dim}
-        check_dims(self.session, self.graph.file, {"logits": {-1: manifest.vocab_size},
-                                                   **{n: kv_axes for n in (*pasts, *presents)}},
-                   {n: self.layout.dtype for n in pasts})
-        rotary = self.session.get_modelmeta().custom_metadata_map.get("edgekit.rotary_positions", "")
-        if rotary.isdigit() and int(rotary) < manifest.max_context:
-            raise BundleError(f"Bundle '{bundle_dir}': max_context {manifest.max_context} is beyond the decoder "
-                              f"graph's rotary cache of {rotary} positions. HINT: the manifest was altered; re-export "
-                              "the bundle (with --max-context).")
+        self.graph = GraphRunner(bundle_dir, manifest, backend)
         self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
         self.defaults = SamplingParams.from_defaults(manifest.generation)
-        self._outputs = ["logits", *presents]
 
     @property
     def max_context(self) -> int:
         return self.manifest.max_context
 
-    def new_cache(self) -> KVCache:
-        """A one-sequence cache in its own buffer (``new_batch`` shares one buffer between sequences)."""
-        return KVCache(self.new_slots(1))
-
-    def new_slots(self, capacity: int) -> KVSlots:
-        return KVSlots(self.layout, capacity, self.max_context, device_of(self.session))
-
-    # --- the graph -----------------------------------------------------------------------------------------------
-    def _run(self, slots: KVSlots, lo: int, hi: int, input_ids: np.ndarray, mask: np.ndarray, keep: int,
-             past_width: int, feeds: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """One graph run over rows [lo, hi) of ``slots``: new K/V land in the rows; return logits [rows, K, V].
-
-        Shared-buffer bundles bind the rows as past and present (nothing but ids, mask and logits moves); older
-        bundles feed the first ``past_width`` positions and copy the presents back."""
-        small = {"input_ids": input_ids, "attention_mask": mask, "logits_to_keep": np.asarray([keep], np.int64),
-                 **(feeds or {})}
-        if not self.layout.shared_buffer:
-            logits, *presents = run_graph(self.session, self._outputs, {**small, **slots.pasts(lo, hi, past_width)},
-                                          self.graph.file)
-            slots.store(lo, presents)
-            return logits
-        io = self.session.io_binding()
-        for name, value in small.items():
-            io.bind_cpu_input(name, value)
-        logits = np.empty((hi - lo, keep, self.manifest.vocab_size), np.float32)  # preallocated, on the host
-        io.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        slots.bind(io, lo, hi)
-        run_bound(self.session, io, self.graph.file)
-        return logits
-
-    def forward(self, token_ids: Seq[int], cache: KVCache, logits_to_keep: int = 1,
-                feeds: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """Run new tokens through the graph on top of ``cache`` (updated in place); return logits [K, V]."""
-        past = len(cache)
-        total = past + len(token_ids)
-        if total > self.max_context:
-            raise ContextLengthError(
-                f"Sequence of {total} tokens exceeds the bundle's max context {self.max_context}.")
-        cache.slots.ensure(total)
-        logits = self._run(cache.slots, cache.slot, cache.slot + 1, np.asarray([token_ids], dtype=np.int64),
-                           np.ones((1, total), dtype=np.int64), logits_to_keep, past, feeds)
-        cache.tokens.extend(token_ids)
-        return logits[0]  # [K, V]
-
-    def decode_batch(self, tokens: Seq[int], slots: KVSlots, lengths: Seq[int]) -> np.ndarray:
-        """One new token for each of rows 0..len(tokens)-1 of ``slots`` (row i holds ``lengths[i]`` valid
-        positions and gets the new one at that position); return logits [B, V]."""
-        return self.run_rows(np.asarray(tokens, dtype=np.int64)[:, None], slots, 0, lengths)[:, -1]
-
-    def run_rows(self, tokens: np.ndarray, slots: KVSlots, lo: int, lengths: Seq[int], keep: int | None = None,
-                 feeds: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-        """``tokens`` [R, S]: S new tokens for each of rows lo..lo+R-1 of ``slots`` (row i holds ``lengths[i]``
-        valid positions; its new ones land right after them); logits [R, keep, V] of the last ``keep`` (default S).
-        Rows that hold no sequence take throw-away tokens at their own length: nothing valid is overwritten."""
-        lens = np.asarray(lengths)
-        width, new = int(lens.max()), tokens.shape[1]
-        if width + new > slots.length:  # (rare: the buffer doubles)
-            slots.ensure(width + new)
-        mask = (np.arange(width + new)[None, :] < lens[:, None] + new).astype(np.int64)  # row i: its length + S
-        return self._run(slots, lo, lo + len(lens), tokens.astype(np.int64, copy=False), mask, keep or new, width,
-                         feeds)
+    def logits(self, token_ids: Seq[int]) -> np.ndarray:
+        """Teacher-forced logits [S, V] of every position (quality reports)."""
+        return self.graph.logits(token_ids)
 
     # --- generation ----------------------------------------------------------------------------------------------
     def params(self, prompt_len: int, **options: Any) -> SamplingParams:
@@ -163,10 +84,6 @@ class ARModel:
         """Return the whole answer as one string (same options as ``stream``)."""
         return "".join(self.stream(prompt, **options))
 
-    def greedy_ids(self, prompt_ids: Seq[int], n: int) -> list[int]:
-        """Exactly ``n`` greedy tokens, ignoring stop tokens (for checks)."""
-        return self.trace(prompt_ids, {"temperature": 0.0}, new_tokens=n).tokens
-
     def trace(self, prompt_ids: Seq[int], options: Mapping[str, Any], reference: Any = None,
               new_tokens: int = 64) -> mdl.Trace:
         """Exactly ``new_tokens`` tokens chosen by the runtime's sampler (stop tokens ignored) on the logits of
@@ -194,13 +111,13 @@ class _GraphLogits:
     """The bundle's graph as a logits provider for ``trace``: every prompt position, then one token at a time."""
 
     def __init__(self, model: ARModel) -> None:
-        self.model, self.cache = model, model.new_cache()
+        self.graph, self.cache = model.graph, model.graph.new_cache()
 
     def prefill(self, ids: list[int]) -> np.ndarray:
-        return self.model.forward(ids, self.cache, logits_to_keep=len(ids))
+        return self.graph.forward(ids, self.cache, logits_to_keep=len(ids))
 
     def step(self, token: int) -> np.ndarray:
-        return self.model.forward([token], self.cache)[-1]
+        return self.graph.forward([token], self.cache)[-1]
 
 
 class ARBatch:
@@ -211,7 +128,7 @@ class ARBatch:
     def __init__(self, model: ARModel, capacity: int = 1, prefix_cache_entries: int = 0) -> None:
         self.model = model
         self.capacity = capacity
-        self.slots = model.new_slots(capacity + max(prefix_cache_entries, 0))
+        self.slots = model.graph.new_slots(capacity + max(prefix_cache_entries, 0))
         self.prefix = PrefixCache(prefix_cache_entries)
         self._seqs: list[Sequence] = []
 
@@ -232,7 +149,7 @@ class ARBatch:
         cache = self._cache_for(seq.prompt_ids)
         seq.stats.reused_prompt_tokens = len(cache)
         try:
-            logits = self.model.forward(seq.prompt_ids[len(cache):], cache)[-1]
+            logits = self.model.graph.forward(seq.prompt_ids[len(cache):], cache)[-1]
         except BaseException:
             cache.release()
             raise
@@ -259,7 +176,7 @@ class ARBatch:
             for r in range(rows):
                 if r not in by_slot and r in held:
                     self.prefix.evict(r)
-        logits = self.model.decode_batch(fed, self.slots, lengths)
+        logits = self.model.graph.run_rows(np.asarray(fed, np.int64)[:, None], self.slots, 0, lengths)[:, -1]  # [B, V]
         for r, seq in sorted(by_slot.items()):
             self._cache(seq).tokens.append(fed[r])
             self._count(seq, 1)

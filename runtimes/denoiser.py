@@ -17,19 +17,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from edgekit.runtimes import diffusion_params as dp
 from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions, check_dims, create_session, run_graph
 from edgekit.runtimes.bundle import Manifest, bundle_file
 from edgekit.runtimes.errors import BundleError, ConfigError
 from edgekit.runtimes.sequence import Sequence
 from edgekit.runtimes.tokenizer import Prompt, Tokenizer
-from edgekit.runtimes.unmasking import CacheMode, DiffusionParams, select, transfer_schedule
+from edgekit.runtimes.unmasking import CacheMode, commit, schedule
 
 
 class Logits(Protocol):
@@ -39,7 +39,7 @@ class Logits(Protocol):
     def full(self, tokens: np.ndarray, prompt_len: int) -> np.ndarray: ...
 
 
-def denoise(net: Any, prompt_ids: Seq[int], params: DiffusionParams, mask_id: int, stats: mdl.Stats,
+def denoise(net: Any, prompt_ids: Seq[int], params: dp.DiffusionParams, mask_id: int, stats: mdl.Stats,
             rng: np.random.Generator, should_stop: Callable[[], bool] = lambda: False,
             on_step: Callable[[np.ndarray], None] | None = None) -> Iterator[list[int]]:
     """Yield each block's committed ids, in order; returns early (without a block) when ``should_stop()``.
@@ -48,7 +48,7 @@ def denoise(net: Any, prompt_ids: Seq[int], params: DiffusionParams, mask_id: in
     x = np.array(list(prompt_ids) + [mask_id] * params.gen_length, dtype=np.int64)
     for b in range(params.gen_length // params.block_length):
         lo, hi = p0 + b * params.block_length, p0 + (b + 1) * params.block_length
-        schedule = transfer_schedule(params.block_length, params.steps_per_block)
+        plan = schedule(params.block_length, params)
         step = 0
         past: tuple[np.ndarray, list[np.ndarray]] | None = None
         while (x[lo:hi] == mask_id).any():
@@ -70,10 +70,7 @@ def denoise(net: Any, prompt_ids: Seq[int], params: DiffusionParams, mask_id: in
             stats.forward_passes += 1
             if on_step is not None:
                 on_step(logits)
-            masked = np.flatnonzero(x[lo:hi] == mask_id)
-            k = schedule[step] if step < len(schedule) else len(masked)
-            x0, chosen = select(logits[masked], max(k, 1), params, rng, masked)
-            x[lo + masked[chosen]] = x0[chosen]
+            commit(x, lo, logits, np.flatnonzero(x[lo:hi] == mask_id), plan, step, params, rng)
             step += 1
         yield [int(t) for t in x[lo:hi]]
 
@@ -82,29 +79,30 @@ class DiffusionModel:
     """A loaded diffusion bundle; ``stream`` yields each block's text once the block is committed."""
 
     kind = "diffusion"
-    option_names = frozenset(DiffusionParams.__dataclass_fields__) | {"max_new_tokens"}
+    objective = "masked"  # logits at a masked position predict the token at that position
+    option_names = dp.FIELDS | {"max_new_tokens"}
     parity_prompts = 3  # x 7 settings
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: BackendOptions) -> None:
-        if "denoiser" not in manifest.graphs or manifest.tokens.mask_id is None:
-            raise BundleError(f"Diffusion bundle '{bundle_dir}' lacks a denoiser graph or a mask token id.")
+        info = manifest.diffusion
+        if "denoiser" not in manifest.graphs or manifest.tokens.mask_id is None or info is None:
+            raise BundleError(f"Diffusion bundle '{bundle_dir}' lacks a denoiser graph, its diffusion record or a mask "
+                              "token id. HINT: re-export it.")
         self.path = bundle_dir
         self.manifest = manifest
         self._backend = backend
-        info = manifest.extra.get("diffusion", {})
         # prompt-isolated models (prompt positions do not attend to the answer) take the prompt length as input
-        self.isolated = info.get("attention") == "prompt_isolated"
+        self.isolated = info.attention == "prompt_isolated"
         self._full_inputs = ("input_ids", "prompt_length") if self.isolated else ("input_ids", "attention_mask")
         self.session = self._session("denoiser", self._full_inputs, ("logits",))
         check_dims(self.session, manifest.graphs["denoiser"].file, {"logits": {-1: manifest.vocab_size}})
         self._cached: tuple[Any, Any] | None = None  # (encode, block) sessions, created on first use
-        self.cache_modes = tuple(info.get("cache_modes", ["none"]))
-        self.position_offset = int(info.get("cache", {}).get("position_offset", 0))
+        self.cache_modes = info.cache_modes
+        self.position_offset = info.position_offset
         self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
         self.mask_id = int(manifest.tokens.mask_id)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
-        known = DiffusionParams.__dataclass_fields__
-        self.defaults = DiffusionParams(**{k: v for k, v in manifest.generation.items() if k in known})
+        self.defaults = dp.defaults(manifest.generation)
 
     def _session(self, name: str, inputs: Seq[str], outputs: Seq[str]) -> Any:
         return create_session(self.path, self.manifest.graphs[name], self._backend, self.manifest.runtime,
@@ -128,6 +126,10 @@ class DiffusionModel:
         return tuple(mdl.ParitySetting(name, {**base, **opts}, variants) for name, opts, variants in settings)
 
     # --- the graphs (a Logits provider) --------------------------------------------------------------------------
+    def logits(self, token_ids: Seq[int]) -> np.ndarray:
+        """Logits [S, V] of every position of a whole sequence (quality reports; no prompt: nothing isolated)."""
+        return self.full(np.asarray(token_ids, np.int64), 0)
+
     def full(self, tokens: np.ndarray, prompt_len: int | None = None) -> np.ndarray:
         """tokens [S] -> logits [S, V] for the whole sequence (no cache). ``prompt_len``: required by
         prompt-isolated bundles."""
@@ -136,7 +138,6 @@ class DiffusionModel:
         feeds = dict(zip(self._full_inputs, (ids, second)))
         return run_graph(self.session, ["logits"], feeds, self.manifest.graphs["denoiser"].file)[0][0]
 
-    forward = full
 
     def _prompt(self, prompt_len: int | None) -> np.ndarray:
         if prompt_len is None:
@@ -174,26 +175,17 @@ class DiffusionModel:
         return run_graph(blk, ["logits"], feeds, self.manifest.graphs["denoise_block"].file)[0][0]
 
     # --- generation ----------------------------------------------------------------------------------------------
-    def params(self, prompt_len: int, **options: Any) -> DiffusionParams:
+    def params(self, prompt_len: int, **options: Any) -> dp.DiffusionParams:
         """Validated settings; ``max_new_tokens`` is an alias of ``gen_length``."""
         mdl.refuse_unknown(self, options)
-        given = {k: v for k, v in options.items() if v is not None}
-        alias = given.pop("max_new_tokens", None)
-        if alias is not None:
-            given.setdefault("gen_length", alias)
-        if "gen_length" in given and isinstance(given["gen_length"], int) and given["gen_length"] > 0:
-            gen = given["gen_length"]  # keep the defaults consistent with a new length: one token per step
-            if "block_length" not in given:
-                given["block_length"] = self.defaults.block_length if gen % self.defaults.block_length == 0 else gen
-            given.setdefault("diffusion_steps", gen)
-        p = replace(self.defaults, **given)
+        p = dp.resolve(self.defaults, options)
         if p.cache not in self.cache_modes:
             raise ConfigError(f"cache mode {p.cache!r} is not in this bundle (it has: {', '.join(self.cache_modes)}). "
                               "HINT: re-export it with this edgekit version, or use cache='none'.")
         mdl.check_fits(self, prompt_len, "gen_length", p.gen_length)
         return p
 
-    def new_sequence(self, prompt_ids: Seq[int], params: DiffusionParams) -> Sequence:
+    def new_sequence(self, prompt_ids: Seq[int], params: dp.DiffusionParams) -> Sequence:
         return Sequence(prompt_ids, params, self.tokenizer, self.stop_ids, params.gen_length, params.seed)
 
     def new_batch(self, max_batch: int = 1, prefix_cache_entries: int = 0) -> DenoiseBatch:
@@ -202,7 +194,7 @@ class DiffusionModel:
     def blocks(self, seq: Sequence, net: Any = None,
                on_step: Callable[[np.ndarray], None] | None = None) -> Iterator[list[int]]:
         """The denoising loop for one sequence, on this bundle's graphs unless ``net`` is given."""
-        assert isinstance(seq.params, DiffusionParams)
+        assert isinstance(seq.params, dp.DiffusionParams)
         return denoise(self if net is None else net, seq.prompt_ids, seq.params, self.mask_id, seq.stats, seq.rng,
                        seq.should_stop, on_step)
 

@@ -137,11 +137,6 @@ class KVCache:
     def release(self) -> None:
         self.slots.give(self.slot)
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        """The valid past of this sequence, [1, kv_heads, len, head_dim] per tensor (views; CPU buffers)."""
-        n = len(self.tokens)
-        return {name: a[self.slot:self.slot + 1, :, :n] for name, a in zip(self.slots.names, self.slots.arrays)}
-
 
 class PrefixCache:
     """A few finished sequences' KV, kept in their rows, so a request that starts with one of them skips

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from edgekit.runtimes.tokenizer import Prompt, Tokenizer
 
 FinishReason = Literal["stop", "length", "cancelled", "timeout"]
+# what a model's logits at position i predict: token i + 1 (AR, block diffusion teacher-forced) or the token at i
+# when it is masked (full-bidirectional dLLMs); how a quality report scores them
+Objective = Literal["next_token", "masked"]
 
 
 @dataclass
@@ -128,6 +131,7 @@ class Model(Protocol):
     """A loaded bundle. ``params`` validates options once (unknown ones are refused, naming the known ones)."""
 
     kind: str
+    objective: Objective
     manifest: Manifest
     tokenizer: Tokenizer
     stop_ids: frozenset[int]
@@ -139,6 +143,8 @@ class Model(Protocol):
     def max_context(self) -> int: ...
 
     def params(self, prompt_len: int, **options: Any) -> Any: ...
+
+    def logits(self, token_ids: Seq[int]) -> Any: ...  # teacher-forced logits [S, V] of a whole sequence
 
     def new_sequence(self, prompt_ids: Seq[int], params: Any) -> Sequence: ...
 

@@ -1,6 +1,8 @@
 """Next-token selection: greedy, temperature, top-k, top-p and repetition penalty, seeded for reproducibility.
 
 Order of operations follows Hugging Face ``generate``: repetition penalty, temperature, top-k, top-p, then a draw.
+The field checks of the draw (``check_draw``) and the top-k / top-p filter (``candidates``) are shared by every
+model's settings: the AR sampler here and the dLLM unmasking rules (``unmasking``).
 """
 
 from __future__ import annotations
@@ -47,25 +49,38 @@ class SamplingParams:
         return cls().with_overrides(**known)
 
 
-def _is_number(x: Any) -> bool:
+SEED_MAX = 2**63 - 1  # seeds are int64 on every path (numpy's generator, the HTTP API)
+TOP_K_MAX = 2**31 - 1
+
+
+def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def is_integer(x: Any, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def check_draw(p: Any) -> None:
+    """The fields every model's sampler takes (AR and dLLM settings alike): temperature, top_k, top_p, seed."""
+    if not is_number(p.temperature) or not 0 <= p.temperature <= TEMPERATURE_MAX:
+        raise ConfigError(f"temperature must be between 0 and {TEMPERATURE_MAX:g} (0 = greedy), got {p.temperature!r}.")
+    if not is_number(p.top_p) or not 0 < p.top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {p.top_p!r}.")
+    if not is_integer(p.top_k, 0, TOP_K_MAX):
+        raise ConfigError(f"top_k must be an integer >= 0 (0 = off) and <= {TOP_K_MAX}, got {p.top_k!r}.")
+    if p.seed is not None and not is_integer(p.seed, 0, SEED_MAX):
+        raise ConfigError(f"seed must be an integer in [0, 2**63 - 1] or None, got {p.seed!r}.")
+
+
 def validate(p: SamplingParams) -> None:
-    if not isinstance(p.max_new_tokens, int) or isinstance(p.max_new_tokens, bool) or p.max_new_tokens < 1:
+    if not is_integer(p.max_new_tokens, 1, 1 << 62):
         raise ConfigError(f"max_new_tokens must be an integer >= 1, got {p.max_new_tokens!r}.")
     if p.max_new_tokens > 1_000_000:
         raise ConfigError(f"max_new_tokens must be <= 1000000, got {p.max_new_tokens}.")
-    if not _is_number(p.temperature) or not 0 <= p.temperature <= TEMPERATURE_MAX:
-        raise ConfigError(f"temperature must be between 0 and {TEMPERATURE_MAX:g} (0 = greedy), got {p.temperature!r}.")
-    if not _is_number(p.top_p) or not 0 < p.top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {p.top_p!r}.")
-    if not isinstance(p.top_k, int) or isinstance(p.top_k, bool) or p.top_k < 0:
-        raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {p.top_k!r}.")
-    if not _is_number(p.repetition_penalty) or not 0 < p.repetition_penalty <= 10:
+    check_draw(p)
+    if not is_number(p.repetition_penalty) or not 0 < p.repetition_penalty <= 10:
         raise ConfigError(f"repetition_penalty must be in (0, 10] (1 = off), got {p.repetition_penalty!r}.")
-    if p.seed is not None and (not isinstance(p.seed, int) or isinstance(p.seed, bool) or p.seed < 0):
-        raise ConfigError(f"seed must be a non-negative integer or None, got {p.seed!r}.")
     if not all(isinstance(s, str) and s for s in p.stop):
         raise ConfigError(f"stop must be non-empty strings, got {p.stop!r}.")
 
@@ -86,6 +101,45 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kl(ref: np.ndarray, got: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(ref) || softmax(got)), in nats (logits [..., V] each)."""
+    lp, lq = log_softmax(np.atleast_2d(ref)), log_softmax(np.atleast_2d(got))
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+
+
+def candidates(scaled: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens a draw may pick from logits [V] already divided by the temperature, and their probabilities
+    (renormalised over them): the ``top_k`` largest (0: all), then the smallest most likely set whose mass reaches
+    ``top_p`` (1: all). The one top-k / top-p filter of every sampler (AR tokens, dLLM positions)."""
+    if top_k and top_k < scaled.shape[0]:
+        cand = np.argpartition(-scaled, top_k - 1)[:top_k]
+    else:
+        cand = np.arange(scaled.shape[0])
+    probs = _softmax(scaled[cand])
+    if top_p < 1.0:
+        cand, probs = _nucleus(cand, probs, top_p)
+    return cand, probs
+
+
+def filtered(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """Logits [N, V] (divided by the temperature) with every token outside ``candidates`` of its row at -inf."""
+    out = np.asarray(scaled, np.float64)
+    if not top_k and top_p >= 1.0:
+        return out
+    keep = np.full(out.shape, -np.inf)
+    for row, logits in enumerate(out):
+        cand, _ = candidates(logits, top_k, top_p)
+        keep[row, cand] = logits[cand]
+    return keep
+
+
 def sample_next(
     logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history: Sequence[int] = ()
 ) -> int:
@@ -93,14 +147,7 @@ def sample_next(
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
     if params.temperature == 0:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / params.temperature
-    if params.top_k and params.top_k < scaled.shape[0]:
-        cand = np.argpartition(-scaled, params.top_k - 1)[: params.top_k]
-    else:
-        cand = np.arange(scaled.shape[0])
-    probs = _softmax(scaled[cand])
-    if params.top_p < 1.0:
-        cand, probs = _nucleus(cand, probs, params.top_p)
+    cand, probs = candidates(logits.astype(np.float64) / params.temperature, params.top_k, params.top_p)
     u = rng.random()
     idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
     return int(cand[min(idx, len(cand) - 1)])

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from edgekit.runtimes.errors import BundleError
@@ -113,6 +113,15 @@ class Reader:
             raise self._fail(key, f"a list of integers in [{lo}, {hi}]", v)
         return tuple(v)
 
+    def choices(self, key: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+        """A list of distinct strings, each one of ``allowed`` (empty when absent)."""
+        v = self._get(key, False)
+        if v is None:
+            return ()
+        if not isinstance(v, list) or len(set(map(repr, v))) != len(v) or not all(x in allowed for x in v):
+            raise self._fail(key, f"a list of distinct values among {', '.join(allowed)}", v)
+        return tuple(v)
+
     def obj(self, key: str, required: bool = True) -> Reader | None:
         v = self._get(key, required)
         return None if v is None else Reader(v, f"{self.where}: {key}")
@@ -145,7 +154,3 @@ def _show(v: Any) -> str:
 
 def is_hex_digest(v: Any) -> bool:
     return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
-
-
-def plain_mapping(m: Mapping[str, Any]) -> bool:
-    return all(isinstance(k, str) for k in m)

@@ -10,7 +10,7 @@ import pytest
 from edgekit.export.pipeline import ExportConfig, export_bundle
 from edgekit.export.progress import Silent
 from edgekit.runtimes import load
-from edgekit.runtimes.blocks import BlockDiffusionModel
+from edgekit.runtimes.blocks import BlockBatch, BlockDiffusionModel
 from edgekit.runtimes.errors import ConfigError
 from tiny_models import make_model
 
@@ -56,7 +56,7 @@ def test_a_flagged_checkpoint_exports_as_a_block_diffusion_bundle(block_bundle):
     model = load(block_bundle)
     assert isinstance(model, BlockDiffusionModel) and model.manifest.kind == "block_diffusion"
     assert model.block == BLOCK and model.manifest.tokens.mask_id == model.mask_id
-    assert not model.layout.shared_buffer  # (block attention is in plain ops for now: past ++ new)
+    assert not model.graph.layout.shared_buffer  # (block attention copies the KV: past ++ new)
     text = model.generate("Hello", max_new_tokens=8)
     assert isinstance(text, str)
 
@@ -92,7 +92,7 @@ def test_block_logits_match_pytorch_with_the_block_causal_mask(block_model, bloc
         mask = torch.where(torch.from_numpy(allowed), 0.0, torch.finfo(torch.float32).min)[None, None]
         with torch.no_grad():
             want = hf(torch.tensor([ids]), attention_mask=mask).logits[0].numpy()
-        got = model.forward(ids, model.new_cache(), logits_to_keep=n)
+        got = model.graph.forward(ids, model.graph.new_cache(), logits_to_keep=n)
         assert np.abs(got - want).max() < 1e-3, np.abs(got - want).max()
 
 
@@ -110,7 +110,7 @@ def test_the_cache_saves_the_recomputation(block_bundle):
     work = {}
     for cached in (True, False):
         seq = model.new_sequence(ids, model.params(len(ids), gen_length=16, diffusion_steps=16))
-        batch = model.new_batch(1, cached=cached)
+        batch = BlockBatch(model, 1, cached=cached)
         batch.admit(seq)
         while batch.active:
             batch.step()
@@ -187,7 +187,7 @@ def test_one_bundle_serves_each_trained_block_length(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgekit.export.quality import block_causal_mask
+    from edgekit.export.reference import block_causal_mask
 
     folder = make_model("LlamaForCausalLM", tmp_path / "m", block_diffusion_length=4, block_diffusion_lengths=[4, 8])
     tok = AutoTokenizer.from_pretrained(folder)
@@ -210,7 +210,7 @@ def test_one_bundle_serves_each_trained_block_length(tmp_path):
     x = ids[0] + [model.mask_id] * (-len(ids[0]) % 8 + 8)
     with torch.no_grad():
         want = hf(torch.tensor([x]), attention_mask=block_causal_mask(len(x), 8)).logits[0].numpy()
-    got = model.forward(x, model.new_cache(), logits_to_keep=len(x),
+    got = model.graph.forward(x, model.graph.new_cache(), logits_to_keep=len(x),
                         feeds={"block_length": np.asarray([8], np.int64)})
     assert np.abs(got - want).max() < 1e-3
     with pytest.raises(ConfigError, match="trained block length"):
@@ -240,7 +240,7 @@ def test_a_token_shift_model_predicts_each_token_one_position_earlier(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgekit.export.quality import block_causal_mask
+    from edgekit.export.reference import block_causal_mask
     from edgekit.parity import verifier
 
     folder = make_model("LlamaForCausalLM", tmp_path / "m", block_diffusion_length=BLOCK,

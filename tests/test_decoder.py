@@ -20,8 +20,8 @@ class CountingModel:
     """Wraps the model's graph runs to record how many new tokens each one gets."""
 
     def __init__(self, model):
-        self.model, self.calls = model, []
-        self._orig = model._run
+        self.model, self.calls = model.graph, []
+        self._orig = model.graph._run
 
     def __enter__(self):
         def run(slots, lo, hi, input_ids, *rest):
@@ -49,10 +49,10 @@ def test_prefill_once_then_one_token_per_step(model):
 
 def test_cached_decode_equals_full_recompute(model):
     ids = model.tokenizer.encode_prompt(CHAT)
-    greedy = model.greedy_ids(ids, 10)
+    greedy = model.trace(ids, {"temperature": 0.0}, new_tokens=10).tokens
     seq = list(ids)
     for _ in range(10):  # no cache: re-run the whole sequence every step
-        logits = model.forward(seq, model.new_cache(), logits_to_keep=1)[-1]
+        logits = model.graph.forward(seq, model.graph.new_cache(), logits_to_keep=1)[-1]
         seq.append(int(np.argmax(logits)))
     assert seq[len(ids):] == greedy
 
@@ -65,7 +65,7 @@ def test_stream_and_generate_agree_and_are_reproducible(model):
 
 
 def test_stops_on_a_stop_token_and_hides_it(model, monkeypatch):
-    greedy = model.greedy_ids(model.tokenizer.encode_prompt(CHAT), 6)
+    greedy = model.trace(model.tokenizer.encode_prompt(CHAT), {"temperature": 0.0}, new_tokens=6).tokens
     monkeypatch.setattr(model, "stop_ids", frozenset({greedy[3]}))
     stream = model.stream(CHAT, max_new_tokens=50, temperature=0)
     text = "".join(stream)
@@ -149,6 +149,7 @@ def test_cache_prefix_is_reused_across_turns(model):
 def test_execution_provider_override(llama_bundle):
     from edgekit.runtimes.errors import ConfigError as CE
 
-    assert load(llama_bundle, providers=["CPUExecutionProvider"]).session.get_providers() == ["CPUExecutionProvider"]
+    cpu = ["CPUExecutionProvider"]
+    assert load(llama_bundle, providers=cpu).graph.session.get_providers() == cpu
     with pytest.raises(CE, match="not available.*Available: .*CPUExecutionProvider"):
         load(llama_bundle, providers=["CUDAExecutionProviderX"])

@@ -15,7 +15,8 @@ from edgekit.export.pipeline import ExportConfig, export_bundle
 from edgekit.export.progress import Silent
 from edgekit.parity import verifier
 from edgekit.runtimes import load
-from edgekit.runtimes.denoiser import DiffusionParams, select, transfer_schedule
+from edgekit.runtimes.diffusion_params import DiffusionParams
+from edgekit.runtimes.unmasking import select, transfer_schedule
 from edgekit.runtimes.errors import ConfigError, ContextLengthError, UnsupportedModelError
 from tiny_models import make_mlm
 
@@ -272,7 +273,7 @@ def test_cached_graphs_reproduce_the_full_forward_with_a_fresh_cache(mlm_bundle,
     assert model.cache_modes == ("none", "prefix", "dual")
     x = (np.arange(40) % 50 + 7).astype(np.int64)
     full, kv = model.encode(x)
-    assert np.abs(full - model.forward(x)).max() < 1e-4
+    assert np.abs(full - model.full(x)).max() < 1e-4
     lo, hi = 17, 25
     for keep, end in ((np.arange(lo), 40), (np.r_[0:lo, hi:40], hi)):
         got = model.forward_cached(x[lo:end], np.arange(lo, end), keep, [t[:, :, keep] for t in kv])
@@ -309,10 +310,9 @@ def test_cache_mode_refused_by_a_bundle_without_cached_graphs(mlm_bundle, tmp_pa
     shutil.copytree(res.path, dst)
     m = bdl.load_manifest(dst)
     graphs = {"denoiser": m.graphs["denoiser"]}
-    extra = {**m.extra, "diffusion": {**m.extra["diffusion"], "cache_modes": ["none"]}}
     (dst / "encode.onnx").unlink()
     (dst / "block.onnx").unlink()
-    m = replace(m, graphs=graphs, extra=extra)
+    m = replace(m, graphs=graphs, diffusion=replace(m.diffusion, cache_modes=("none",)))
     m = replace(m, files=bdl.hash_payload(dst))
     bdl.write_manifest(dst, m)
     with pytest.raises(ConfigError, match="cache mode 'dual' is not in this bundle"):
@@ -325,7 +325,7 @@ def test_prompt_isolated_model_exports_with_an_exact_prompt_cache(tmp_path):
     src = make_mlm("ModernBertForMaskedLM", tmp_path / "src", attention_prompt_isolated=True)
     res = export_bundle(ExportConfig(source=str(src), output=tmp_path / "b"), verify=verifier(), progress=Silent())
     m = res.manifest
-    assert m.extra["diffusion"]["attention"] == "prompt_isolated" and m.graphs["denoiser"].file == "encode.onnx"
+    assert m.diffusion.attention == "prompt_isolated" and m.graphs["denoiser"].file == "encode.onnx"
     assert not (res.path / "model.onnx").exists()
     assert m.parity["passed"], m.parity["misses"]
     model = load(res.path)
@@ -336,5 +336,5 @@ def test_prompt_isolated_model_exports_with_an_exact_prompt_cache(tmp_path):
     assert np.abs(lx[:12] - ly[:12]).max() < 1e-5 and np.abs(lx[12:] - ly[12:]).max() > 1e-2
     assert all(np.abs(a[:, :, :12] - b[:, :, :12]).max() < 1e-5 for a, b in zip(kx, ky))
     with pytest.raises(ConfigError, match="pass prompt_len"):
-        model.forward(x)
+        model.full(x)
     assert "".join(model.stream("Hello", gen_length=16, block_length=8, diffusion_steps=16, cache="prefix"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 
 from conftest import ARCHS
@@ -61,7 +62,7 @@ def test_int4_bundle_of_each_architecture_runs_torch_free(tiny_model, tmp_path, 
 
 def test_manifest_describes_the_bundle(llama_bundle):
     m = load(llama_bundle).manifest
-    assert m.kind == "ar" and m.precision == "fp32" and m.format_version == 1
+    assert m.kind == "ar" and m.precision == "fp32" and m.format_version == 2
     assert m.kv_cache.num_layers == 2 and m.kv_cache.num_kv_heads == 2 and m.kv_cache.head_dim == 16
     assert m.tokenizer.chat_template and "<|im_start|>" in m.tokenizer.chat_template
     assert m.max_context == 256
@@ -74,7 +75,9 @@ def test_sliding_window_model_exports_with_parity(tiny_model, tmp_path):
 
     src = make_model("MistralForCausalLM", tmp_path / "mistral_sw", sliding_window=8)
     res = export_bundle(ExportConfig(source=str(src), output=tmp_path / "b"), verify=_verify(), progress=Silent())
-    assert res.manifest.extra["attention"]["local_window"] == 8
+    graph = onnx.load(str(res.path / "model.onnx"), load_external_data=False)
+    assert {a.i for n in graph.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+            if a.name == "local_window_size"} == {8}
     assert res.manifest.parity["passed"], res.manifest.parity["misses"]
 
 

@@ -71,15 +71,15 @@ def test_buffers_grow_past_their_first_allocation(llama_bundle, monkeypatch):
     monkeypatch.setattr(kv_cache, "INITIAL_LENGTH", 32)
     model = load(llama_bundle)
     ids = (model.tokenizer.encode("Once upon a time, in a small village by the sea") * 40)[:40]
-    cache = model.new_cache()
+    cache = model.graph.new_cache()
     assert cache.slots.length == 32
-    model.forward(ids, cache)
-    got = [model.forward([t], cache)[-1] for t in ids[:30]]
+    model.graph.forward(ids, cache)
+    got = [model.graph.forward([t], cache)[-1] for t in ids[:30]]
     assert cache.slots.length == 128
     ref = _copying(model)
-    rc = ref.new_cache()
-    ref.forward(ids, rc)
-    want = [ref.forward([t], rc)[-1] for t in ids[:30]]
+    rc = ref.graph.new_cache()
+    ref.graph.forward(ids, rc)
+    want = [ref.graph.forward([t], rc)[-1] for t in ids[:30]]
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) == 0.0
 
 

@@ -55,7 +55,7 @@ def test_width_removes_ffn_channels(four_layers, tmp_path):
 
 def test_sparsity_2_4_pattern_is_exact_and_recorded(four_layers, tmp_path):
     res = _export(four_layers, tmp_path / "s", prune="sparsity=2:4")
-    assert res.manifest.extra["sparse_2_4"] is True
+    assert res.manifest.extra["pruning"]["pattern"] == "2:4"
     assert res.manifest.parity["passed"], res.manifest.parity["misses"]
     graph = onnx.load(str(res.path / "model.onnx"))
     w = numpy_helper.to_array(next(t for t in graph.graph.initializer if t.name == "model.layers.0/gate_up.weight"))

@@ -70,10 +70,10 @@ def test_int4_with_fp16_kv_cache_runs_torch_free(tiny_model, tmp_path):
     assert m.kv_cache.dtype == "float16" and m.quantization.kv_cache == "fp16"
     model = load(half.path)
     ids = model.tokenizer.encode("Hello there, how are you today?")
-    cache = model.new_cache()
-    got = model.forward(ids, cache, logits_to_keep=len(ids))
-    assert cache.feeds()[m.kv_cache.past_key.format(layer=0)].dtype == np.float16
-    want = full.forward(ids, full.new_cache(), logits_to_keep=len(ids))
+    cache = model.graph.new_cache()
+    got = model.graph.forward(ids, cache, logits_to_keep=len(ids))
+    assert cache.slots.arrays[0].dtype == np.float16
+    want = full.graph.forward(ids, full.graph.new_cache(), logits_to_keep=len(ids))
     assert np.abs(got - want).mean() < 0.05 * np.abs(want).mean()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8  # a random tiny model: near-tied logits flip
     assert isinstance(model.generate("Hi", max_new_tokens=4), str)
@@ -87,11 +87,11 @@ def test_gptq_beats_rtn_on_the_calibrated_model(tiny_model, tmp_path):
                      num_attention_heads=4, num_key_value_heads=2)
     ids = list(range(5, 60))
     ref = load(_export(src, tmp_path / "fp32").path)
-    want = ref.forward(ids, ref.new_cache(), logits_to_keep=len(ids))
+    want = ref.graph.forward(ids, ref.graph.new_cache(), logits_to_keep=len(ids))
     err = {}
     for algo in ("rtn", "gptq"):
         m = load(_export(src, tmp_path / algo, precision="int4", algo=algo, block_size=32).path)
-        err[algo] = float(np.abs(m.forward(ids, m.new_cache(), logits_to_keep=len(ids)) - want).mean())
+        err[algo] = float(np.abs(m.graph.forward(ids, m.graph.new_cache(), logits_to_keep=len(ids)) - want).mean())
     assert err["gptq"] < err["rtn"], err
 
 
@@ -350,7 +350,7 @@ def test_fp16_bundle_runs_on_cpu_with_fp16_kv_cache(tiny_model, tmp_path):
     assert res.manifest.kv_cache.dtype == "float16"
     assert res.manifest.parity["summary"]["top1"] >= 0.95
     model = load(res.path)
-    assert model.new_cache().feeds()["past_key_values.0.key"].dtype == np.float16
+    assert model.graph.new_cache().slots.arrays[0].dtype == np.float16
     assert isinstance(model.generate("Hello", max_new_tokens=4), str)
 
 

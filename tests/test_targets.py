@@ -173,9 +173,9 @@ def test_a_manifest_cannot_set_arbitrary_runtime_options(llama_bundle, tmp_path,
 
 def test_missing_gpu_provider_falls_back_to_cpu_with_a_warning(tiny_model, tmp_path, capsys):
     model = load(_export(tiny_model(), tmp_path / "b", target="cuda").path)
-    assert model.session.get_providers() == ["CPUExecutionProvider"]
+    assert model.graph.session.get_providers() == ["CPUExecutionProvider"]
     assert "prefers CUDAExecutionProvider" in capsys.readouterr().err
-    assert np.isfinite(model.forward([1, 2, 3], model.new_cache())).all()
+    assert np.isfinite(model.graph.forward([1, 2, 3], model.graph.new_cache())).all()
 
 
 def test_gpu_device_check_skips_cleanly_without_a_gpu(llama_bundle):
@@ -220,8 +220,8 @@ def test_spin_false_lets_onnxruntime_threads_sleep_between_runs(llama_bundle):
     from edgekit.serve import ServeConfig
 
     key = "session.intra_op.allow_spinning"
-    quiet = load(llama_bundle, spin=False).session.get_session_options()
+    quiet = load(llama_bundle, spin=False).graph.session.get_session_options()
     assert quiet.get_session_config_entry(key) == "0"
     with pytest.raises(RuntimeError, match="does not have configuration"):  # unset: onnxruntime spins
-        load(llama_bundle).session.get_session_options().get_session_config_entry(key)
+        load(llama_bundle).graph.session.get_session_options().get_session_config_entry(key)
     assert ServeConfig(bundle=llama_bundle).spin is False
