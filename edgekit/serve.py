@@ -27,7 +27,7 @@ from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from edgekit import limits
 from edgekit.metrics import ServerMetrics
@@ -339,64 +339,6 @@ async def _collect(request: HTTPRequest, job: _Job, builder: ResponseBuilder) ->
         await events.aclose()
 
 
-# --- WebSocket ---------------------------------------------------------------------------------------------------
-async def websocket(ws: WebSocket) -> None:
-    state = _state(ws)
-    try:
-        _check_auth(state, ws.headers, ws.query_params)
-    except APIError:
-        await ws.close(code=1008, reason="invalid API key")
-        return
-    await ws.accept()
-    try:
-        msg = limits.parse_json((await ws.receive_text()).encode("utf-8", "surrogatepass"))
-        kind = msg.pop("type", "chat.completions") if isinstance(msg, dict) else None
-        if kind not in ("chat.completions", "completions"):
-            raise APIError(400, f"'type' must be 'chat.completions' or 'completions', got {kind!r}.", "type")
-        state.require_ready()
-        greq = state.parse({**msg, "stream": True}, "chat" if kind == "chat.completions" else "completions")
-        job = _Job(state, greq)
-    except APIError as e:
-        await ws.send_json(e.body())
-        await ws.close(code=1008 if e.status < 500 else 1011)
-        return
-    except (WebSocketDisconnect, RuntimeError):
-        limits.log_disconnect("WebSocket, before its request")
-        return
-
-    stopped_by_client = False
-
-    async def listen() -> None:
-        nonlocal stopped_by_client
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-            while True:
-                text = await ws.receive_text()
-                try:  # a malformed message is answered and ignored; it does not end the answer
-                    m = limits.parse_json(text.encode("utf-8", "surrogatepass"))
-                except APIError as e:
-                    await ws.send_json(e.body())
-                    continue
-                if isinstance(m, dict) and m.get("type") == "stop":
-                    stopped_by_client = True
-                    job.cancel()
-        job.cancel()  # the client went away
-
-    listener = asyncio.ensure_future(listen())
-    builder = ResponseBuilder(greq)
-    try:
-        async for obj in _chunks(job, greq, builder):
-            if stopped_by_client and obj.get("choices") and obj["choices"][0].get("finish_reason") == "cancelled":
-                obj["choices"][0]["finish_reason"] = "stop"
-            await ws.send_json(obj)
-        await ws.send_text("[DONE]")
-        await ws.close()
-    except (WebSocketDisconnect, RuntimeError):
-        limits.log_disconnect("WebSocket, during its answer")
-        job.cancel()
-    finally:
-        listener.cancel()
-
-
 async def _api_error(request: HTTPRequest, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
@@ -417,6 +359,8 @@ async def _internal_error(request: HTTPRequest, exc: Exception) -> Response:
 
 
 def create_app(cfg: ServeConfig) -> Starlette:
+    from edgekit import ws  # (the WebSocket route builds on this module's jobs)
+
     """The ASGI app; the model starts loading in a background thread when the app starts."""
     state = ServerState(cfg)
 
@@ -434,7 +378,7 @@ def create_app(cfg: ServeConfig) -> Starlette:
             Route("/v1/models", models),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
-            WebSocketRoute("/v1/ws", websocket),
+            WebSocketRoute("/v1/ws", ws.websocket),
         ],
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
         lifespan=lifespan,

@@ -19,7 +19,6 @@ from edgekit.runtimes import bundle as bdl
 
 # Tokens that end a chat turn in common templates, most specific first.
 TURN_END_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token", "cls_token", "sep_token")
 
 
 @dataclass
@@ -59,7 +58,7 @@ def special_tokens(model: Any, tokenizer: Any, mask_id: int | None) -> bdl.Speci
 
 
 def build(plan: Plan, ref: SourceRef, arch: str, model: Any, tokenizer: Any, built: Built) -> bdl.Manifest:
-    specials = {k: getattr(tokenizer, k, None) for k in SPECIAL_TOKEN_NAMES}
+    specials = {k: getattr(tokenizer, k, None) for k in bdl.SPECIAL_TOKEN_NAMES}
     device = plan.device
     return bdl.Manifest(
         kind=built.kind or plan.spec.kind,

@@ -39,6 +39,9 @@ PROVIDER_OPTION_KEYS: dict[str, frozenset[str]] = {
 }
 SESSION_CONFIG_KEYS = frozenset({"ep.cuda.fpa_intb_gemm", "session.qdq_matmulnbits_accuracy_level"})
 
+# the special-token strings a chat template may refer to by name (transformers' names); nothing else may be passed
+SPECIAL_TOKEN_NAMES: tuple[str, ...] = ("bos_token", "eos_token", "pad_token", "unk_token", "mask_token", "cls_token",
+                                        "sep_token")
 ModelKind = Literal["ar", "diffusion", "block_diffusion"]
 MODEL_KINDS: tuple[str, ...] = ("ar", "diffusion", "block_diffusion")
 
@@ -208,9 +211,9 @@ class Manifest:
                 file=tokenizer.str("file", max_len=255),
                 chat_template=tokenizer.str("chat_template", required=False, max_len=1 << 18),
                 add_special_tokens=tokenizer.bool("add_special_tokens", True),
-                special_token_strings=tokenizer.mapping("special_token_strings",
-                                                        lambda v: v is None or isinstance(v, str),
-                                                        "an object of strings")),
+                special_token_strings=_checked_keys(tokenizer, "special_token_strings", {"": tokenizer.mapping(
+                    "special_token_strings", lambda v: v is None or isinstance(v, str), "an object of strings")},
+                    {"": frozenset(SPECIAL_TOKEN_NAMES)})[""]),
             kv_cache=None if kv is None else _kv_layout(kv),
             generation=r.mapping("generation"),
             runtime=RuntimeSpec() if runtime is None else RuntimeSpec(

@@ -132,9 +132,10 @@ def _render(template: Any, **context: Any) -> str:
                           "with a known template.") from None
     except ConfigError:
         raise
-    except (jinja2.TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-        raise ConfigError(f"The bundle's chat template could not render these messages "
-                          f"({type(e).__name__}: {str(e)[:200]}).") from None
+    except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"The bundle's chat template (tokenizer.chat_template) could not render these messages "
+                          f"({type(e).__name__}: {str(e)[:200]}). HINT: a bundle from a stranger may be hostile; "
+                          "re-export it with the model's own template.") from None
     finally:
         sys.settrace(previous)
     if len(text) > MAX_PROMPT_CHARS:

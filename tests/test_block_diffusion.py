@@ -276,3 +276,14 @@ def test_a_token_shift_model_predicts_each_token_one_position_earlier(tmp_path):
     while batch.active:
         batch.step()
     assert [list(s.stats.token_ids) for s in seqs] == [model.trace(i, options).tokens for i in prompts]
+
+
+def test_the_quality_command_runs_on_a_block_diffusion_bundle(block_model, block_bundle):
+    """`edgekit quality` compares under the bundle's own attention (block-causal), as the export's report does."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    r = CliRunner().invoke(main, ["quality", str(block_bundle), "--reference", str(block_model)])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert "top-1 agreement" in r.output and "100.00%" in r.output, r.output

@@ -16,8 +16,8 @@ from edgekit.export.progress import Silent
 from edgekit.parity import verifier
 from edgekit.runtimes import load
 from edgekit.runtimes.diffusion_params import DiffusionParams
-from edgekit.runtimes.unmasking import select, transfer_schedule
 from edgekit.runtimes.errors import ConfigError, ContextLengthError, UnsupportedModelError
+from edgekit.runtimes.unmasking import select, transfer_schedule
 from tiny_models import make_mlm
 
 MLMS = ["ModernBertForMaskedLM", "BertForMaskedLM", "RobertaForMaskedLM", "DistilBertForMaskedLM"]
@@ -338,3 +338,17 @@ def test_prompt_isolated_model_exports_with_an_exact_prompt_cache(tmp_path):
     with pytest.raises(ConfigError, match="pass prompt_len"):
         model.full(x)
     assert "".join(model.stream("Hello", gen_length=16, block_length=8, diffusion_steps=16, cache="prefix"))
+
+
+@pytest.mark.parametrize("arch", ["BertForMaskedLM", "ModernBertForMaskedLM"])
+def test_the_quality_command_runs_on_a_diffusion_bundle(mlm_bundle, arch):
+    """(It called AR-only methods on diffusion bundles: an AttributeError traceback.) A masked LM is scored on its
+    own objective: every 4th position masked, the text's tokens there."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    src, res = mlm_bundle(arch)
+    r = CliRunner().invoke(main, ["quality", str(res.path), "--reference", str(src)])
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert "top-1 agreement" in r.output and "100.00%" in r.output, r.output

@@ -15,7 +15,14 @@ from click.testing import CliRunner
 
 from edgekit.cli import main
 from edgekit.runtimes import load
-from edgekit.runtimes.bundle import MANIFEST_FILE, Manifest, remove_stale_staging, sha256_file, staging_dir
+from edgekit.runtimes.bundle import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    Manifest,
+    remove_stale_staging,
+    sha256_file,
+    staging_dir,
+)
 from edgekit.runtimes.errors import BundleError, ConfigError, EdgekitError
 
 
@@ -128,7 +135,7 @@ def test_manifests_of_the_wrong_json_type(bundle, data, match):
 def test_deep_nesting_and_oversize_manifests(bundle):
     (bundle / MANIFEST_FILE).write_text("[" * 100_000 + "]" * 100_000)
     refused(bundle, "not valid JSON|nests deeper")
-    m = manifest_of_copy = json.loads(json.dumps({"format": "edgekit-bundle", "format_version": 1}))
+    m = manifest_of_copy = json.loads(json.dumps({"format": "edgekit-bundle", "format_version": FORMAT_VERSION}))
     m["extra"] = {"pad": "x" * (17 << 20)}
     write(bundle, manifest_of_copy)
     refused(bundle, "above the limit")
@@ -150,6 +157,16 @@ def test_deep_nesting_and_oversize_manifests(bundle):
     (("tokens", "stop_ids"), [-1], "'stop_ids' must be a list of integers"),
     (("kind",), "gan", "'kind' must be one of ar, diffusion"),
     (("graphs",), {}, "'graphs' must be a non-empty object"),
+    # a template's context is the messages and the special tokens by their transformers names, nothing else
+    (("tokenizer", "special_token_strings", "messages"), "x", "'special_token_strings' sets 'messages'"),
+    (("tokenizer", "special_token_strings", "add_generation_prompt"), "x", "sets 'add_generation_prompt'"),
+    (("block_attention",), [8], "'block_attention' must be a JSON object|block_attention must be a JSON object"),
+    (("block_attention",), {"block_length": 8, "block_lengths": [4]}, "'block_length' 8 is not one of"),
+    (("block_attention",), {"block_length": "8"}, "'block_length' must be an integer"),
+    (("diffusion",), ["prefix"], "diffusion must be a JSON object"),
+    (("diffusion",), {"cache_modes": ["fast"]}, "'cache_modes' must be a list of distinct values"),
+    (("diffusion",), {"attention": "causal"}, "'attention' must be one of bidirectional, prompt_isolated"),
+    (("diffusion",), {"position_offset": -1}, "'position_offset' must be an integer"),
 ])
 def test_fields_of_the_wrong_type_or_range(bundle, path, value, match):
     m = manifest(bundle)
@@ -166,9 +183,8 @@ def test_a_kv_layout_that_disagrees_with_the_graph(bundle, key, value):
     m = manifest(bundle)
     m["kv_cache"][key] = value
     if key == "num_layers":  # a consistent lie: the manifest's own I/O lists say 3 layers too
-        for i in (2,):
-            m["graphs"]["decoder"]["inputs"] += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-            m["graphs"]["decoder"]["outputs"] += [f"present.{i}.key", f"present.{i}.value"]
+        m["graphs"]["decoder"]["inputs"] += ["past_key_values.2.key", "past_key_values.2.value"]
+        m["graphs"]["decoder"]["outputs"] += ["present.2.key", "present.2.value"]
     write(bundle, m)
     refused(bundle, "does not match|disagrees with graph")
 
@@ -193,6 +209,12 @@ def test_template_refusals_and_runaway_templates_are_config_errors(bundle):
     write(bundle, m)
     with pytest.raises(ConfigError, match="could not render"):
         load(bundle).generate([{"role": "user", "content": "hi"}], max_new_tokens=2)
+    m["tokenizer"]["chat_template"] = "{{ 1 // 0 }}"  # an ordinary Python error inside the template
+    write(bundle, m)
+    with pytest.raises(ConfigError, match=r"tokenizer.chat_template\) could not render.*ZeroDivisionError"):
+        load(bundle).generate([{"role": "user", "content": "hi"}], max_new_tokens=2)
+    r = CliRunner().invoke(main, ["run", str(bundle), "hi", "--chat", "--max-new-tokens", "2"])
+    assert r.exit_code == 2 and "Traceback" not in r.output and "chat_template" in r.output, r.output
     m["tokenizer"]["chat_template"] = "{% for a in range(99999) %}{% for b in range(99999) %}x{% endfor %}{% endfor %}"
     write(bundle, m)
     with pytest.raises(ConfigError, match="steps of work"):

@@ -140,6 +140,33 @@ def test_websocket_hostile_messages_get_an_error_and_a_close_frame(server):
         assert reply["error"]["type"] == "invalid_request_error" and code == 1008, (msg[:40], reply, code)
 
 
+def test_websocket_binary_frames(server, model):
+    """A binary frame holding UTF-8 JSON is a request like a text frame; other bytes close with 1003."""
+    url = server.url.replace("http", "ws") + f"/v1/ws?api_key={KEY}"
+
+    async def answer(frame: bytes):
+        async with websockets.connect(url) as ws:
+            await ws.send(frame)
+            text = ""
+            try:
+                while (msg := await ws.recv()) != "[DONE]":
+                    text += json.loads(msg)["choices"][0].get("text") or ""
+            except websockets.ConnectionClosed as closed:
+                return None, closed.rcvd.code if closed.rcvd else None
+            return text, None
+
+    body = {"type": "completions", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+    text, _ = asyncio.run(answer(json.dumps(body).encode()))
+    assert text == model.generate("Once upon a time", max_new_tokens=6, temperature=0)
+    assert asyncio.run(answer(b"\xff\xfe{}")) == (None, 1003)
+
+
+def test_seeds_and_top_k_beyond_int64_are_refused(server):
+    for field in ("seed", "top_k"):
+        r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 2, field: 2**63})
+        assert is_openai_error(r, 400) and field in r.json()["error"]["message"], r.text
+
+
 def test_a_malformed_websocket_message_mid_stream_does_not_cancel_the_answer(server, model):
     url = server.url.replace("http", "ws") + f"/v1/ws?api_key={KEY}"
 

@@ -381,7 +381,10 @@ def test_diffusion_bundle_is_served_block_by_block(diffusion_server):
                                          ({"threshold": 2}, "invalid_value"),
                                          ({"remasking": "best"}, "invalid_value"),
                                          ({"cache": "kv"}, "invalid_value"),
-                                         ({"cache": 1}, "invalid_type")])
+                                         ({"cache": 1}, "invalid_type"),
+                                         ({"seed": -1}, "invalid_value"),  # (was a 500 from default_rng)
+                                         ({"seed": 2**63}, "invalid_value"),
+                                         ({"top_k": 2**63}, "invalid_value")])
 def test_diffusion_bad_fields(diffusion_server, extra, code):
     server, _ = diffusion_server
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", **extra}, timeout=30)
