@@ -150,8 +150,9 @@ def _bundle(path: Path, m: Machine) -> dict[str, Any]:
              if kv else 0.0)
     needs = size + kv_mb + 300  # + onnxruntime's arena and the process (measured ~250-300 MB on CPU)
     engines = None
-    if man.runtime.target == "tensorrt":
-        from edgekit.runtimes.backend import BackendOptions, engine_cache_dir
+    from edgekit.runtimes.backend import TENSORRT, BackendOptions, engine_cache_dir
+
+    if TENSORRT in recorded:  # the TensorRT EP builds engines into a cache beside the bundle
 
         cache = engine_cache_dir(path, BackendOptions())
         built = sorted(cache.glob("*.engine")) if cache.is_dir() else []
