@@ -139,6 +139,7 @@ def _words(p: DeviceProfile) -> list[str]:
 
 
 def _bundle(path: Path, m: Machine) -> dict[str, Any]:
+    from edgekit.runtimes.backend import TENSORRT, BackendOptions, engine_cache_dir
     from edgekit.runtimes.bundle import load_manifest
 
     man = load_manifest(path, check_hashes=False)
@@ -150,10 +151,7 @@ def _bundle(path: Path, m: Machine) -> dict[str, Any]:
              if kv else 0.0)
     needs = size + kv_mb + 300  # + onnxruntime's arena and the process (measured ~250-300 MB on CPU)
     engines = None
-    from edgekit.runtimes.backend import TENSORRT, BackendOptions, engine_cache_dir
-
     if TENSORRT in recorded:  # the TensorRT EP builds engines into a cache beside the bundle
-
         cache = engine_cache_dir(path, BackendOptions())
         built = sorted(cache.glob("*.engine")) if cache.is_dir() else []
         engines = (f"{len(built)} TensorRT engine(s) in {cache}" if built else
