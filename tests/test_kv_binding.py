@@ -18,7 +18,7 @@ SETTINGS = [dict(temperature=0.0), dict(temperature=0.9, top_p=0.9, seed=3)]
 def _copying(model):
     """The same bundle run through the copying path (what every bundle did before shared buffers)."""
     twin = load(model.path)
-    twin.layout = replace(twin.layout, shared_buffer=False)
+    twin.graph.layout = replace(twin.graph.layout, shared_buffer=False)
     return twin
 
 
@@ -40,7 +40,7 @@ def _batched(model, prompts, settings, prefix_entries=0, batch=None):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_shared_buffers_give_the_copying_loops_tokens(tiny_bundle, arch):
     model = load(tiny_bundle(arch))
-    assert model.layout.shared_buffer
+    assert model.graph.layout.shared_buffer
     old = _copying(model)
     for opts in SETTINGS:  # single stream
         for text in PROMPTS[:2]:

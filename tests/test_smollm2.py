@@ -44,8 +44,8 @@ def _io_binding_checks(model):
     from dataclasses import replace
 
     copying = load(model.path)
-    copying.layout = replace(copying.layout, shared_buffer=False)
-    assert model.layout.shared_buffer
+    copying.graph.layout = replace(copying.graph.layout, shared_buffer=False)
+    assert model.graph.layout.shared_buffer
     prompts = ["Why is the sky blue?", "Write a haiku about rain.", "What is 17 * 23?"]
     for opts in (dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=7)):
         assert model.generate(prompts[0], max_new_tokens=16, **opts) == copying.generate(prompts[0], max_new_tokens=16,
