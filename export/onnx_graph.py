@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.export.gguf import BLOCK, BlockQuantLinear
 from edgekit.export.registry import LayerWeights
+from edgekit.export.weights import BLOCK, BlockQuantLinear
 from edgekit.runtimes.bundle import KVCacheLayout
 
 OPSET = 21  # 21: int4 tensors and blockwise DequantizeLinear

@@ -20,7 +20,7 @@ from edgekit.export.methods import (
     W8A8_MEASURED,
     QuantMethod,
 )
-from edgekit.export.registry import ArchSpec
+from edgekit.export.registry import GGUF_FAMILIES, ArchSpec
 from edgekit.export.source import SourceRef
 from edgekit.export.targets import TARGETS, Target
 from edgekit.runtimes.errors import ConfigError, did_you_mean
@@ -136,7 +136,7 @@ def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) ->
     if pruning is not None:
         prune.check_amount(pruning, config)
     inspection = gguf.inspect(ref.folder / ref.gguf_file) if ref.gguf_file else None
-    method = _method(cfg, precision, ref, config, inspection, pruning)
+    method = _method(cfg, precision, ref, spec, inspection, pruning)
     fmt = _format(cfg, precision, method, tgt)
     kv_cache = _kv_cache(cfg, precision, method, tgt)
     lm_head = _lm_head(cfg, precision, method, ref, inspection)
@@ -153,7 +153,7 @@ def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) ->
                 target, cfg.batch)
 
 
-def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, inspection: gguf.Inspection | None,
+def _method(cfg: ExportConfig, precision: str, ref: SourceRef, spec: ArchSpec, inspection: gguf.Inspection | None,
             pruning: prune.PruneSpec | None) -> QuantMethod | None:
     if precision in ("fp32", "fp16"):
         if cfg.algo is not None:
@@ -163,14 +163,14 @@ def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, insp
     if cfg.algo is not None:
         choice("quantization algorithm", cfg.algo, tuple(METHODS))
     bits = 4 if precision == "int4" else 8
-    carries = (inspection is not None and config.model_type.removesuffix("_text") in gguf.FAMILIES and pruning is None
+    carries = (inspection is not None and spec.gguf_layout is not None and pruning is None
                and inspection.carries(bits))
     if pruning is not None and cfg.algo == "gguf":
         raise ConfigError("--prune changes the weights, so GGUF blocks cannot be carried over unchanged. "
                           "HINT: use --algo rtn or --algo hqq with --prune.")
     if cfg.algo == "gguf" and not carries:
         raise ConfigError(
-            f"--algo gguf carries GGUF blocks over unchanged, which needs a GGUF source of a {'/'.join(gguf.FAMILIES)} "
+            f"--algo gguf carries GGUF blocks over unchanged, which needs a GGUF source of a {'/'.join(GGUF_FAMILIES)} "
             f"layout whose linear weights are {'block-quantized' if bits == 4 else '8-bit types'}; '{ref.spec}' is "
             "not. "
             "HINT: use --algo rtn or --algo hqq.")
