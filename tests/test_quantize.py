@@ -271,14 +271,14 @@ def test_matmulnbits_graph_computes_the_dequantized_matmul(qtype, target):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgekit.export.onnx_graph import MS_DOMAIN, _Graph
+    from edgekit.export.onnx_graph import MS_DOMAIN, Graph
 
     rng = np.random.default_rng(1)
     blocks = 3 if BLOCK_BYTES[qtype][1] == 32 else 1
     k = _k(qtype, blocks)
     w = gguf.from_ggml(_random_blocks(qtype, rows=40, blocks=blocks, rng=rng), qtype)  # N=40
     half = target == "cuda"
-    g = _Graph(accuracy_level=0, dtype="float16" if half else "float32", target=target)
+    g = Graph(accuracy_level=0, dtype="float16" if half else "float32", target=target)
     y = g.linear("x", w, "lin")
     g.op_named("Identity", [y], ["y"])
     tensor = TensorProto.FLOAT16 if half else TensorProto.FLOAT
