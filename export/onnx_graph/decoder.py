@@ -9,6 +9,8 @@ fp16 and folds GGUF mins into float zero points (one MatMulNBits per linear, the
 Attention / RMSNormalization / RotaryEmbedding and every com.microsoft op are missing there): explicit RMSNorm in
 fp32, rotary embedding by gathered cos/sin rows, MatMul/Softmax attention over past + new K/V, weights as fp16/fp32
 or symmetric int4 blocks behind DequantizeLinear (TensorRT's INT4 weight-only form needs zero point 0).
+The attention form is the record's: ``gqa`` (causal layers of cpu / cuda), ``mha`` (their block-causal layers),
+``plain`` (tensorrt, and any layer whose form cannot soft-cap the logits); see ``ATTENTION``.
 
 I/O (names recorded in the bundle manifest):
   input_ids            int64 [B, S]
@@ -28,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import onnx
@@ -134,27 +136,29 @@ def output_names(n_layers: int) -> tuple[str, ...]:
     return ("logits", *presents)
 
 
-
-
 class Attention(Protocol):
-    """An attention form: built once per graph (its shared inputs: positions, masks, rotary caches), then one call
-    per layer."""
+    """An attention form: built once per graph (its shared inputs: positions, masks, rotary caches), then called
+    once per layer."""
+
+    softcap: ClassVar[bool]  # whether it can soft-cap the attention logits
+
+    def __init__(self, g: Graph, dims: DecoderDims, ropes: tuple[Rope, ...]) -> None: ...
 
     def layer(self, i: int, qkv: list[str], kv_io: tuple[str, str, str, str], rows: str) -> str: ...
 
 
 # the attention forms a target record names (Target.attention / Target.block_attention)
-ATTENTION: dict[str, Callable[[Graph, DecoderDims, tuple[Rope, ...]], Attention]] = {
+ATTENTION: dict[str, type[Attention]] = {
     "gqa": gqa.GroupQueryAttention,
     "mha": mha.MultiHeadAttention,
     "plain": plain.PlainAttention,
 }
 
 
-def attention_form(target: Target, dims: DecoderDims) -> Callable[[Graph, DecoderDims, tuple[Rope, ...]], Attention]:
+def attention_form(target: Target, dims: DecoderDims) -> type[Attention]:
     """The target's form for causal or block-causal layers; plain ops where that form cannot soft-cap the logits."""
     form = ATTENTION[target.block_attention if dims.block_length else target.attention]
-    return form if getattr(form, "softcap", False) or not dims.attn_softcap else ATTENTION["plain"]
+    return form if form.softcap or not dims.attn_softcap else ATTENTION["plain"]
 
 
 def build_decoder(

@@ -4,7 +4,7 @@ additive mask (far fewer ops per layer than the plain form)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from onnx import TensorProto
@@ -21,7 +21,7 @@ class MultiHeadAttention(RowAttention):
     """RotaryEmbedding on q and k at each row's positions, the K/V write, then MultiHeadAttention over every head's
     K/V (each KV head repeated G times) with the block-causal mask as its bias. It has no soft-capping."""
 
-    softcap = False
+    softcap: ClassVar[bool] = False
 
     def __init__(self, g: Graph, dims: DecoderDims, ropes: tuple[Rope, ...]) -> None:
         super().__init__(g, dims, ropes)

@@ -5,7 +5,7 @@ or block-causal."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from onnx import TensorProto
@@ -21,7 +21,7 @@ class PlainAttention(RowAttention):
     """Rotate-half rotary embedding, grouped queries against present K/V with MatMul, soft-cap, mask and Softmax
     in fp32, all in ops of the ONNX standard domain."""
 
-    softcap = True
+    softcap: ClassVar[bool] = True
 
     def __init__(self, g: Graph, dims: DecoderDims, ropes: tuple[Rope, ...]) -> None:
         super().__init__(g, dims, ropes)
@@ -52,7 +52,6 @@ class PlainAttention(RowAttention):
         out = [g.op("Sub", [g.op("Mul", [x1, cos]), g.op("Mul", [x2, sin])]),
                g.op("Add", [g.op("Mul", [x2, cos]), g.op("Mul", [x1, sin])]), *pieces[2:]]
         return g.op("Concat", out, axis=-1)
-
 
     def layer(self, i: int, qkv: list[str], kv_io: tuple[str, str, str, str], rows: str) -> str:
         qkv = self.unpack(qkv)
