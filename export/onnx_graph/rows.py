@@ -40,7 +40,6 @@ class RowAttention:
         self._untiled: dict[int, str] = {}
         self._kv_index: str | None = None
 
-
     def bias(self, window: int, tiled: bool = True) -> str:
         """[B, 1, G * S, T] additive mask (0 or the fp32 minimum), G = heads per KV head (``tiled=False``:
         [B, 1, S, T]): key t is visible to the query at position p when t <= p (and t > p - window); with blocks of
