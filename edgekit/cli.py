@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from edgekit.export.methods import BLOCK_SIZES, KV_DTYPES, LM_HEADS, METHODS, PRECISIONS, QUANT_FORMATS, TARGETS
+from edgekit.export.methods import BLOCK_SIZES, KV_DTYPES, LM_HEADS, METHODS, PRECISIONS, QUANT_FORMATS
+from edgekit.export.targets import TARGETS
 from edgekit.runtimes.errors import EdgekitError, ParityError
 from edgekit.runtimes.unmasking import CACHE_MODES, Remasking
 
@@ -54,7 +55,7 @@ def main() -> None:
 @click.option("--lm-head", "lm_head", type=click.Choice(LM_HEADS), default=None,
               help="gguf: the output layer as float32 (dequantized exactly) or int8 (the GGUF's Q8_0 blocks, int8 "
                    "activations; several times fewer bytes per token) [int8 when the GGUF has Q8_0 there].")
-@click.option("--target", type=click.Choice(TARGETS), default=None,
+@click.option("--target", type=click.Choice(tuple(TARGETS)), default=None,
               help="Graph flavour: cpu (onnxruntime's fused CPU kernels), cuda (fp16 fused kernels for the CUDA EP; "
                    "GGUF mins as float zero points) or tensorrt (plain standard ops TensorRT 10.3 parses whole; "
                    "int4 = symmetric weight-only QDQ) [cuda for GPU device profiles, else cpu].")

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.export import gguf, onnx_graph, prompts, prune, quality, quantize, tensorrt
+from edgekit.export import gguf, onnx_graph, prompts, prune, quality, quantize
 from edgekit.export.manifest import Built
 from edgekit.export.plan import Plan
 from edgekit.export.progress import Progress
@@ -42,8 +42,8 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
     with progress.stage(f"Building the ONNX graph ({spec.architecture}, {plan.label()})"):
         dims, weights = decoder_parts(model, spec, plan.max_context)
         graph, quant = _graph(plan, ref, model, tokenizer, dims, weights, progress)
-        if plan.target == "tensorrt":
-            tensorrt.check(graph)
+        if plan.graph_target.check is not None:
+            plan.graph_target.check(graph)
         onnx_graph.save_model(graph, stage / "model.onnx")
         del graph
 
@@ -57,10 +57,11 @@ def build(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, stage: Path, p
         graphs={"decoder": bdl.GraphSpec("model.onnx", onnx_graph.input_names(dims.num_layers, bool(dims.block_length)),
                                          onnx_graph.output_names(dims.num_layers))},
         generation=generation_defaults(model),
-        # the plain (tensorrt) graph concatenates past and new K/V, so its runtime copies the past per step
+        # a graph without GroupQueryAttention's in-place buffer concatenates past and new K/V, so its runtime copies
+        # the past per step
         kv_cache=bdl.KVCacheLayout(dims.num_layers, dims.num_kv_heads, dims.head_dim,
                                    dtype="float16" if plan.kv_cache == "fp16" else "float32",
-                                   shared_buffer=plan.target != "tensorrt" and not dims.block_length),
+                                   shared_buffer=plan.graph_target.shared_kv_buffer and not dims.block_length),
         kind="block_diffusion" if dims.block_length else None,
         mask_id=_mask_id(tokenizer, spec) if dims.block_length else None,
         quantization=quant,
@@ -102,7 +103,7 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
         opts = onnx_graph.BuildOptions(
             accuracy_level=plan.accuracy_level, dtype=dtype, target=plan.target,
             # (the cuda flavour gathers a dense fp16 embedding: GatherBlockQuantized is a CPU kernel)
-            embed_quant=carried.embed if fast_head and plan.target == "cpu" else None,
+            embed_quant=carried.embed if fast_head and plan.graph_target.quantized_embedding else None,
             lm_head_quant=(carried.lm_head or carried.embed) if fast_head else None,
         )
         graph = onnx_graph.build_decoder(dims, replace(weights, layers=layers), on_layer=tick, options=opts)
@@ -113,7 +114,7 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
         head_w, embed_w = opts.lm_head_quant, opts.embed_quant
         head = (f"8-bit blocks (GGUF {head_w.source_type}), {acts} activations" if head_w is not None
                 else "float32 (dequantized exactly)")
-        if plan.target == "tensorrt":  # (TensorRT's blockwise DequantizeLinear is INT4: 8-bit blocks go dense)
+        if plan.graph_target.block_format == "qdq":  # (blockwise DequantizeLinear is INT4: 8-bit blocks go dense)
             head = f"{dtype} (dequantized from GGUF {head_w.source_type if head_w is not None else 'blocks'})"
         embedding = f"8-bit blocks (GGUF {embed_w.source_type})" if embed_w is not None else dtype
         return graph, bdl.Quantization(**record, source_types=carried.types, lm_head=head, embedding=embedding)

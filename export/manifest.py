@@ -11,7 +11,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgekit.export.methods import TARGET_PROVIDERS
 from edgekit.export.plan import Plan
 from edgekit.export.source import SourceRef
 from edgekit.runtimes import backend
@@ -88,20 +87,17 @@ def build(plan: Plan, ref: SourceRef, arch: str, model: Any, tokenizer: Any, bui
 
 
 def runtime_spec(plan: Plan, built: Built) -> bdl.RuntimeSpec:
-    """Providers, their options and session config for the plan's target."""
-    options: dict[str, dict[str, str]] = {}
-    config: dict[str, str] = {}
-    if plan.target != "cpu":  # grow the CUDA arena by what is asked (the default doubling wastes a Jetson's memory)
-        options[backend.CUDA] = {"arena_extend_strategy": "kSameAsRequested"}
-    if plan.target == "cuda" and plan.method is not None:
-        config["ep.cuda.fpa_intb_gemm"] = "1"  # MatMulNBits' fpA_intB kernels (float zero points, fp16)
+    """Providers, their options and session config for the plan's target (its record's, plus the plan's)."""
+    target = plan.graph_target
+    options = {provider: dict(opts) for provider, opts in target.provider_options.items()}
+    config = dict(target.quantized_session_config) if plan.method is not None else {}
     if plan.quant_format == "qdq":  # where onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits (the CPU and
         # CUDA EPs), at the bundle's accuracy level, not its default of 4 (int8 activations TensorRT would not use)
         config["session.qdq_matmulnbits_accuracy_level"] = str(plan.accuracy_level)
-    if plan.target == "tensorrt" and built.kv_cache is not None:
+    if target.tensorrt_options and built.kv_cache is not None:
         options[backend.TENSORRT] = {"trt_fp16_enable": str(plan.kv_cache == "fp16"), "trt_int8_enable": "False",
                                      **backend.tensorrt_profiles(built.kv_cache, plan.max_context, plan.batch)}
-    return bdl.RuntimeSpec(providers=TARGET_PROVIDERS[plan.target], disabled_optimizers=built.disabled_optimizers,
+    return bdl.RuntimeSpec(providers=target.providers, disabled_optimizers=built.disabled_optimizers,
                            target=plan.target, provider_options=options, session_config=config)
 
 

@@ -6,23 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgekit.runtimes import bundle as bdl
-
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS: tuple[int, ...] = (0, 1, 2, 3, 4)
 QUANT_FORMATS: tuple[str, ...] = ("nbits", "qdq")  # MatMulNBits (onnxruntime's kernels) | DequantizeLinear + MatMul
 KV_DTYPES: tuple[str, ...] = ("fp32", "fp16")
 LM_HEADS: tuple[str, ...] = ("fp32", "int8")  # a GGUF's output layer: dequantized exactly | its Q8_0 blocks
-# the graph's flavour: onnxruntime's fused CPU kernels | fp16 fused kernels for the CUDA EP | plain standard ops that
-# TensorRT 10.3 parses whole (run through onnxruntime's TensorRT EP)
-TARGETS = bdl.TARGETS
-# what each target's graph runs on, in order of preference (recorded in the bundle; the runtime falls back down it)
-TARGET_PROVIDERS: dict[str, tuple[str, ...]] = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
 # static W8A8 QDQ (per-tensor activation scales), measured before it was refused: SmolLM2-135M top-1 agreement 28%
 W8A8_MEASURED = "28% top-1 agreement on SmolLM2-135M (per-tensor activation scales cannot hold its outliers)"
 

@@ -17,12 +17,12 @@ from edgekit.export.methods import (
     METHODS,
     PRECISIONS,
     QUANT_FORMATS,
-    TARGETS,
     W8A8_MEASURED,
     QuantMethod,
 )
-from edgekit.export.registry import ArchSpec
+from edgekit.export.registry import GGUF_FAMILIES, ArchSpec
 from edgekit.export.source import SourceRef
+from edgekit.export.targets import TARGETS, Target
 from edgekit.runtimes.errors import ConfigError, did_you_mean
 
 DEFAULT_MAX_CONTEXT = 8192
@@ -85,13 +85,18 @@ class Plan:
         return self.method is not None and self.method.calibrated
 
     @property
+    def graph_target(self) -> Target:
+        """The record of the graph's target."""
+        return TARGETS[self.target]
+
+    @property
     def tolerance(self) -> str:
         if self.method is None:
             return self.precision
         return self.method.tolerance(self.precision, self.accuracy_level, self.kv_cache)
 
     def label(self) -> str:
-        target = "" if self.target == "cpu" else f", {self.target} target"
+        target = "" if self.graph_target.baseline else f", {self.target} target"
         return self.precision + (f" {self.method.name}, accuracy level {self.accuracy_level}" if self.method
                                  else "") + target
 
@@ -117,28 +122,29 @@ def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) ->
     precision = cfg.precision or (profile.default_precision if profile else "fp32")
     choice("precision", precision, PRECISIONS)
     target = cfg.target or ("cuda" if profile is not None and profile.kind in ("jetson", "gpu") else "cpu")
-    choice("target", target, TARGETS)
+    choice("target", target, tuple(TARGETS))
+    tgt = TARGETS[target]
     choice("block size", cfg.block_size, BLOCK_SIZES)
     if cfg.batch < 1:
         raise ConfigError(f"batch must be >= 1, got {cfg.batch}.")
     if cfg.accuracy_level is not None:
         choice("accuracy level", cfg.accuracy_level, ACCURACY_LEVELS)
-    if not spec.compressible and (precision != "fp32" or cfg.algo or cfg.prune or cfg.device or target != "cpu"):
+    if not spec.compressible and (precision != "fp32" or cfg.algo or cfg.prune or cfg.device or not tgt.baseline):
         raise ConfigError(f"{spec.architecture} bundles ({spec.kind}) are fp32 only for now: --precision/--algo/"
                           "--prune/--device/--target are not supported with this source yet.")
     pruning = prune.parse(cfg.prune) if cfg.prune else None
     if pruning is not None:
         prune.check_amount(pruning, config)
     inspection = gguf.inspect(ref.folder / ref.gguf_file) if ref.gguf_file else None
-    method = _method(cfg, precision, ref, config, inspection, pruning, target)
-    fmt = _format(cfg, precision, method, target)
-    kv_cache = _kv_cache(cfg, precision, method, fmt, target)
+    method = _method(cfg, precision, ref, spec, inspection, pruning)
+    fmt = _format(cfg, precision, method, tgt)
+    kv_cache = _kv_cache(cfg, precision, method, tgt)
     lm_head = _lm_head(cfg, precision, method, ref, inspection)
-    if target != "cpu" and cfg.accuracy_level not in (None, 0):
+    if not tgt.accuracy_levels and cfg.accuracy_level not in (None, 0):
         raise ConfigError(f"--accuracy-level {cfg.accuracy_level} picks onnxruntime's int8-activation CPU kernels; "
                           f"the {target} target's kernels ignore it. HINT: drop --accuracy-level, or use --target cpu.")
     accuracy = cfg.accuracy_level if cfg.accuracy_level is not None else (
-        method.accuracy_level if method and target == "cpu" else 0)
+        method.accuracy_level if method and tgt.accuracy_levels else 0)
     context = max_context(config, cfg.max_context, profile.default_max_context if profile else DEFAULT_MAX_CONTEXT)
     kv_bytes = 2 if kv_cache == "fp16" else 4
     report = fit.check(config, precision, context, cfg.batch, profile, cfg.block_size, kv_bytes) if profile else None
@@ -147,8 +153,8 @@ def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) ->
                 target, cfg.batch)
 
 
-def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, inspection: gguf.Inspection | None,
-            pruning: prune.PruneSpec | None, target: str) -> QuantMethod | None:
+def _method(cfg: ExportConfig, precision: str, ref: SourceRef, spec: ArchSpec, inspection: gguf.Inspection | None,
+            pruning: prune.PruneSpec | None) -> QuantMethod | None:
     if precision in ("fp32", "fp16"):
         if cfg.algo is not None:
             raise ConfigError(f"--algo {cfg.algo} applies to int8/int4 exports; this export is {precision}. "
@@ -157,14 +163,14 @@ def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, insp
     if cfg.algo is not None:
         choice("quantization algorithm", cfg.algo, tuple(METHODS))
     bits = 4 if precision == "int4" else 8
-    carries = (inspection is not None and config.model_type.removesuffix("_text") in gguf.FAMILIES and pruning is None
+    carries = (inspection is not None and spec.gguf_layout is not None and pruning is None
                and inspection.carries(bits))
     if pruning is not None and cfg.algo == "gguf":
         raise ConfigError("--prune changes the weights, so GGUF blocks cannot be carried over unchanged. "
                           "HINT: use --algo rtn or --algo hqq with --prune.")
     if cfg.algo == "gguf" and not carries:
         raise ConfigError(
-            f"--algo gguf carries GGUF blocks over unchanged, which needs a GGUF source of a {'/'.join(gguf.FAMILIES)} "
+            f"--algo gguf carries GGUF blocks over unchanged, which needs a GGUF source of a {'/'.join(GGUF_FAMILIES)} "
             f"layout whose linear weights are {'block-quantized' if bits == 4 else '8-bit types'}; '{ref.spec}' is "
             "not. "
             "HINT: use --algo rtn or --algo hqq.")
@@ -178,20 +184,20 @@ def _method(cfg: ExportConfig, precision: str, ref: SourceRef, config: Any, insp
     return method
 
 
-def _format(cfg: ExportConfig, precision: str, method: QuantMethod | None, target: str) -> str:
-    if cfg.quant_format is None and (method is None or target != "tensorrt"):
-        return "nbits"
-    fmt = cfg.quant_format or "qdq"  # (tensorrt's quantized form)
+def _format(cfg: ExportConfig, precision: str, method: QuantMethod | None, tgt: Target) -> str:
+    if cfg.quant_format is None and (method is None or tgt.quant_formats[0] == "nbits"):
+        return "nbits"  # (float weights, or the form every method writes)
+    fmt = cfg.quant_format or tgt.quant_formats[0]
     choice("quantization format", fmt, QUANT_FORMATS)
-    if target == "tensorrt" and fmt == "nbits":
-        raise ConfigError("--quant-format nbits writes onnxruntime's MatMulNBits, which TensorRT cannot parse. HINT: "
-                          "drop --quant-format with --target tensorrt (it writes qdq).")
+    if fmt not in tgt.quant_formats:  # (only nbits is ever refused: TensorRT's parser has no MatMulNBits)
+        raise ConfigError(f"--quant-format {fmt} writes onnxruntime's MatMulNBits, which TensorRT cannot parse. "
+                          f"HINT: drop --quant-format with --target {tgt.name} (it writes {tgt.quant_formats[0]}).")
     if fmt == "qdq" and precision == "int8":  # (also what --target tensorrt --precision int8 would be)
         raise ConfigError(f"--precision int8 --quant-format qdq (static W8A8) is refused: it measured {W8A8_MEASURED}. "
                           "HINT: use --precision int4 --quant-format qdq (weight-only), --precision fp16, or int8 in "
                           "the nbits format.")
-    if method is not None and method.gguf_source and target == "tensorrt":
-        return fmt  # the GGUF's 4-bit blocks as signed int4 behind DequantizeLinear
+    if method is not None and method.gguf_source and fmt == tgt.block_format:
+        return fmt  # (qdq: the GGUF's 4-bit blocks as signed int4 behind DequantizeLinear)
     if method is None or fmt not in method.formats:
         writers = ", ".join(f"--algo {m.name}" for m in METHODS.values() if fmt in m.formats)
         raise ConfigError(f"--quant-format {fmt} (the graph form of the weights) is written by {writers}; this export "
@@ -200,14 +206,14 @@ def _format(cfg: ExportConfig, precision: str, method: QuantMethod | None, targe
     return fmt
 
 
-def _kv_cache(cfg: ExportConfig, precision: str, method: QuantMethod | None, fmt: str, target: str) -> str:
+def _kv_cache(cfg: ExportConfig, precision: str, method: QuantMethod | None, tgt: Target) -> str:
     if cfg.kv_cache is None:  # GPU targets compute in fp16 unless the bundle is fp32
-        return "fp16" if precision == "fp16" or (method is not None and target != "cpu") else "fp32"
+        return "fp16" if precision == "fp16" or (method is not None and tgt.fp16_quantized) else "fp32"
     choice("KV cache dtype", cfg.kv_cache, KV_DTYPES)
     if method is None and cfg.kv_cache != precision:
         raise ConfigError(f"--kv-cache {cfg.kv_cache} applies to int8/int4 exports; a {precision} bundle keeps its "
                           f"KV cache in {precision}. HINT: use --precision fp16 for an fp16 cache.")
-    if cfg.kv_cache == "fp16" and method is not None and method.gguf_source and target == "cpu":
+    if cfg.kv_cache == "fp16" and method is not None and method.gguf_source and not tgt.fp16_quantized:
         raise ConfigError("--kv-cache fp16 with GGUF blocks is the CUDA flavour of the graph (mins as float zero "
                           "points). HINT: add --target cuda.")
     return cfg.kv_cache

@@ -12,7 +12,7 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
-from edgekit.export.gguf import BlockQuantLinear
+from edgekit.export.weights import BlockQuantLinear
 from edgekit.runtimes.errors import UnsupportedModelError, did_you_mean
 
 Matrix = Union[np.ndarray, BlockQuantLinear]  # noqa: UP007 (runtime alias)
@@ -97,6 +97,15 @@ def phi3_layer(sd: StateDict, i: int, norms: Norms = LLAMA_NORMS) -> LayerWeight
     )
 
 
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How one family's GGUF files name a layer's linears (llama.cpp's tensor names, without ``blk.{i}.``)."""
+
+    qkv: tuple[str, ...] = ("attn_q", "attn_k", "attn_v")  # Phi-3: one packed attn_qkv
+    gate_up: tuple[str, ...] = ("ffn_gate", "ffn_up")  # Phi-3: one packed ffn_up
+    permute_qk: bool = False  # llama.cpp permuted the q/k rows (Llama, Mistral)
+
+
 # Config fields a record can honour (the graph builder reads only those its record lists)
 HONOURED = {
     "sliding_window": "local attention window (all layers, or those layer_types marks sliding)",
@@ -119,8 +128,9 @@ class ArchSpec:
 
     AR decoders (built by ``export.onnx_graph``) describe how they differ from Llama as data: ``norms`` (where
     the RMSNorms sit), ``norm_offset`` (Gemma stores w - 1), ``embed_scale`` ("sqrt_hidden": Gemma's
-    embedding normalizer), ``activation`` and the config attribute naming it, and ``honours``: the config fields
-    (keys of ``HONOURED``) the family reads.
+    embedding normalizer), ``activation`` and the config attribute naming it, ``honours``: the config fields
+    (keys of ``HONOURED``) the family reads, and ``gguf_layout``: how its GGUF files are laid out, for the
+    families whose GGUF blocks ``export.gguf`` carries over.
     """
 
     architecture: str  # Hugging Face class name, as in config.json "architectures"
@@ -137,6 +147,7 @@ class ArchSpec:
     activation_attr: str = "hidden_act"
     honours: frozenset[str] = frozenset()
     sliding_window_flag: str | None = None  # config attribute that switches the window on (Qwen2)
+    gguf_layout: GGUFLayout | None = None  # its GGUF files' tensor layout; None: GGUF blocks are not carried over
 
     def layer(self, sd: StateDict, i: int) -> LayerWeights:
         """Layer ``i``'s weights from a state dict, norms offset to plain RMSNorm form (w' = offset + w)."""
@@ -165,22 +176,27 @@ def masked_lm(architecture: str, family: str) -> ArchSpec:
 
 WINDOWED = ("sliding_window", "layer_types")
 GEMMA = dict(norm_offset=1.0, embed_scale="sqrt_hidden", activation="gelu_pytorch_tanh")
+GGUF = GGUFLayout()
+GGUF_PERMUTED = GGUFLayout(permute_qk=True)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.architecture: spec
     for spec in (
-        decoder("LlamaForCausalLM", "llama", llama_layer),
-        decoder("MistralForCausalLM", "mistral", llama_layer, WINDOWED),
-        decoder("Qwen2ForCausalLM", "qwen2", llama_layer, WINDOWED, sliding_window_flag="use_sliding_window"),
-        decoder("Qwen3ForCausalLM", "qwen3", llama_layer, WINDOWED, sliding_window_flag="use_sliding_window"),
-        decoder("Phi3ForCausalLM", "phi3", phi3_layer, WINDOWED),
+        decoder("LlamaForCausalLM", "llama", llama_layer, gguf_layout=GGUF_PERMUTED),
+        decoder("MistralForCausalLM", "mistral", llama_layer, WINDOWED, gguf_layout=GGUF_PERMUTED),
+        decoder("Qwen2ForCausalLM", "qwen2", llama_layer, WINDOWED, sliding_window_flag="use_sliding_window",
+                gguf_layout=GGUF),
+        decoder("Qwen3ForCausalLM", "qwen3", llama_layer, WINDOWED, sliding_window_flag="use_sliding_window",
+                gguf_layout=GGUF),
+        decoder("Phi3ForCausalLM", "phi3", phi3_layer, WINDOWED,
+                gguf_layout=GGUFLayout(qkv=("attn_qkv",), gate_up=("ffn_up",))),
         decoder("GemmaForCausalLM", "gemma", llama_layer, **GEMMA),
         decoder("Gemma2ForCausalLM", "gemma2", llama_layer, (*WINDOWED, "attn_logit_softcapping",
                 "final_logit_softcapping", "query_pre_attn_scalar"), norms=SANDWICH_NORMS,
-                activation_attr="hidden_activation", **GEMMA),
+                activation_attr="hidden_activation", gguf_layout=GGUF, **GEMMA),
         decoder("Gemma3ForCausalLM", "gemma3", llama_layer, (*WINDOWED, "attn_logit_softcapping",
                 "final_logit_softcapping", "query_pre_attn_scalar"), norms=SANDWICH_NORMS,
-                activation_attr="hidden_activation", **GEMMA),
+                activation_attr="hidden_activation", gguf_layout=GGUF, **GEMMA),
         decoder("SmolLM3ForCausalLM", "smollm3", llama_layer, (*WINDOWED, "no_rope_layers"),
                 sliding_window_flag="use_sliding_window"),
         decoder("GraniteForCausalLM", "granite", llama_layer, ("attention_multiplier", "embedding_multiplier",
@@ -196,6 +212,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         masked_lm("LLaDAModelLM", "llada"),
     )
 }
+
+# the families whose GGUF files edgekit carries over (their records' family names are GGUF's general.architecture)
+GGUF_FAMILIES: tuple[str, ...] = tuple(s.family for s in ARCHITECTURES.values() if s.gguf_layout is not None)
 
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
@@ -218,3 +237,10 @@ def lookup(architecture: str, config: Any = None) -> ArchSpec:
             f"Unsupported architecture '{architecture}'. Supported: {supported}."
             f"{did_you_mean(architecture, ARCHITECTURES)}"
         ) from None
+
+
+def gguf_layout(model_type: str) -> GGUFLayout | None:
+    """The GGUF layout on the record of the family a transformers ``model_type`` names (Gemma 3's text model says
+    "gemma3_text"); None when edgekit does not carry that family's GGUF blocks over."""
+    family = model_type.removesuffix("_text")
+    return next((s.gguf_layout for s in ARCHITECTURES.values() if s.family == family and s.gguf_layout), None)

@@ -22,8 +22,10 @@ def test_wheel_contains_the_mapped_packages(tmp_path):
     (wheel,) = tmp_path.glob("edgekit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     required_files = ("edgekit/cli.py", "edgekit/parity.py", "edgekit/export/pipeline.py",
-                      "edgekit/export/onnx_graph.py", "edgekit/runtimes/decoder.py", "edgekit/runtimes/bundle.py",
-                      "edgekit/devices/__init__.py")
+                      *(f"edgekit/export/onnx_graph/{m}.py" for m in ("__init__", "ops", "rows", "gqa", "mha", "plain",
+                                                                       "decoder")),
+                      "edgekit/export/targets.py", "edgekit/export/weights.py", "edgekit/runtimes/decoder.py",
+                      "edgekit/runtimes/bundle.py", "edgekit/devices/__init__.py")
     for required in required_files:
         assert required in names, required
     assert not any(n.startswith(("export/", "runtimes/", "tests/")) for n in names)

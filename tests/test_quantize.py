@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgekit.export import gguf
+from edgekit.export import gguf, weights
 from edgekit.export.device import list_profiles, load_profile
 from edgekit.export.fit import FitError, estimate
 from edgekit.export.pipeline import ExportConfig, export_bundle
@@ -271,14 +271,14 @@ def test_matmulnbits_graph_computes_the_dequantized_matmul(qtype, target):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgekit.export.onnx_graph import MS_DOMAIN, _Graph
+    from edgekit.export.onnx_graph import MS_DOMAIN, Graph
 
     rng = np.random.default_rng(1)
     blocks = 3 if BLOCK_BYTES[qtype][1] == 32 else 1
     k = _k(qtype, blocks)
     w = gguf.from_ggml(_random_blocks(qtype, rows=40, blocks=blocks, rng=rng), qtype)  # N=40
     half = target == "cuda"
-    g = _Graph(accuracy_level=0, dtype="float16" if half else "float32", target=target)
+    g = Graph(accuracy_level=0, dtype="float16" if half else "float32", target=target)
     y = g.linear("x", w, "lin")
     g.op_named("Identity", [y], ["y"])
     tensor = TensorProto.FLOAT16 if half else TensorProto.FLOAT
@@ -324,7 +324,7 @@ def test_mixed_types_pack_into_one_matmul_exactly(a, b):
         raw = _random_blocks(qtype, rows=rows, blocks=256 // BLOCK_BYTES[qtype][1], rng=rng)
         parts.append(gguf.from_ggml(raw, qtype))
         refs.append(dequantize(raw, GGMLQuantizationType[qtype]).reshape(rows, 256))
-    packed = gguf.concat_rows(parts)
+    packed = weights.concat_rows(parts)
     assert np.array_equal(packed.dequantize(), np.concatenate(refs))
 
 
@@ -445,6 +445,15 @@ def test_llama_q_and_k_rows_are_unpermuted(tmp_path):
     q = dequantize(raw, GGMLQuantizationType[qtype]).reshape(256, 256)
     got = carried.layers[0]["qkv"].dequantize()[:256]
     assert np.array_equal(got, q[gguf._unpermute(256, 4)])
+
+
+def test_the_gguf_layout_is_a_field_of_the_architecture_record():
+    from edgekit.export import registry
+
+    assert registry.GGUF_FAMILIES == ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+    assert registry.gguf_layout("gemma3_text") is registry.ARCHITECTURES["Gemma3ForCausalLM"].gguf_layout
+    assert registry.gguf_layout("llama").permute_qk and registry.gguf_layout("phi3").qkv == ("attn_qkv",)
+    assert registry.gguf_layout("gemma") is None and registry.gguf_layout("olmo2") is None
 
 
 def test_an_unknown_gguf_layout_is_refused_by_name(tmp_path):

@@ -113,6 +113,15 @@ def test_targets_refuse_what_they_cannot_run(tiny_model, tmp_path, kw, message):
     assert not (tmp_path / "b").exists()
 
 
+def test_the_export_targets_table_and_the_runtimes_manifest_choices_agree():
+    """The runtime floor keeps its own tuple of target names (it cannot import export): the two must not drift."""
+    from edgekit.export.targets import TARGETS
+    from edgekit.runtimes import bundle
+
+    assert set(TARGETS) == set(bundle.TARGETS)
+    assert all(t.providers[-1] == "CPUExecutionProvider" for t in TARGETS.values())  # the runtime's last resort
+
+
 def _profiles(option: str) -> dict[str, list[tuple[int, ...]]]:
     out: dict[str, list[tuple[int, ...]]] = {}
     for item in option.split(","):
