@@ -46,7 +46,7 @@ engine = Engine(m, max_batch=4, max_queue=8).start()
 done = threading.Semaphore(0)
 made = []
 def on_event(ev):
-    if ev.kind in ("done", "error"):
+    if getattr(ev, "type", None) in ("done", "error") or getattr(ev, "kind", None) in ("done", "error"):
         made.append(ev.stats.generated_tokens if ev.stats else 0)
         done.release()
 t0 = time.perf_counter()

@@ -121,10 +121,10 @@ def match_profile(m: Machine) -> DeviceProfile | None:
     """The device profile whose name words all appear in the machine's name (closest memory wins); a CPU profile
     by architecture when no accelerator is found."""
     profiles = [load_profile(n) for n in list_profiles()]
-    name, kind = ((m.jetson_model, "jetson") if m.jetson_model else (m.gpu, "gpu") if m.gpu
+    name, family = ((m.jetson_model, "jetson") if m.jetson_model else (m.gpu, "gpu") if m.gpu
                   else ({"x86_64": "x86", "amd64": "x86"}.get(m.arch.lower(), "arm"), "cpu"))
     text = (name or "").lower()
-    fits = [p for p in profiles if p.kind == kind and all(w in text for w in _words(p))]
+    fits = [p for p in profiles if p.kind == family and all(w in text for w in _words(p))]
     if not fits:
         return None
     most = max(len(_words(p)) for p in fits)

@@ -66,15 +66,15 @@ def _bad(message: str, param: str | None = None, code: str | None = "invalid_val
     return APIError(400, message, param=param, code=code)
 
 
-def _typed(body: dict[str, Any], key: str, kind: FieldType) -> Any:
+def _typed(body: dict[str, Any], key: str, want: FieldType) -> Any:
     v = body.get(key)
     if v is None:
         return None
     ok = {"number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
           "integer": isinstance(v, int) and not isinstance(v, bool),
-          "string": isinstance(v, str)}[kind]
+          "string": isinstance(v, str)}[want]
     if not ok:
-        raise _bad(f"'{key}' must be a{'n' if kind == 'integer' else ''} {kind}, got {v!r}.", key, "invalid_type")
+        raise _bad(f"'{key}' must be a{'n' if want == 'integer' else ''} {want}, got {v!r}.", key, "invalid_type")
     return v
 
 

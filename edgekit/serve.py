@@ -174,7 +174,7 @@ class _Job:
         try:
             while True:
                 ev = await self.queue.get()
-                if ev.kind != "token":
+                if ev.type != "token":
                     self.finished = True
                 yield ev
                 if self.finished:
@@ -184,7 +184,7 @@ class _Job:
 
     def _track(self, ev: Event) -> None:
         m, req = self.state.metrics, self.req
-        if ev.kind == "token":
+        if ev.type == "token":
             if self._last_token_at is None:
                 m.observe(m.ttft, ev.at - req.enqueued_at)
                 if req.admitted_at is not None:
@@ -192,13 +192,13 @@ class _Job:
             else:
                 m.observe(m.itl, ev.at - self._last_token_at)
             self._last_token_at = ev.at
-        elif ev.kind == "done" and ev.stats is not None:
+        elif ev.type == "done" and ev.stats is not None:
             m.observe(m.e2e, ev.at - req.enqueued_at)
             m.count(m.prompt_tokens, ev.stats.prompt_tokens)
             m.count(m.cached_tokens, ev.stats.reused_prompt_tokens)
             m.count(m.generation_tokens, ev.stats.generated_tokens)
             m.count(m.requests, finish_reason=str(ev.finish_reason))
-        elif ev.kind == "error":
+        elif ev.type == "error":
             m.count(m.requests, finish_reason="error")
 
     def usage(self, ev: Event) -> dict[str, Any]:
@@ -281,7 +281,7 @@ async def _chunks(job: _Job, greq: GenerationRequest, builder: ResponseBuilder) 
     loop = asyncio.get_running_loop()
     next_at = 0.0
     async for ev in job.events():
-        if ev.kind == "token":
+        if ev.type == "token":
             if greq.pace_tokens_per_s and ev.text:
                 for piece in _paced(ev.text, ev.tokens):
                     delay = next_at - loop.time()
@@ -293,10 +293,10 @@ async def _chunks(job: _Job, greq: GenerationRequest, builder: ResponseBuilder) 
             elif ev.text or (first and greq.endpoint == "chat"):
                 yield builder.chunk(ev.text, first=first)
                 first = False
-        elif ev.kind == "done" and ev.finish_reason == "timeout":
+        elif ev.type == "done" and ev.finish_reason == "timeout":
             yield APIError(408, f"The request exceeded the server's timeout of {job.state.cfg.request_timeout} s.",
                            code="request_timeout", type_="timeout_error").body()
-        elif ev.kind == "done":
+        elif ev.type == "done":
             yield builder.chunk(finish_reason=ev.finish_reason or "stop", first=first)
             if greq.include_usage:
                 yield builder.usage_chunk(job.usage(ev))
@@ -324,9 +324,9 @@ async def _collect(request: HTTPRequest, job: _Job, builder: ResponseBuilder) ->
                     job.cancel()
                 continue
             ev, nxt = nxt.result(), None
-            if ev.kind == "token":
+            if ev.type == "token":
                 parts.append(ev.text)
-            elif ev.kind == "error":
+            elif ev.type == "error":
                 raise APIError(500, f"Generation failed: {ev.error}", code="generation_failed", type_="server_error")
             elif ev.finish_reason == "timeout":
                 raise APIError(408, f"The request exceeded the server's timeout of {job.state.cfg.request_timeout} s.",

@@ -43,11 +43,11 @@ async def websocket(ws: WebSocket) -> None:
     await ws.accept()
     try:
         msg = limits.parse_json(await receive(ws))
-        kind = msg.pop("type", "chat.completions") if isinstance(msg, dict) else None
-        if kind not in ("chat.completions", "completions"):
-            raise APIError(400, f"'type' must be 'chat.completions' or 'completions', got {kind!r}.", "type")
+        route = msg.pop("type", "chat.completions") if isinstance(msg, dict) else None
+        if route not in ("chat.completions", "completions"):
+            raise APIError(400, f"'type' must be 'chat.completions' or 'completions', got {route!r}.", "type")
         state.require_ready()
-        greq = state.parse({**msg, "stream": True}, "chat" if kind == "chat.completions" else "completions")
+        greq = state.parse({**msg, "stream": True}, "chat" if route == "chat.completions" else "completions")
         job = _Job(state, greq)
     except APIError as e:
         await ws.send_json(e.body())

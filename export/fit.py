@@ -70,7 +70,7 @@ def estimate(config: Any, precision: str, max_context: int, batch: int, device: 
     # also materialises the [heads, S, T] probabilities, where GPU kernels (flash attention) do not
     act_bytes = 4 if precision != "fp16" else 2
     workspace = batch * max_context * (3 * inter + 6 * h) * act_bytes
-    if device.kind == "cpu":
+    if device.compute_capability is None:  # (a CPU device: no GPU kernels)
         workspace += batch * heads * max_context * max_context * 4
     mb = 1024 * 1024
     return FitReport(device.name, precision, max_context, batch, weights / mb, kv / mb, workspace / mb,

@@ -31,14 +31,14 @@ CALIBRATION_TEXT = (
 
 @dataclass(frozen=True)
 class PruneSpec:
-    kind: str  # depth | width | sparsity
+    method: str  # depth | width | sparsity
     amount: float  # layers to drop (depth), fraction of FFN channels (width), or n of n:m (sparsity)
     m: int = 4
 
     def label(self) -> str:
-        if self.kind == "depth":
+        if self.method == "depth":
             return f"depth={int(self.amount)}"
-        if self.kind == "width":
+        if self.method == "width":
             return f"width={self.amount:g}"
         return f"sparsity={int(self.amount)}:{self.m}"
 
@@ -48,11 +48,11 @@ def parse(text: str) -> PruneSpec:
     m = re.fullmatch(r"\s*(depth|width|sparsity)\s*=\s*([0-9.:]+)\s*", text or "")
     if not m:
         raise ConfigError(f"--prune must look like depth=N, width=F or sparsity=2:4, got {text!r}.")
-    kind, value = m.groups()
+    method, value = m.groups()
     try:
-        if kind == "depth":
+        if method == "depth":
             return PruneSpec("depth", int(value))
-        if kind == "width":
+        if method == "width":
             f = float(value)
             if not 0 < f < 1:
                 raise ValueError
@@ -62,7 +62,7 @@ def parse(text: str) -> PruneSpec:
             raise ValueError
         return PruneSpec("sparsity", 2, 4)
     except ValueError:
-        raise ConfigError(f"--prune {kind}: bad amount {value!r} (depth: a whole number of layers; width: a fraction "
+        raise ConfigError(f"--prune {method}: bad amount {value!r} (depth: a whole number of layers; width: a fraction "
                           "between 0 and 1; sparsity: 2:4).") from None
 
 
@@ -73,7 +73,7 @@ def read_calibration(path: str | None) -> str:
 def check_amount(spec: PruneSpec, config: Any) -> None:
     """Refuse a prune that would remove everything (before any heavy work)."""
     layers = config.num_hidden_layers
-    if spec.kind == "depth" and not 1 <= spec.amount <= layers - 1:
+    if spec.method == "depth" and not 1 <= spec.amount <= layers - 1:
         raise ConfigError(f"--prune depth={int(spec.amount)} would leave {layers - int(spec.amount)} of {layers} "
                           f"layers; choose 1..{layers - 1}.")
 
@@ -91,7 +91,7 @@ def apply(model: Any, tokenizer: Any, spec: PruneSpec, calibration: str) -> dict
 
     ids = _calibration_ids(tokenizer, calibration)
     layers = model.model.layers
-    if spec.kind == "depth":
+    if spec.method == "depth":
         with torch.no_grad():
             hs = model(ids, output_hidden_states=True).hidden_states  # L + 1 tensors [1, S, H]
         influence = []
@@ -110,7 +110,7 @@ def apply(model: Any, tokenizer: Any, spec: PruneSpec, calibration: str) -> dict
         return {"method": "depth", "removed_layers": sorted(candidates),
                 "block_influence": [round(x, 5) for x in influence], "calibration_tokens": int(ids.shape[1])}
 
-    if spec.kind == "width":
+    if spec.method == "width":
         acts: dict[int, torch.Tensor] = {}
         hooks = []
         for i, layer in enumerate(layers):

@@ -225,7 +225,7 @@ def lookup(architecture: str, config: Any = None) -> ArchSpec:
     if experts is None and "moe" in architecture.lower():
         experts = "a mixture-of-experts architecture"
     if experts is not None:
-        dense = ", ".join(sorted(a for a, s in ARCHITECTURES.items() if s.kind == "ar"))
+        dense = ", ".join(sorted(a for a, s in ARCHITECTURES.items() if s.layer_weights is not None))
         raise UnsupportedModelError(
             f"'{architecture}' is a mixture-of-experts model ({experts}): edgekit's decoder graph has no expert "
             f"routing, so MoE models are not supported yet. Dense AR architectures supported: {dense}.")

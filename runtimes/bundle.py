@@ -28,7 +28,7 @@ MIN_FORMAT_VERSION = 2
 MANIFEST_FILE = "edgekit.json"
 MAX_MANIFEST_BYTES = 16 << 20  # ours are ~100 KB (chat template and parity report included)
 KV_DTYPES: tuple[str, ...] = ("float32", "float16")
-TARGETS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")  # graph flavours (export.methods documents them)
+TARGETS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")  # graph flavours (export.targets holds their records)
 # what a manifest may set per provider and in the session config (a bundle is untrusted input: nothing that names
 # files or changes how the graph is loaded; the runtime adds the TensorRT cache paths itself)
 PROVIDER_OPTION_KEYS: dict[str, frozenset[str]] = {
@@ -188,9 +188,9 @@ class Manifest:
         """Parse an untrusted manifest: every field typed and in range, or a BundleError naming it."""
         r = schema.Reader(data, where)
         vocab = r.int("vocab_size", lo=1, hi=1 << 24)
-        tokens, tokenizer, kv, quant = r.obj("tokens"), r.obj("tokenizer"), r.obj("kv_cache", False), \
-            r.obj("quantization", False)
-        runtime, blocks, diffusion = r.obj("runtime", False), r.obj("block_attention", False), r.obj("diffusion", False)
+        tokens, tokenizer = r.obj("tokens"), r.obj("tokenizer")
+        kv, quant, runtime, blocks, diffusion = (r.obj(k, False) for k in ("kv_cache", "quantization", "runtime",
+                                                                            "block_attention", "diffusion"))
         assert tokens is not None and tokenizer is not None
         token_id = dict(required=False, lo=0, hi=vocab - 1)
         return cls(
@@ -202,11 +202,9 @@ class Manifest:
             vocab_size=vocab,
             graphs=r.each("graphs", lambda g: GraphSpec(g.str("file", max_len=255), g.strings("inputs"),
                                                           g.strings("outputs"))),
-            tokens=SpecialTokens(bos_id=tokens.int("bos_id", **token_id), eos_id=tokens.int("eos_id", **token_id),
-                                 pad_id=tokens.int("pad_id", **token_id),
-                                 turn_end_id=tokens.int("turn_end_id", **token_id),
-                                 mask_id=tokens.int("mask_id", **token_id), stop_ids=tokens.ints("stop_ids", 0,
-                                                                                               vocab - 1)),
+            tokens=SpecialTokens(**{k: tokens.int(k, **token_id) for k in ("bos_id", "eos_id", "pad_id", "turn_end_id",
+                                                                            "mask_id")},
+                                 stop_ids=tokens.ints("stop_ids", 0, vocab - 1)),
             tokenizer=TokenizerSpec(
                 file=tokenizer.str("file", max_len=255),
                 chat_template=tokenizer.str("chat_template", required=False, max_len=1 << 18),
@@ -227,8 +225,7 @@ class Manifest:
                     {"": SESSION_CONFIG_KEYS})[""]),
             quantization=None if quant is None else Quantization(
                 method=quant.str("method", max_len=64), bits=quant.int("bits", lo=1, hi=16),
-                block_size=quant.int("block_size", lo=1, hi=1 << 16), accuracy_level=quant.int("accuracy_level",
-                                                                                              hi=4),
+                block_size=quant.int("block_size", lo=1, hi=1 << 16), accuracy_level=quant.int("accuracy_level", hi=4),
                 tolerance=quant.str("tolerance", max_len=64), format=quant.str("format", False, "nbits"),
                 activations=quant.str("activations", False, "float"), kv_cache=quant.str("kv_cache", False, "fp32"),
                 embedding=quant.str("embedding", False, "float32"), lm_head=quant.str("lm_head", False, "8-bit"),
@@ -419,8 +416,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it runs, as another user
+        pass
     return True
 
 

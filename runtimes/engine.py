@@ -19,7 +19,7 @@ from edgekit.runtimes.errors import ConfigError, QueueFullError
 from edgekit.runtimes.model import FinishReason, Model, Stats
 from edgekit.runtimes.sequence import Sequence as Seq
 
-EventKind = Literal["token", "done", "error"]
+EventType = Literal["token", "done", "error"]
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Event:
     ('' while a multi-byte character is incomplete); the last event is ``done`` (with the final stats) or
     ``error``."""
 
-    kind: EventKind
+    type: EventType
     text: str = ""
     at: float = 0.0  # time.perf_counter() when it happened
     finish_reason: FinishReason | None = None

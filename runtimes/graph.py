@@ -26,8 +26,8 @@ FEEDS = ("input_ids", "attention_mask", "logits_to_keep")  # besides the KV cach
 
 
 class GraphRunner:
-    """The bundle's ``decoder`` graph on an onnxruntime session. ``extra_inputs``: inputs the holding model feeds
-    on every run besides ids, mask and cache (a block-diffusion graph's ``block_length``), with their ``defaults``."""
+    """The bundle's ``decoder`` graph on an onnxruntime session. ``defaults``: the inputs the holding model feeds on
+    every run besides ids, mask and cache (a block-diffusion graph's ``block_length``) and their default values."""
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: BackendOptions,
                  defaults: Mapping[str, np.ndarray] | None = None) -> None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from edgekit.runtimes.backend import BackendOptions
 from edgekit.runtimes.blocks import BlockDiffusionModel
-from edgekit.runtimes.bundle import load_manifest
+from edgekit.runtimes.bundle import Manifest, load_manifest
 from edgekit.runtimes.decoder import ARModel
 from edgekit.runtimes.denoiser import DiffusionModel
 from edgekit.runtimes.model import Model
+
+# bundle kind -> the Model implementation that runs it (bundle.MODEL_KINDS: the manifest reader refuses others)
+MODELS: dict[str, Callable[[Path, Manifest, BackendOptions], Model]] = {
+    "ar": ARModel, "diffusion": DiffusionModel, "block_diffusion": BlockDiffusionModel}
 
 
 def load(
@@ -31,8 +35,4 @@ def load(
     root = Path(bundle_dir)
     manifest = load_manifest(root, check_hashes=verify_hashes)  # refuses kinds outside bundle.MODEL_KINDS
     backend = BackendOptions(providers=tuple(providers) if providers else None, threads=threads, spin=spin)
-    if manifest.kind == "diffusion":
-        return DiffusionModel(root, manifest, backend)
-    if manifest.kind == "block_diffusion":
-        return BlockDiffusionModel(root, manifest, backend)
-    return ARModel(root, manifest, backend)
+    return MODELS[manifest.kind](root, manifest, backend)

@@ -26,7 +26,7 @@ def run_all(engine, model, prompts, **opts):
         parts = []
 
         def on_event(ev):
-            if ev.kind == "token":
+            if ev.type == "token":
                 parts.append(ev.text)
             else:
                 results[i] = ("".join(parts), ev)
@@ -55,7 +55,7 @@ def test_batched_results_equal_single_stream(model, opts):
         engine.stop()
     for i, p in enumerate(PROMPTS):
         text, ev = results[i]
-        assert ev.kind == "done" and ev.finish_reason in ("stop", "length")
+        assert ev.type == "done" and ev.finish_reason in ("stop", "length")
         assert text == model.generate(p, **opts), p
 
 
@@ -78,13 +78,13 @@ def test_cancel_frees_the_slot(model, monkeypatch):
     engine.step()
     engine.step()
     assert engine.running == 1
-    tokens_before = sum(e.kind == "token" for e in events)
+    tokens_before = sum(e.type == "token" for e in events)
     assert tokens_before == 3  # step 1: prefill + first decode; step 2: one more
     engine.cancel(req)
     engine.step()
     assert engine.running == 0
-    assert events[-1].kind == "done" and events[-1].finish_reason == "cancelled"
-    assert sum(e.kind == "token" for e in events) == tokens_before
+    assert events[-1].type == "done" and events[-1].finish_reason == "cancelled"
+    assert sum(e.type == "token" for e in events) == tokens_before
 
 
 def test_timeout_ends_a_request(model, monkeypatch):
@@ -94,7 +94,7 @@ def test_timeout_ends_a_request(model, monkeypatch):
     ids = model.tokenizer.encode_prompt("Once upon a time")
     engine.submit(Request(ids, model.params(len(ids), max_new_tokens=100), events.append, timeout_s=0.0))
     engine.step()  # expired while waiting
-    assert events[-1].kind == "done" and events[-1].finish_reason == "timeout"
+    assert events[-1].type == "done" and events[-1].finish_reason == "timeout"
     assert engine.running == 0 and engine.waiting == 0
 
 

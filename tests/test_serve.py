@@ -412,7 +412,7 @@ def test_serial_engine_cancel_and_timeout(tmp_path):
                    timeout_s=0.0)
     engine.submit(late)
     engine.step()
-    assert events[-1].kind == "done" and events[-1].finish_reason == "timeout"
+    assert events[-1].type == "done" and events[-1].finish_reason == "timeout"
 
 
 def _stream_times(server, body):
