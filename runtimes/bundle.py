@@ -29,8 +29,7 @@ MANIFEST_FILE = "edgekit.json"
 MAX_MANIFEST_BYTES = 16 << 20  # ours are ~100 KB (chat template and parity report included)
 KV_DTYPES: tuple[str, ...] = ("float32", "float16")
 TARGETS: tuple[str, ...] = ("cpu", "cuda", "tensorrt")  # graph flavours (export.targets holds their records)
-# what a manifest may set per provider and in the session config (a bundle is untrusted input: nothing that names
-# files or changes how the graph is loaded; the runtime adds the TensorRT cache paths itself)
+# what an untrusted manifest may set per provider and in the session config (nothing naming files or changing loading)
 PROVIDER_OPTION_KEYS: dict[str, frozenset[str]] = {
     "TensorrtExecutionProvider": frozenset({"trt_fp16_enable", "trt_int8_enable", "trt_profile_min_shapes",
                                             "trt_profile_opt_shapes", "trt_profile_max_shapes",
