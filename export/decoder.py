@@ -83,7 +83,8 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
         opts = onnx_graph.BuildOptions(dtype=dtype, target=plan.target)
         return onnx_graph.build_decoder(dims, weights, on_layer=tick, options=opts), None
     record = dict(method=method.name, bits=bits, block_size=plan.block_size, accuracy_level=plan.accuracy_level,
-                  tolerance=plan.tolerance, format=plan.quant_format, kv_cache=plan.kv_cache)
+                  tolerance=plan.tolerance, format=plan.quant_format, kv_cache=plan.kv_cache,
+                  activations="int8" if plan.accuracy_level >= 4 else "float")  # (MatMulNBits' level 4: int8)
     if method.gguf_source:
         assert ref.gguf_file is not None, "the plan chose gguf for a GGUF source only"
         spec = plan.spec

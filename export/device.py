@@ -27,7 +27,7 @@ class DeviceProfile:
     precisions: tuple[str, ...]  # precisions that run well there, preferred first
     default_precision: str
     default_max_context: int
-    execution_providers: tuple[str, ...]  # recorded in the bundles exported for it; the runtime tries them in order
+    execution_providers: tuple[str, ...]  # what it has: a bundle for it records its target's providers among these
     compute_capability: str | None = None
     sparse_tensor_cores: bool = False
 

@@ -97,7 +97,9 @@ def runtime_spec(plan: Plan, built: Built) -> bdl.RuntimeSpec:
     if target.tensorrt_options and built.kv_cache is not None:
         options[backend.TENSORRT] = {"trt_fp16_enable": str(plan.kv_cache == "fp16"), "trt_int8_enable": "False",
                                      **backend.tensorrt_profiles(built.kv_cache, plan.max_context, plan.batch)}
-    return bdl.RuntimeSpec(providers=target.providers, disabled_optimizers=built.disabled_optimizers,
+    device = plan.device  # a device profile narrows the target's providers to those the device has
+    providers = tuple(p for p in target.providers if device is None or p in device.execution_providers)
+    return bdl.RuntimeSpec(providers=providers, disabled_optimizers=built.disabled_optimizers,
                            target=plan.target, provider_options=options, session_config=config)
 
 

@@ -124,6 +124,10 @@ def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) ->
     target = cfg.target or ("cuda" if profile is not None and profile.kind in ("jetson", "gpu") else "cpu")
     choice("target", target, tuple(TARGETS))
     tgt = TARGETS[target]
+    if profile is not None and tgt.providers[0] not in profile.execution_providers:
+        raise ConfigError(f"--target {target} runs on {tgt.providers[0]}, which device {profile.name} does not have "
+                          f"(it lists {', '.join(profile.execution_providers)}). HINT: drop --target (the device's "
+                          "default), or pick the target of that provider.")
     choice("block size", cfg.block_size, BLOCK_SIZES)
     if cfg.batch < 1:
         raise ConfigError(f"batch must be >= 1, got {cfg.batch}.")

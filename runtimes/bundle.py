@@ -120,7 +120,7 @@ class Quantization:
     accuracy_level: int
     tolerance: str
     format: str = "nbits"  # nbits (MatMulNBits) | qdq (DequantizeLinear + MatMul)
-    activations: str = "float"  # float | int8 (static, calibrated)
+    activations: str = "float"  # float | int8 (MatMulNBits accuracy level 4: int8 activations per block)
     kv_cache: str = "fp32"
     embedding: str = "float32"
     lm_head: str = "8-bit"

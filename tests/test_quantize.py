@@ -30,6 +30,7 @@ def test_weight_only_quantization_runs_torch_free(tiny_model, tmp_path, precisio
                         verify=verifier(new_tokens=8), progress=Silent())
     q = res.manifest.quantization
     assert (q.method, q.bits, q.accuracy_level, q.tolerance) == (algo, bits, 4, precision)
+    assert q.activations == "int8"  # (accuracy level 4: MatMulNBits quantizes activations to 8 bits)
     graph = onnx.load(str(res.path / "model.onnx"), load_external_data=False)
     nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 2 * 4 + 1  # 4 matmuls per layer + lm_head
@@ -123,6 +124,8 @@ def test_int4_is_smaller_than_fp32(tiny_model, llama_bundle, tmp_path):
     (dict(precision="int4", lm_head="fp33"), "Unknown lm_head precision 'fp33'.*Did you mean 'fp32'"),
     (dict(precision="int4", algo="rtn", lm_head="int8"), "--lm-head int8 chooses how a GGUF's output layer"),
     (dict(precision="int4", target="tensorrt", algo="hqq"), "--quant-format qdq .* is written by --algo rtn"),
+    (dict(device="generic-x86-cpu", target="cuda"), "--target cuda runs on CUDAExecutionProvider, which device "
+                                                    "generic-x86-cpu does not have"),
 ])
 def test_bad_options_fail_before_any_work(tiny_model, tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -136,8 +139,11 @@ def test_device_picks_defaults_and_records_the_fit(tiny_model, tmp_path):
     assert m.precision == "int4"  # the device's default precision
     assert m.max_context == 256  # min(model limit 256, device default 2048)
     assert m.extra["device"] == "generic-arm-cpu" and m.extra["fit"]["fits"] is True
+    assert m.runtime.providers == ("CPUExecutionProvider",)
     res = _export(tiny_model(), tmp_path / "c", device="generic-arm-cpu", precision="fp32")  # flags override
     assert res.manifest.precision == "fp32"
+    res = _export(tiny_model(), tmp_path / "d", precision="int4", accuracy_level=0)
+    assert res.manifest.quantization.activations == "float"
 
 
 def test_model_that_cannot_fit_fails_early_with_the_fix(tmp_path):
