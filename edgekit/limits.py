@@ -114,7 +114,7 @@ def guarded_protocol(header_timeout_s: float) -> type:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.close()
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # (uvicorn narrows the transport type)
             super().connection_made(transport)
             self._arm()
 

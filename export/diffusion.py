@@ -243,25 +243,22 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
             f"{type(model).__name__}: a cached block forward differs from the full forward by {diff:.3g} in PyTorch "
             "(attention or position handling edgekit does not model). HINT: use cache mode 'none'.")
 
-    class Encode(torch.nn.Module):
+    class Graph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.inner = kva.model  # (a submodule, so the exporter sees its weights)
 
+    class Encode(Graph):
         def forward(self, input_ids: Any) -> Any:
             logits, kv = kva.encode(input_ids)
             return (logits, *kv)
 
-    class EncodeIsolated(Encode):
-        def forward(self, input_ids: Any, prompt_length: Any) -> Any:  # type: ignore[override]
+    class EncodeIsolated(Graph):
+        def forward(self, input_ids: Any, prompt_length: Any) -> Any:
             logits, kv = kva.encode(input_ids, prompt_length[0])
             return (logits, *kv)
 
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = kva.model
-
+    class Block(Graph):
         def forward(self, input_ids: Any, position_ids: Any, past_positions: Any, *past: Any) -> Any:
             return kva.block(input_ids, position_ids, past_positions, past)
 

@@ -33,7 +33,6 @@ class TorchReference:
     def __init__(self, model: Any, attention: Attention = "causal", block_length: int = 0) -> None:
         self.model, self.attention, self.block_length = model, attention, block_length
         self._prefills: dict[tuple[int, ...], tuple[np.ndarray, Any]] = {}  # ids -> (logits, KV cache)
-        self.forwards = 0  # model forwards run (a check that an export runs each prompt once)
 
     @classmethod
     def for_manifest(cls, model: Any, manifest: Any) -> TorchReference:
@@ -78,7 +77,6 @@ class TorchReference:
         """One causal forward of ``ids`` on ``past``: (logits [S, V], the extended cache)."""
         import torch
 
-        self.forwards += 1
         with torch.inference_mode():
             out = self.model(torch.tensor([ids]), past_key_values=past, use_cache=True)
         return out.logits[0].float().numpy(), out.past_key_values
@@ -87,7 +85,6 @@ class TorchReference:
         """Logits of every position under a block-diffusion model's attention (block-causal)."""
         import torch
 
-        self.forwards += 1
         with torch.inference_mode():
             out = self.model(torch.tensor([list(tokens)]), attention_mask=block_causal_mask(len(tokens), block))
         return out.logits[0].float().numpy()
@@ -96,7 +93,6 @@ class TorchReference:
         """A masked LM's logits [S, V] of a whole sequence, under the attention rule its bundle runs."""
         from edgekit.export.diffusion import reference_logits
 
-        self.forwards += 1
         return reference_logits(self.model, tokens, prompt_len)
 
 

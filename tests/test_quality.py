@@ -47,3 +47,24 @@ def test_bad_eval_text(tiny_model, tmp_path):
                       progress=Silent())
     r = CliRunner().invoke(main, ["quality", "nowhere", "--reference", "x", "--text", str(tmp_path / "nope.txt")])
     assert r.exit_code == 2 and "Cannot read the evaluation text" in r.output
+
+
+def test_an_export_runs_each_prompt_through_pytorch_once(tiny_model, tmp_path, monkeypatch):
+    """The quality report and parity share the PyTorch reference: every built-in prompt is prefilled once."""
+    from edgekit.export.prompts import PROMPTS
+    from edgekit.export.reference import TorchReference
+    from edgekit.parity import verifier
+
+    prefills: list[tuple[int, ...]] = []
+    run = TorchReference.run
+
+    def counted(self, ids, past):
+        if past is None:
+            prefills.append(tuple(ids))
+        return run(self, ids, past)
+
+    monkeypatch.setattr(TorchReference, "run", counted)
+    res = export_bundle(ExportConfig(source=str(tiny_model()), output=tmp_path / "b"), verify=verifier(4),
+                        progress=Silent())
+    assert res.manifest.parity["passed"] and res.manifest.extra["quality"]["top1"] == 1.0
+    assert len(prefills) == len(set(prefills)) == len(PROMPTS) + 1  # each prompt once, and the evaluation text
