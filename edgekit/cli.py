@@ -297,6 +297,20 @@ def describe(bundle: Path, m: Any) -> str:
     lines.append("files        " + ", ".join(f"{k} ({v / 2**20:.1f} MB)" for k, v in sizes.items()))
     prov = m.provenance
     lines.append(f"source       {prov.get('source')}  [{prov.get('description')}]  created {prov.get('created')}")
+    q = m.extra.get("quality")
+    if isinstance(q, dict) and "top1" in q:
+        lines.append(f"quality      perplexity {q.get('perplexity', 0):.3f} (reference "
+                     f"{q.get('reference_perplexity', 0):.3f}), top-1 {q['top1']:.2%}, KL {q.get('kl', 0):.2e}, "
+                     f"{q.get('size_mb', 0):.1f} MB, {q.get('decode_tok_s', 0):.1f} tok/s (at export)")
+    for key in ("pruning", "diffusion_cache"):
+        if m.extra.get(key):
+            lines.append(f"{key.replace('_', ' '):<12} {m.extra[key]}")
+    if m.block_attention is not None:
+        b = m.block_attention
+        lines.append(f"blocks       {b.block_length} (trained: {list(b.block_lengths)}), token shift {b.token_shift}")
+    if m.diffusion is not None:
+        d = m.diffusion
+        lines.append(f"diffusion    {d.attention} attention, cache modes {', '.join(d.cache_modes)}")
     if m.parity:
         s = m.parity.get("summary", {})
         verdict = "PASSED" if m.parity.get("passed") else "FAILED"

@@ -263,7 +263,7 @@ def build_cached_denoisers(model: Any) -> CacheGraphs:
             return kva.block(input_ids, position_ids, past_positions, past)
 
     limit = int(getattr(model.config, "max_position_embeddings", 512))
-    kv_names = [f"{w}_{kind}_{i}" for i in range(layers) for kind in ("key", "value") for w in ("present",)]
+    kv_names = [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
     past_names = [n.replace("present", "past") for n in kv_names]
     seq = torch.export.Dim("sequence", min=2, max=limit)
     tok = torch.export.Dim("block", min=1, max=limit)

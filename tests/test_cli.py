@@ -36,6 +36,7 @@ def test_export_run_info_parity(tiny_model, tmp_path):
 
     r = invoke("info", out)
     assert r.exit_code == 0 and "LlamaForCausalLM" in r.output and "parity       PASSED" in r.output
+    assert "quality      perplexity" in r.output and "top-1 100.00%" in r.output  # (extra: shown, never read)
     assert json.loads(invoke("info", out, "--json").output)["kind"] == "ar"
 
     r = invoke("parity", out, "--reference", tiny_model(), "--tokens", "8", "--json", tmp_path / "p.json")
