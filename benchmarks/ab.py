@@ -62,8 +62,8 @@ print(json.dumps({"single_tok_s": single, "batch4_tok_s": sum(made) / wall}))
 
 def run(python: str, args: list[str], timeout: float = 1800) -> tuple[float, str]:
     t0 = time.perf_counter()
-    out = subprocess.run([python, *args], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = subprocess.run([python, *args], capture_output=True, text=True, timeout=timeout,  # (outside any checkout:
+                         cwd=tempfile.gettempdir(), env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its own edgekit)
     if out.returncode != 0:
         raise SystemExit(f"{python} {' '.join(args[:3])} failed:\n{out.stderr[-3000:]}")
     return time.perf_counter() - t0, out.stdout
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--precisions", default="fp32,int4")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--export-rounds", type=int, default=1)
+    ap.add_argument("--export-rounds", type=int, default=1, help="0: reuse the bundles already in --work")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--work", type=Path, default=None, help="Folder for the bundles [a temporary one].")
@@ -132,8 +132,9 @@ def main() -> None:
              f"{vb['torch']}; {args.threads} onnxruntime threads; {args.rounds} alternated rounds (medians).", "",
              f"| measure | precision | {a} | {b} | {b} / {a} |", "|---|---|---:|---:|---:|"]
     for precision in precisions:
-        ea, eb = (statistics.median(export_s[(s, precision)]) for s in (a, b))
-        lines.append(f"| export with parity (s) | {precision} | {ea:.1f} | {eb:.1f} | {eb / ea:.3f} |")
+        if export_s:
+            ea, eb = (statistics.median(export_s[(s, precision)]) for s in (a, b))
+            lines.append(f"| export with parity (s) | {precision} | {ea:.1f} | {eb:.1f} | {eb / ea:.3f} |")
         for key, label in (("single_tok_s", "decode, 1 stream (tok/s)"), ("batch4_tok_s", "decode, 4 requests "
                                                                                           "(aggregate tok/s)")):
             ma, mb = (statistics.median(x[key] for x in decode[(s, precision)]) for s in (a, b))
