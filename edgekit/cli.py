@@ -214,12 +214,14 @@ def quality_cmd(bundle: Path, reference: str, text_file: str | None, plot_path: 
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--root", default="/", show_default=True, type=click.Path(path_type=Path),
               help="Filesystem root to read the machine from (a mounted device image, or tests).")
-def doctor(bundle: Path | None, root: Path) -> None:
+@click.option("--max-batch", default=8, show_default=True, help="As for edgekit serve: KV rows decoding together.")
+@click.option("--prefix-cache-entries", default=8, show_default=True, help="As for edgekit serve: KV rows kept.")
+def doctor(bundle: Path | None, root: Path, max_batch: int, prefix_cache_entries: int) -> None:
     """What this machine is, what onnxruntime/CUDA/TensorRT it has, its device profile; for BUNDLE, where it runs
     and whether it fits."""
     from edgekit.doctor import inspect
 
-    click.echo(inspect(root=root, bundle=bundle).table())
+    click.echo(inspect(root=root, bundle=bundle, serve_rows=max_batch + max(prefix_cache_entries, 0)).table())
 
 
 @main.command()

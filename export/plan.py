@@ -143,6 +143,11 @@ def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) ->
     method = _method(cfg, precision, ref, spec, inspection, pruning)
     fmt = _format(cfg, precision, method, tgt)
     kv_cache = _kv_cache(cfg, precision, method, tgt)
+    if kv_cache == "fp32" and not tgt.fp32_attention and not getattr(config, "block_diffusion_length", 0):
+        raise ConfigError(f"--target {target} computes attention with GroupQueryAttention, whose CUDA kernel takes "
+                          "fp16/bf16 only: an fp32 graph would fall back to the CPU and copy its KV buffers every "
+                          "layer and step. HINT: use --precision fp16, or int4/int8 without --kv-cache fp32 (fp16 "
+                          "activations), or --target cpu.")
     lm_head = _lm_head(cfg, precision, method, ref, inspection)
     if not tgt.accuracy_levels and cfg.accuracy_level not in (None, 0):
         raise ConfigError(f"--accuracy-level {cfg.accuracy_level} picks onnxruntime's int8-activation CPU kernels; "

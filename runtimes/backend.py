@@ -23,6 +23,8 @@ class BackendOptions:
     threads: int | None = None
     spin: bool | None = None
     engine_cache: Path | None = None  # TensorRT engine + timing caches [a folder beside the bundle]
+    # KV buffers as onnxruntime OrtValues bound by pointer (None: on a GPU; True on the CPU runs the GPU's code path)
+    device_buffers: bool | None = None
 
 
 TENSORRT = "TensorrtExecutionProvider"
