@@ -5,7 +5,8 @@ graph can need, with the restrictions that bite: ``axes`` of Slice/Squeeze/Unsqu
 DequantizeLinear takes INT8/INT4 with zero point 0 and positive scales ("Scale coefficients must all be positive";
 blockwise when its scale has one blocked dimension), and no custom domains (onnxruntime's TensorRT EP hands
 com.microsoft ops to the next provider, which would split the engine). The ONNX Attention / RMSNormalization /
-RotaryEmbedding importers only arrived in TensorRT 10.14/10.15, so they are not in the set either. Checked against that documentation only: no TensorRT runs on these machines.
+RotaryEmbedding importers only arrived in TensorRT 10.14/10.15, so they are not in the set either. Checked against
+that documentation only: no TensorRT runs on these machines.
 """
 
 from __future__ import annotations
