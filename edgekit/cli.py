@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from edgekit.export.methods import BLOCK_SIZES, KV_DTYPES, LM_HEADS, METHODS, PRECISIONS, QUANT_FORMATS
-from edgekit.export.targets import TARGETS
+from edgekit.runtimes.bundle import TARGETS  # (names only: the runtime-only install has no onnx)
 from edgekit.runtimes.errors import EdgekitError, ParityError
 from edgekit.runtimes.unmasking import CACHE_MODES, Remasking
 
@@ -59,6 +59,8 @@ def main() -> None:
               help="Graph flavour: cpu (onnxruntime's fused CPU kernels), cuda (fp16 fused kernels for the CUDA EP; "
                    "GGUF mins as float zero points) or tensorrt (plain standard ops TensorRT 10.3 parses whole; "
                    "int4 = symmetric weight-only QDQ) [cuda for GPU device profiles, else cpu].")
+@click.option("--onnxruntime", default=None, help="The oldest onnxruntime the bundle must run on, e.g. 1.20 (a "
+              "JetPack's wheel): exact alternatives for newer ops, or a clear refusal [the device profile's, else any]")
 @click.option("--device", default=None, help="Device profile (see 'edgekit devices') or a .toml file: picks "
               "defaults and checks the memory fit before any heavy work.")
 @click.option("--max-context", type=int, default=None,

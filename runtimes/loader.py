@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from edgekit.runtimes.backend import BackendOptions
+from edgekit.runtimes.backend import BackendOptions, check_onnxruntime
 from edgekit.runtimes.blocks import BlockDiffusionModel
 from edgekit.runtimes.bundle import Manifest, load_manifest
 from edgekit.runtimes.decoder import ARModel
@@ -36,6 +36,7 @@ def load(
     """
     root = Path(bundle_dir)
     manifest = load_manifest(root, check_hashes=verify_hashes)  # refuses kinds outside bundle.MODEL_KINDS
+    check_onnxruntime(manifest.runtime, root)
     backend = BackendOptions(providers=tuple(providers) if providers else None, threads=threads, spin=spin,
                              device_buffers=device_buffers)
     return MODELS[manifest.kind](root, manifest, backend)

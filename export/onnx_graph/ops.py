@@ -25,9 +25,12 @@ class Graph:
     (a key of ``export.targets.TARGETS``)."""
 
     def __init__(self, accuracy_level: int = 0, dtype: str = "float32", target: str = "cpu", qdq_bits: int = 0,
-                 qdq_block: int = BLOCK) -> None:
+                 qdq_block: int = BLOCK, split_8bit: bool | None = None) -> None:
         self.float_dtype = np.dtype(dtype)
         self.target = TARGETS[target]
+        # 8-bit blocks at float activations as two 4-bit matmuls: the target's choice, or forced (an onnxruntime
+        # without 8-bit MatMulNBits: the exact alternative)
+        self.split_8bit = self.target.split_8bit if split_8bit is None else split_8bit
         self.qdq_bits, self.qdq_block = qdq_bits, qdq_block
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
@@ -54,7 +57,7 @@ class Graph:
             if level >= 4:  # int8 activations: a centred main term (see BlockQuantLinear.centered)
                 w = w.centered()
             # 8-bit blocks with float activations on the CPU: two 4-bit matmuls (its 8-bit kernel is a slow fallback)
-            split = w.nibbles() if level < 4 and self.target.split_8bit else None
+            split = w.nibbles() if level < 4 and self.split_8bit else None
             y = self.matmul_nbits(x, split[0] if split else w, name, level)
             if split is not None:
                 y = self.op("Add", [y, self.matmul_nbits(x, split[1], f"{name}.high", level)])
