@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from edgekit.export.methods import BLOCK_SIZES, KV_DTYPES, LM_HEADS, METHODS, PRECISIONS, QUANT_FORMATS
-from edgekit.export.targets import TARGETS
+from edgekit.runtimes.bundle import TARGETS  # (names only: the runtime-only install has no onnx)
 from edgekit.runtimes.errors import EdgekitError, ParityError
 from edgekit.runtimes.unmasking import CACHE_MODES, Remasking
 
@@ -59,6 +59,8 @@ def main() -> None:
               help="Graph flavour: cpu (onnxruntime's fused CPU kernels), cuda (fp16 fused kernels for the CUDA EP; "
                    "GGUF mins as float zero points) or tensorrt (plain standard ops TensorRT 10.3 parses whole; "
                    "int4 = symmetric weight-only QDQ) [cuda for GPU device profiles, else cpu].")
+@click.option("--onnxruntime", default=None, help="The oldest onnxruntime the bundle must run on, e.g. 1.20 (a "
+              "JetPack's wheel): exact alternatives for newer ops, or a clear refusal [the device profile's, else any]")
 @click.option("--device", default=None, help="Device profile (see 'edgekit devices') or a .toml file: picks "
               "defaults and checks the memory fit before any heavy work.")
 @click.option("--max-context", type=int, default=None,
@@ -214,12 +216,14 @@ def quality_cmd(bundle: Path, reference: str, text_file: str | None, plot_path: 
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--root", default="/", show_default=True, type=click.Path(path_type=Path),
               help="Filesystem root to read the machine from (a mounted device image, or tests).")
-def doctor(bundle: Path | None, root: Path) -> None:
+@click.option("--max-batch", default=8, show_default=True, help="As for edgekit serve: KV rows decoding together.")
+@click.option("--prefix-cache-entries", default=8, show_default=True, help="As for edgekit serve: KV rows kept.")
+def doctor(bundle: Path | None, root: Path, max_batch: int, prefix_cache_entries: int) -> None:
     """What this machine is, what onnxruntime/CUDA/TensorRT it has, its device profile; for BUNDLE, where it runs
     and whether it fits."""
     from edgekit.doctor import inspect
 
-    click.echo(inspect(root=root, bundle=bundle).table())
+    click.echo(inspect(root=root, bundle=bundle, serve_rows=max_batch + max(prefix_cache_entries, 0)).table())
 
 
 @main.command()

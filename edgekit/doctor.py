@@ -42,9 +42,12 @@ class Machine:
             rows += [("bundle", f"{b['path']} ({b['precision']}, {b['target']} flavour, "
                                 f"{b['size_mb']:.0f} MB on disk)"),
                      ("runs on", b["runs_on"] + (f"  (the bundle prefers {b['preferred']})" if b["fallback"] else "")),
-                     ("needs", f"{b['needs_mb']:.0f} MB at max context {b['max_context']} "
+                     ("needs", f"{b['needs_mb']:.0f} MB for one stream at max context {b['max_context']} "
                                f"({'fits' if b['fits'] else 'does NOT fit'} the {b['available_mb']:.0f} MB "
-                               "available)")]
+                               "available)"),
+                     ("serving", f"{b['serve_needs_mb']:.0f} MB for {b['serve_rows']} KV row(s) at max context "
+                                 f"(edgekit serve --max-batch + --prefix-cache-entries; "
+                                 f"{'fits' if b['serve_fits'] else 'does NOT fit'})")]
             if b["engine_cache"] is not None:
                 rows.append(("engines", b["engine_cache"]))
         return "\n".join(f"{k:<12} {v}" for k, v in rows)
@@ -64,8 +67,9 @@ def _read(root: Path, rel: str) -> str | None:
 
 
 def inspect(root: Path = Path("/"), providers: list[str] | None = None, arch: str | None = None,
-            bundle: Path | None = None) -> Machine:
-    """Read the machine under ``root``; ``providers``/``arch`` default to this process's onnxruntime and CPU."""
+            bundle: Path | None = None, serve_rows: int = 16) -> Machine:
+    """Read the machine under ``root``; ``providers``/``arch`` default to this process's onnxruntime and CPU.
+    ``serve_rows``: the KV rows a server of ``bundle`` holds (its --max-batch plus --prefix-cache-entries)."""
     if providers is None:
         import onnxruntime as ort
 
@@ -92,7 +96,7 @@ def inspect(root: Path = Path("/"), providers: list[str] | None = None, arch: st
     profile = match_profile(m)
     m.profile = profile.name if profile else None
     if bundle is not None:
-        m.bundle = _bundle(bundle, m)
+        m.bundle = _bundle(bundle, m, serve_rows)
     return m
 
 
@@ -138,7 +142,7 @@ def _words(p: DeviceProfile) -> list[str]:
     return [w for w in p.name.split("-") if not re.fullmatch(r"\d+gb", w) and w not in ("generic", "cpu")]
 
 
-def _bundle(path: Path, m: Machine) -> dict[str, Any]:
+def _bundle(path: Path, m: Machine, serve_rows: int) -> dict[str, Any]:
     from edgekit.runtimes.backend import TENSORRT, BackendOptions, engine_cache_dir
     from edgekit.runtimes.bundle import load_manifest
 
@@ -149,7 +153,10 @@ def _bundle(path: Path, m: Machine) -> dict[str, Any]:
     kv = man.kv_cache
     kv_mb = (2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * man.max_context * KV_BYTES.get(kv.dtype, 4) / 2**20
              if kv else 0.0)
-    needs = size + kv_mb + 300  # + onnxruntime's arena and the process (measured ~250-300 MB on CPU)
+    # + onnxruntime's arena and the process (measured ~250-300 MB on CPU); a KV row is allocated at max context on
+    # a GPU (and grows to it on the CPU), one per batch slot and per prefix-cache entry
+    needs = size + kv_mb + 300
+    serve_needs = size + serve_rows * kv_mb + 300
     engines = None
     if TENSORRT in recorded:  # the TensorRT EP builds engines into a cache beside the bundle
         cache = engine_cache_dir(path, BackendOptions())
@@ -161,4 +168,5 @@ def _bundle(path: Path, m: Machine) -> dict[str, Any]:
             "size_mb": size, "runs_on": usable[0],
             "preferred": recorded[0] if recorded else None, "fallback": bool(recorded) and recorded[0] != usable[0],
             "needs_mb": needs, "max_context": man.max_context, "available_mb": available_mb,
-            "fits": needs <= available_mb}
+            "fits": needs <= available_mb, "serve_rows": serve_rows, "serve_needs_mb": serve_needs,
+            "serve_fits": serve_needs <= available_mb}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.export import gguf, onnx_graph, prompts, prune, quality, quantize
+from edgekit.export import floors, gguf, onnx_graph, prompts, prune, quality, quantize
 from edgekit.export.manifest import Built
 from edgekit.export.plan import Plan
 from edgekit.export.progress import Progress
@@ -79,8 +79,12 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
     tick = lambda i: progress.tick(i + 1, dims.num_layers)  # noqa: E731
     method, bits = plan.method, plan.bits
     dtype = "float16" if plan.kv_cache == "fp16" else "float32"
+    # MultiHeadAttention's [B, 1, S, T] bias (block-causal layers) computes wrong values for B > 1 before 1.21.1:
+    # plain ops there, exact, for an older onnxruntime
+    form = None if plan.runs(floors.BATCHED_BIAS) else "plain"
+    split = None if plan.runs(floors.NBITS_8BIT) else True  # (8-bit blocks as two exact 4-bit ones)
     if method is None or bits is None:
-        opts = onnx_graph.BuildOptions(dtype=dtype, target=plan.target)
+        opts = onnx_graph.BuildOptions(dtype=dtype, target=plan.target, block_attention=form, split_8bit=split)
         return onnx_graph.build_decoder(dims, weights, on_layer=tick, options=opts), None
     record = dict(method=method.name, bits=bits, block_size=plan.block_size, accuracy_level=plan.accuracy_level,
                   tolerance=plan.tolerance, format=plan.quant_format, kv_cache=plan.kv_cache,
@@ -102,7 +106,7 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
 
         fast_head = plan.lm_head == "int8"
         opts = onnx_graph.BuildOptions(
-            accuracy_level=plan.accuracy_level, dtype=dtype, target=plan.target,
+            accuracy_level=plan.accuracy_level, dtype=dtype, target=plan.target, block_attention=form, split_8bit=split,
             # (the cuda flavour gathers a dense fp16 embedding: GatherBlockQuantized is a CPU kernel)
             embed_quant=carried.embed if fast_head and plan.graph_target.quantized_embedding else None,
             lm_head_quant=(carried.lm_head or carried.embed) if fast_head else None,
@@ -121,16 +125,17 @@ def _graph(plan: Plan, ref: SourceRef, model: Any, tokenizer: Any, dims: onnx_gr
         return graph, bdl.Quantization(**record, source_types=carried.types, lm_head=head, embedding=embedding)
     if plan.quant_format == "qdq":  # symmetric int4 blocks behind DequantizeLinear, written by the graph builder
         progress.note(f"rtn {bits}-bit symmetric, block {plan.block_size}, transformer matmuls (QDQ); lm_head {dtype}")
-        opts = onnx_graph.BuildOptions(lm_head_matmul=True, dtype=dtype, target=plan.target, qdq_bits=bits,
-                                       qdq_block=plan.block_size)
+        opts = onnx_graph.BuildOptions(lm_head_matmul=True, dtype=dtype, target=plan.target, block_attention=form,
+                                       split_8bit=split, qdq_bits=bits, qdq_block=plan.block_size)
         return (onnx_graph.build_decoder(dims, weights, on_layer=tick, options=opts),
                 bdl.Quantization(**record, lm_head=dtype))
     graph = onnx_graph.build_decoder(dims, weights, on_layer=tick, options=onnx_graph.BuildOptions(
-        lm_head_matmul=True, dtype=dtype, target=plan.target))
+        lm_head_matmul=True, dtype=dtype, target=plan.target, block_attention=form, split_8bit=split))
     feeds = calibration_feeds(dims, tokenizer, plan.calibration_text) if plan.calibrated else []
     graph = quantize.quantize_weights(graph, bits, method.name, plan.block_size, plan.accuracy_level,
-                                      on_step=progress.note, calibration=feeds)
-    return graph, bdl.Quantization(**record)
+                                      on_step=progress.note, calibration=feeds,
+                                      head_bits=8 if plan.runs(floors.NBITS_8BIT) else None)
+    return graph, bdl.Quantization(**record, lm_head="8-bit" if plan.runs(floors.NBITS_8BIT) else dtype)
 
 
 def calibration_feeds(dims: onnx_graph.DecoderDims, tokenizer: Any, text: str, length: int = 128,

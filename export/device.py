@@ -29,6 +29,7 @@ class DeviceProfile:
     default_max_context: int
     execution_providers: tuple[str, ...]  # what it has: a bundle for it records its target's providers among these
     compute_capability: str | None = None
+    onnxruntime: str | None = None  # the oldest onnxruntime its platform ships (bundles for it are made to run there)
     sparse_tensor_cores: bool = False
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekit.export import fit, gguf, prune, quality
+from edgekit.export import fit, floors, gguf, prune, quality
 from edgekit.export.device import DeviceProfile, load_profile
 from edgekit.export.methods import (
     ACCURACY_LEVELS,
@@ -52,6 +52,7 @@ class ExportConfig:
     eval_text: str | None = None  # a text file for the perplexity in the quality report (a built-in text otherwise)
     force: bool = False
     trust_remote_code: bool = False
+    onnxruntime: str | None = None  # the oldest onnxruntime the bundle must run on [the device's, else any >= 1.20]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ class Plan:
     kv_cache: str = "fp32"
     target: str = "cpu"
     batch: int = 1
+    onnxruntime: floors.Release | None = None  # the oldest onnxruntime it must run on (None: any >= 1.20)
+
+    def runs(self, release: floors.Release) -> bool:
+        """Whether an op that needs onnxruntime >= ``release`` may be written (the bundle's floor allows it)."""
+        return self.onnxruntime is None or self.onnxruntime >= release
 
     @property
     def bits(self) -> int | None:
@@ -143,7 +149,22 @@ def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) ->
     method = _method(cfg, precision, ref, spec, inspection, pruning)
     fmt = _format(cfg, precision, method, tgt)
     kv_cache = _kv_cache(cfg, precision, method, tgt)
-    lm_head = _lm_head(cfg, precision, method, ref, inspection)
+    if kv_cache == "fp32" and not tgt.fp32_attention and not getattr(config, "block_diffusion_length", 0):
+        raise ConfigError(f"--target {target} computes attention with GroupQueryAttention, whose CUDA kernel takes "
+                          "fp16/bf16 only: an fp32 graph would fall back to the CPU and copy its KV buffers every "
+                          "layer and step. HINT: use --precision fp16, or int4/int8 without --kv-cache fp32 (fp16 "
+                          "activations), or --target cpu.")
+    ort = cfg.onnxruntime or (profile.onnxruntime if profile else None)
+    ort_floor = floors.parse(ort, "--onnxruntime") if ort else None
+    if ort_floor is not None and ort_floor < floors.OLDEST:
+        raise ConfigError(f"--onnxruntime {ort}: edgekit's runtime needs onnxruntime >= {floors.show(floors.OLDEST)}. "
+                          "HINT: upgrade the device's onnxruntime.")
+    if ort_floor is not None and ort_floor < floors.NBITS_8BIT and method is not None and not method.gguf_source \
+            and precision == "int8":
+        raise ConfigError(f"--precision int8 --algo {method.name} writes 8-bit MatMulNBits, which onnxruntime "
+                          f"{ort} cannot run (it needs >= {floors.show(floors.NBITS_8BIT)}). HINT: use --precision "
+                          "int4 or fp16 for this onnxruntime.")
+    lm_head = _lm_head(cfg, precision, method, ref, inspection, ort_floor)
     if not tgt.accuracy_levels and cfg.accuracy_level not in (None, 0):
         raise ConfigError(f"--accuracy-level {cfg.accuracy_level} picks onnxruntime's int8-activation CPU kernels; "
                           f"the {target} target's kernels ignore it. HINT: drop --accuracy-level, or use --target cpu.")
@@ -154,7 +175,7 @@ def make_plan(cfg: ExportConfig, ref: SourceRef, config: Any, spec: ArchSpec) ->
     report = fit.check(config, precision, context, cfg.batch, profile, cfg.block_size, kv_bytes) if profile else None
     return Plan(spec, precision, method, cfg.block_size, accuracy, context, profile, report, pruning,
                 prune.read_calibration(cfg.calibration), quality.read_text(cfg.eval_text), lm_head, fmt, kv_cache,
-                target, cfg.batch)
+                target, cfg.batch, ort_floor)
 
 
 def _method(cfg: ExportConfig, precision: str, ref: SourceRef, spec: ArchSpec, inspection: gguf.Inspection | None,
@@ -224,7 +245,7 @@ def _kv_cache(cfg: ExportConfig, precision: str, method: QuantMethod | None, tgt
 
 
 def _lm_head(cfg: ExportConfig, precision: str, method: QuantMethod | None, ref: SourceRef,
-             inspection: gguf.Inspection | None) -> str:
+             inspection: gguf.Inspection | None, ort: floors.Release | None) -> str:
     carried = method is not None and method.gguf_source
     if cfg.lm_head is not None:
         choice("lm_head precision", cfg.lm_head, LM_HEADS)
@@ -233,7 +254,12 @@ def _lm_head(cfg: ExportConfig, precision: str, method: QuantMethod | None, ref:
                               f"export is {precision}{' ' + method.name if method else ''}. HINT: drop --lm-head, or "
                               "use --algo gguf.")
     head_q8 = carried and inspection is not None and inspection.head_is_q8
-    lm_head = cfg.lm_head or ("int8" if head_q8 else "fp32")
+    old = ort is not None and ort < floors.NBITS_8BIT  # (8-bit MatMulNBits and GatherBlockQuantized)
+    if cfg.lm_head == "int8" and old:
+        raise ConfigError(f"--lm-head int8 writes 8-bit MatMulNBits and GatherBlockQuantized, which onnxruntime "
+                          f"{floors.show(ort)} cannot run (they need >= {floors.show(floors.NBITS_8BIT)}). HINT: use "
+                          "--lm-head fp32 (exact) for this onnxruntime.")
+    lm_head = cfg.lm_head or ("int8" if head_q8 and not old else "fp32")
     if lm_head == "int8" and not head_q8:
         raise ConfigError(f"--lm-head int8 carries the GGUF's Q8_0 output/embedding blocks over, but '{ref.spec}' has "
                           "none. HINT: use --lm-head fp32.")

@@ -40,8 +40,10 @@ def _reader(feeds: Sequence[dict[str, np.ndarray]]) -> Any:
 def quantize_weights(
     model: onnx.ModelProto, bits: int, algo: str, block_size: int, accuracy_level: int,
     on_step: Callable[[str], None] | None = None, calibration: Sequence[dict[str, np.ndarray]] = (),
+    head_bits: int | None = 8,
 ) -> onnx.ModelProto:
-    """Quantize every MatMul with a constant weight to MatMulNBits; lm_head (node name 'lm_head') to 8 bits.
+    """Quantize every MatMul with a constant weight to MatMulNBits; lm_head (node name 'lm_head') to ``head_bits``
+    (None: it stays float, for an onnxruntime without 8-bit MatMulNBits).
     ``calibration``: graph feeds for GPTQ (required there). Which combinations exist is the plan's business
     (export.methods); they are not re-checked here. (The QDQ form for TensorRT is written by the graph builder.)"""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -66,22 +68,23 @@ def quantize_weights(
     else:
         raise ConfigError(f"algo {algo!r} cannot re-quantize a graph; use rtn, hqq or gptq.")
     # lm_head first: once it is a MatMulNBits the body pass cannot touch it (GPTQ ignores nodes_to_exclude)
-    if on_step:
-        on_step(f"rtn 8-bit, block {block_size}, lm_head")
-    head_cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False,
-                                            accuracy_level=accuracy_level, bits=8)
-    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != "lm_head"]
-    q8 = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, accuracy_level=accuracy_level,
-                              algo_config=head_cfg, nodes_to_exclude=others)  # nodes_to_include: no restriction
-    q8.process()
-    model = q8.model.model
+    if head_bits is not None:
+        if on_step:
+            on_step(f"rtn {head_bits}-bit, block {block_size}, lm_head")
+        head_cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False,
+                                                accuracy_level=accuracy_level, bits=head_bits)
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != "lm_head"]
+        q8 = MatMulNBitsQuantizer(model, bits=head_bits, block_size=block_size, accuracy_level=accuracy_level,
+                                  algo_config=head_cfg, nodes_to_exclude=others)  # nodes_to_include: no restriction
+        q8.process()
+        model = q8.model.model
     if on_step:
         extra = f" ({len(calibration)} calibration sequences)" if algo == "gptq" else ""
         on_step(f"{algo} {bits}-bit, block {block_size}, transformer matmuls{extra}")
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=False,
                              accuracy_level=accuracy_level, algo_config=body_cfg, nodes_to_exclude=["lm_head"])
     q.process()
-    return _check(q.model.model, f"{algo} {bits}-bit")
+    return _check(q.model.model, f"{algo} {bits}-bit", allow=("lm_head",) if head_bits is None else ())
 
 
 def _check(model: onnx.ModelProto, what: str, allow: Sequence[str] = ()) -> onnx.ModelProto:

@@ -39,6 +39,9 @@ class Target:
     provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # recorded in the bundle
     quantized_session_config: Mapping[str, str] = field(default_factory=dict)  # ... for int8/int4 bundles
     tensorrt_options: bool = False  # records the TensorRT EP's fp16 flag and the KV cache's shape profiles
+    # its causal attention kernel takes fp32 (CUDA's GroupQueryAttention is fp16/bf16 only: an fp32 graph falls back to
+    # the CPU, copying the max-length KV buffers to the host and back every layer and step)
+    fp32_attention: bool = True
 
 
 # grow the CUDA arena by what is asked (the default doubling wastes a Jetson's memory)
@@ -51,7 +54,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("cuda", "fp16 fused kernels for the CUDA EP (GGUF mins as float zero points)",
            (backend.CUDA, "CPUExecutionProvider"), quant_formats=("nbits", "qdq"), attention="gqa",
            block_attention="mha", shared_kv_buffer=True, fp16_quantized=True, float_zero_points=True,
-           provider_options=CUDA_ARENA,
+           provider_options=CUDA_ARENA, fp32_attention=False,
            quantized_session_config={"ep.cuda.fpa_intb_gemm": "1"}),  # MatMulNBits' fpA_intB kernels (fp16)
     # past ++ new K/V concatenated (no in-place buffer): its runtime copies the past per step
     Target("tensorrt", "plain standard ops that TensorRT 10.3 parses whole (run through onnxruntime's TensorRT EP)",

@@ -2,14 +2,16 @@
 
 The op set is the part of onnx-tensorrt's operator matrix (docs/operators.md of its 10.x releases) that a decoder
 graph can need, with the restrictions that bite: ``axes`` of Slice/Squeeze/Unsqueeze/Reduce* must be initializers,
-DequantizeLinear takes INT8/INT4 with zero point 0 (blockwise when its scale has one blocked dimension), and no
-custom domains (onnxruntime's TensorRT EP hands com.microsoft ops to the next provider, which would split the
-engine). The ONNX Attention / RMSNormalization / RotaryEmbedding importers only arrived in TensorRT 10.14/10.15,
-so they are not in the set either. Checked against that documentation only: no TensorRT runs on these machines.
+DequantizeLinear takes INT8/INT4 with zero point 0 and positive scales ("Scale coefficients must all be positive";
+blockwise when its scale has one blocked dimension), and no custom domains (onnxruntime's TensorRT EP hands
+com.microsoft ops to the next provider, which would split the engine). The ONNX Attention / RMSNormalization /
+RotaryEmbedding importers only arrived in TensorRT 10.14/10.15, so they are not in the set either. Checked against
+that documentation only: no TensorRT runs on these machines.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from edgekit.runtimes.errors import ExportError
@@ -46,6 +48,10 @@ def problems(model: onnx.ModelProto) -> list[str]:
             zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if zp is not None and onnx.numpy_helper.to_array(zp).any():
                 out.append(f"{node.name}: DequantizeLinear with a non-zero zero point")
+            scale = inits.get(node.input[1])
+            values = onnx.numpy_helper.to_array(scale) if scale is not None else None
+            if values is None or not (np.isfinite(values) & (values > 0)).all():  # "Scale coefficients must all be
+                out.append(f"{node.name}: DequantizeLinear scales must be constant and positive")  # positive"
     return out
 
 

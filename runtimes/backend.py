@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edgekit.runtimes.bundle import GraphSpec, KVCacheLayout, RuntimeSpec, bundle_file
-from edgekit.runtimes.errors import BundleError, ConfigError, did_you_mean
+from edgekit.runtimes.bundle import GraphSpec, KVCacheLayout, RuntimeSpec, bundle_file, release
+from edgekit.runtimes.errors import BundleError, ConfigError, OnnxruntimeVersionError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class BackendOptions:
     threads: int | None = None
     spin: bool | None = None
     engine_cache: Path | None = None  # TensorRT engine + timing caches [a folder beside the bundle]
+    # KV buffers as onnxruntime OrtValues bound by pointer (None: on a GPU; True on the CPU runs the GPU's code path)
+    device_buffers: bool | None = None
 
 
 TENSORRT = "TensorrtExecutionProvider"
@@ -70,6 +73,24 @@ def tensorrt_profiles(layout: KVCacheLayout, max_context: int, max_batch: int) -
             shapes[key] += [f"input_ids:{dims(ids)}", f"attention_mask:{dims(mask)}"]
             shapes[key] += [f"{n}:{dims(past)}" for n in pasts]
     return {f"trt_profile_{key}_shapes": ",".join(v) for key, v in shapes.items()}
+
+
+def running_onnxruntime() -> tuple[int, ...]:
+    """This process's onnxruntime release, e.g. (1, 20, 1) (a dev or rc suffix ignored)."""
+    return tuple(int(m.group()) for p in ort.__version__.split(".")[:3] if (m := re.match(r"\d+", p)))
+
+
+def check_onnxruntime(runtime: RuntimeSpec, bundle_dir: Path) -> None:
+    """Refuse a bundle whose graphs need a newer onnxruntime than this one, naming both and the fix (an older
+    release may refuse the graph, or worse, load it and fail or compute wrong values when a node runs)."""
+    need, have = release(runtime.min_onnxruntime), running_onnxruntime()
+    if have < need:
+        ours = ".".join(map(str, have[:2]))
+        raise OnnxruntimeVersionError(
+            f"Bundle '{bundle_dir}' needs onnxruntime >= {runtime.min_onnxruntime} (for "
+            f"{runtime.min_onnxruntime_for or 'its graphs'}); this is onnxruntime {ort.__version__}. HINT: upgrade "
+            f"onnxruntime (on a Jetson: the onnxruntime-gpu wheel of a newer JetPack), or re-export the bundle for "
+            f"this onnxruntime: 'edgekit export ... --onnxruntime {ours}' (or --device with its profile).")
 
 
 def available_providers() -> list[str]:

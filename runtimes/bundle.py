@@ -1,7 +1,7 @@
 """The bundle: a folder of ONNX graphs + tokenizer + ``edgekit.json``, the contract between export and runtime.
 
 The runtime reads only this folder (never a Hugging Face config or a model name). ``export`` writes bundles through
-``BundleWriter`` so that a failed or interrupted export never leaves a half-written bundle behind.
+``staging.staging_dir`` so that a failed or interrupted export never leaves a half-written bundle behind.
 """
 
 from __future__ import annotations
@@ -10,16 +10,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from edgekit.runtimes import schema
-from edgekit.runtimes.errors import BundleError, ExportError
+from edgekit.runtimes.errors import BundleError
 from edgekit.runtimes.unmasking import CACHE_MODES
 
 FORMAT_NAME = "edgekit-bundle"
@@ -99,14 +96,17 @@ class RuntimeSpec:
     """How the runtime runs the graphs: the graph's target flavour (cpu, cuda, tensorrt), execution providers in
     order of preference (from the target; the caller can override them), each provider's options as recorded at
     export (the TensorRT EP's fp16 flag and optimization profiles from the bundle's max context and batch; the
-    engine and timing cache paths are added where the bundle is run), onnxruntime session config entries, and
-    graph transformers to skip (one that mishandles a graph)."""
+    engine and timing cache paths are added where the bundle is run), onnxruntime session config entries, graph
+    transformers to skip (one that mishandles a graph), and the oldest onnxruntime its graphs run on (derived at
+    export from the ops and attributes they hold; ``min_onnxruntime_for`` names them), checked at load."""
 
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     disabled_optimizers: tuple[str, ...] = ()
     target: str = "cpu"
     provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     session_config: Mapping[str, str] = field(default_factory=dict)
+    min_onnxruntime: str = "1.20"
+    min_onnxruntime_for: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,9 @@ class Manifest:
                     "provider_options", _string_map, "an object of string objects"), PROVIDER_OPTION_KEYS),
                 session_config=_checked_keys(runtime, "session_config", {"": runtime.mapping(
                     "session_config", lambda v: isinstance(v, str), "an object of strings")},
-                    {"": SESSION_CONFIG_KEYS})[""]),
+                    {"": SESSION_CONFIG_KEYS})[""],
+                min_onnxruntime=_release(runtime, "min_onnxruntime"),
+                min_onnxruntime_for=runtime.str("min_onnxruntime_for", False, "", max_len=1000)),
             quantization=None if quant is None else Quantization(
                 method=quant.str("method", max_len=64), bits=quant.int("bits", lo=1, hi=16),
                 block_size=quant.int("block_size", lo=1, hi=1 << 16), accuracy_level=quant.int("accuracy_level", hi=4),
@@ -261,6 +263,19 @@ def _block_attention(r: schema.Reader) -> BlockAttention:
         raise BundleError(f"{r.where}: 'block_length' {block} is not one of 'block_lengths' {list(lengths)}. "
                           f"{schema.HINT}")
     return BlockAttention(block, lengths, r.bool("token_shift", False))
+
+
+def _release(r: schema.Reader, key: str) -> str:
+    v = r.str(key, False, RuntimeSpec.min_onnxruntime, max_len=20)
+    if not release(v):
+        raise BundleError(f"{r.where}: '{key}' must be a release like 1.20 or 1.21.1, got {v!r}. {schema.HINT}")
+    return v
+
+
+def release(text: str) -> tuple[int, ...]:
+    """'1.21.1' -> (1, 21, 1); () when it is not a release number (a dev build's suffix is ignored: '1.23.0.dev')."""
+    parts = text.split("+")[0].split(".")[:3]
+    return tuple(int(p) for p in parts) if len(parts) >= 2 and all(p.isdigit() for p in parts) else ()
 
 
 def _string_map(v: Any) -> bool:
@@ -392,59 +407,3 @@ def hash_payload(bundle_dir: str | os.PathLike[str]) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST_FILE and not p.name.endswith(".tmp")
     }
-
-
-def remove_stale_staging(target: Path) -> list[Path]:
-    """Remove the staging folders that exports to ``target`` killed before their cleanup left behind (those whose
-    process is gone); return them."""
-    stale = []
-    for p in target.parent.glob(f".{target.name}.*-*"):
-        kind, _, rest = p.name[len(target.name) + 2:].partition("-")
-        pid = rest.split("-", 1)[0]
-        if kind not in ("partial", "old") or not p.is_dir() or p.is_symlink():
-            continue
-        if pid.isdigit() and _alive(int(pid)):
-            continue  # another export is writing it now
-        shutil.rmtree(p, ignore_errors=True)
-        stale.append(p)
-    return stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it runs, as another user
-        pass
-    return True
-
-
-@contextmanager
-def staging_dir(target: str | os.PathLike[str], force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``target``; on success it is renamed to ``target``, on failure removed.
-
-    The rename is the last step, so an interrupted export leaves ``target`` untouched (absent or the old bundle).
-    """
-    target = Path(target)
-    if target.exists() and not force:
-        raise ExportError(
-            f"Output folder '{target}' already exists. HINT: pass --force to replace it, or choose another -o path."
-        )
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"Output path '{target}' exists and is a file, not a folder. HINT: choose another -o path.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

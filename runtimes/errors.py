@@ -38,6 +38,10 @@ class BundleError(EdgekitError):
     """A bundle is missing, partial, tampered with, or of an unknown format version."""
 
 
+class OnnxruntimeVersionError(BundleError):
+    """The bundle's graphs need a newer onnxruntime than the one running."""
+
+
 class ExportError(EdgekitError):
     """Export failed for a reason that is not the user's input (or the output location is taken)."""
 

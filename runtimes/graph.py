@@ -55,6 +55,7 @@ class GraphRunner:
                               f"graph's rotary cache of {rotary} positions. HINT: the manifest was altered; re-export "
                               "the bundle (with --max-context).")
         self.device = device_of(self.session)
+        self.device_buffers = backend.device_buffers
         self._outputs = ["logits", *presents]
 
     @property
@@ -62,7 +63,12 @@ class GraphRunner:
         return self.manifest.max_context
 
     def new_slots(self, capacity: int) -> KVSlots:
-        return KVSlots(self.layout, capacity, self.max_context, self.device)
+        """KV buffers for ``capacity`` rows: device OrtValues for a shared-buffer graph on a GPU (bound by pointer),
+        host numpy for the CPU and for copying-layout graphs, which take their past as inputs wherever they run
+        (onnxruntime copies it to the device)."""
+        ortvalues = self.layout.shared_buffer and (self.device != "cpu" if self.device_buffers is None
+                                                   else self.device_buffers)
+        return KVSlots(self.layout, capacity, self.max_context, self.device, ortvalues)
 
     def new_cache(self) -> KVCache:
         """A one-sequence cache in its own buffer (batches share one buffer between sequences)."""

@@ -42,30 +42,34 @@ def present_names(layout: KVCacheLayout) -> list[str]:
 class KVSlots:
     """Max-length KV buffers for ``capacity`` sequences on ``device`` ("cpu" or "cuda").
 
-    On the CPU a buffer starts at ``INITIAL_LENGTH`` positions and doubles (one copy of the valid rows) when a
-    sequence outgrows it, up to ``max_length``; on CUDA it is allocated at ``max_length`` once (device memory cannot
-    be re-laid out without a device kernel)."""
+    numpy buffers (the CPU) start at ``INITIAL_LENGTH`` positions and double (one copy of the valid rows) when a
+    sequence outgrows them, up to ``max_length``; onnxruntime OrtValues (``ortvalues``: device memory, always on
+    CUDA) are allocated at ``max_length`` once, zero-filled (device memory cannot be re-laid out without a device
+    kernel). OrtValues work on the CPU device too: the same code path, testable without a GPU. Only shared-buffer
+    graphs bind them (``bind``); the copying path (``pasts``/``store``) needs numpy buffers."""
 
-    def __init__(self, layout: KVCacheLayout, capacity: int, max_length: int, device: str = "cpu") -> None:
+    def __init__(self, layout: KVCacheLayout, capacity: int, max_length: int, device: str = "cpu",
+                 ortvalues: bool | None = None) -> None:
         self.layout, self.capacity, self.max_length, self.device = layout, capacity, max_length, device
+        self.ortvalues = device != "cpu" if ortvalues is None else ortvalues
         self.names = past_names(layout)
         self.present = present_names(layout)
         self.dtype = np.dtype(layout.dtype)
         self.length = 0
         self.arrays: list[np.ndarray] = []  # CPU buffers
-        self._device_values: list[object] = []  # CUDA OrtValues (kept alive; their pointers are bound)
+        self._device_values: list[object] = []  # OrtValues (kept alive; their pointers are bound)
         self._ptrs: list[int] = []
         self.free = list(range(capacity))
-        self._alloc(max_length if device != "cpu" else min(max_length, INITIAL_LENGTH))
+        self._alloc(max_length if self.ortvalues else min(max_length, INITIAL_LENGTH))
 
     def _shape(self, rows: int, length: int) -> list[int]:
         return [rows, self.layout.num_kv_heads, length, self.layout.head_dim]
 
     def _alloc(self, length: int) -> None:
-        """(Re)allocate at ``length`` positions, every row's contents copied over (CPU only): sequences decoding in
-        other rows and rows kept for prefix reuse stay intact."""
+        """(Re)allocate at ``length`` positions, every row's contents copied over (numpy only): sequences decoding
+        in other rows and rows kept for prefix reuse stay intact."""
         shape = self._shape(self.capacity, length)
-        if self.device == "cpu":
+        if not self.ortvalues:
             old, n = self.arrays, self.length
             self.arrays = [np.zeros(shape, self.dtype) for _ in self.names]
             for new, prev in zip(self.arrays, old):
@@ -74,8 +78,12 @@ class KVSlots:
         else:
             import onnxruntime as ort
 
-            self._device_values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
-                                   for _ in self.names]
+            zeros = np.zeros(shape, self.dtype)  # (device memory starts uninitialised: a row read past its length
+            self._device_values = []  # would be garbage, NaN included, where numpy buffers hold zeros)
+            for _ in self.names:
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
+                value.update_inplace(zeros)
+                self._device_values.append(value)
             self._ptrs = [v.data_ptr() for v in self._device_values]  # type: ignore[attr-defined]
         self.length = length
 
@@ -83,7 +91,7 @@ class KVSlots:
         """Make room for ``length`` positions per row, keeping every row's contents."""
         if length <= self.length:
             return
-        if length > self.max_length or self.device != "cpu":
+        if length > self.max_length or self.ortvalues:
             raise EdgekitError(f"KV buffer of {self.length} positions cannot hold {length} (max {self.max_length}).")
         new = self.length
         while new < length:
@@ -110,7 +118,8 @@ class KVSlots:
             io.bind_output(present, self.device, 0, self.dtype.type, shape, at)  # type: ignore[attr-defined]
 
     def pasts(self, lo: int, hi: int, width: int) -> dict[str, np.ndarray]:
-        """Rows [lo, hi), positions [0, width) as contiguous arrays (the copying path of older bundles; CPU)."""
+        """Rows [lo, hi), positions [0, width) as contiguous arrays (the copying path; numpy buffers)."""
+        assert not self.ortvalues, "the copying path runs on numpy buffers (GraphRunner.new_slots)"
         return {n: np.ascontiguousarray(a[lo:hi, :, :width]) for n, a in zip(self.names, self.arrays)}
 
     def store(self, lo: int, presents: Sequence[np.ndarray]) -> None:

@@ -66,3 +66,20 @@ def test_what_a_bundle_runs_on_and_whether_it_fits(llama_bundle, tmp_path):
     assert not inspect(small, providers=["CPUExecutionProvider"], arch="x86_64", bundle=llama_bundle).bundle["fits"]
     r = CliRunner().invoke(main, ["doctor", str(llama_bundle), "--root", str(root)])
     assert r.exit_code == 0 and "R36.4.3" in r.output and "jetson-orin-nano-8gb" in r.output and "fits" in r.output
+
+
+def test_doctor_counts_every_kv_row_a_server_holds(llama_bundle, tmp_path):
+    """A server allocates (--max-batch + --prefix-cache-entries) KV rows at max context: memory that fits one
+    stream may not fit them (it said "fits" for an 8 GB Orin Nano that then ran out of memory)."""
+    one = inspect(fake_root(tmp_path / "a", {}), providers=["CPUExecutionProvider"], arch="aarch64",
+                  bundle=llama_bundle, serve_rows=16).bundle
+    kv_row = (one["serve_needs_mb"] - one["needs_mb"]) / 15
+    assert kv_row > 0
+    between = (one["needs_mb"] + one["serve_needs_mb"]) / 2
+    root = fake_root(tmp_path / "b", {"proc/meminfo": f"MemTotal: {int(between * 2048)} kB\n"
+                                                      f"MemAvailable: {int(between * 1024)} kB\n"})
+    b = inspect(root, providers=["CPUExecutionProvider"], arch="aarch64", bundle=llama_bundle, serve_rows=16).bundle
+    assert b["fits"] and not b["serve_fits"]
+    r = CliRunner().invoke(main, ["doctor", str(llama_bundle), "--root", str(root), "--max-batch", "1",
+                                  "--prefix-cache-entries", "0"])
+    assert r.exit_code == 0 and "for 1 KV row(s)" in r.output and "does NOT fit" not in r.output, r.output

@@ -19,11 +19,10 @@ from edgekit.runtimes.bundle import (
     FORMAT_VERSION,
     MANIFEST_FILE,
     Manifest,
-    remove_stale_staging,
     sha256_file,
-    staging_dir,
 )
 from edgekit.runtimes.errors import BundleError, ConfigError, EdgekitError
+from edgekit.runtimes.staging import remove_stale_staging, staging_dir
 
 
 @pytest.fixture

@@ -109,3 +109,61 @@ def test_growing_the_buffer_keeps_every_rows_contents(llama_bundle, monkeypatch)
     together, batch = run([PROMPTS[0], long])
     assert batch.slots.length > 16
     assert together == alone
+
+
+FLAVOURS = {  # bundle kind / flavour -> export options (tiny Llama)
+    "ar-cpu": {}, "ar-cpu-int4": {"precision": "int4"}, "ar-cuda-int4": {"precision": "int4", "target": "cuda"},
+    "ar-tensorrt": {"target": "tensorrt"}, "ar-tensorrt-int4": {"precision": "int4", "target": "tensorrt"},
+    "block-diffusion": {"block": True}, "block-diffusion-tensorrt": {"block": True, "target": "tensorrt"},
+}
+
+
+@pytest.fixture(scope="module")
+def flavour_bundle(tiny_model, tmp_path_factory):
+    from edgekit.export.pipeline import ExportConfig, export_bundle
+    from edgekit.export.progress import Silent
+    from tiny_models import make_model
+
+    made = {}
+
+    def get(name):
+        if name not in made:
+            opts = dict(FLAVOURS[name])
+            root = tmp_path_factory.mktemp(name)
+            src = tiny_model()
+            if opts.pop("block", False):
+                from transformers import AutoTokenizer
+
+                src = make_model("LlamaForCausalLM", root / "src", block_diffusion_length=4)
+                tok = AutoTokenizer.from_pretrained(src)
+                tok.mask_token = "<|endoftext|>"
+                tok.save_pretrained(src)
+            made[name] = export_bundle(ExportConfig(source=str(src), output=root / "b", **opts), progress=Silent()).path
+        return made[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(FLAVOURS))
+def test_device_buffers_as_ortvalues_give_the_numpy_paths_tokens(flavour_bundle, name):
+    """The GPU's KV code path (OrtValues bound by pointer, allocated at max length, zero-filled) run on the CPU
+    device: every bundle kind and flavour gives the numpy path's tokens, single stream and batched. (Copying-layout
+    graphs, the tensorrt flavour and block attention, got no past inputs at all on that path: their buffers were
+    OrtValues that the copying path cannot read; they keep host buffers now.) Full-bidirectional dLLMs hold no KV
+    slots."""
+    path = flavour_bundle(name)
+    host, device = load(path), load(path, device_buffers=True)
+    slots = device.graph.new_slots(2)
+    assert slots.ortvalues == device.graph.layout.shared_buffer  # copying layouts keep host buffers
+    if slots.ortvalues:
+        assert slots.length == device.max_context and not slots.arrays
+        assert all(not v.numpy().any() for v in slots._device_values)  # zero-filled, not uninitialised
+    block = {"gen_length": 8} if "block" in name else {}
+    opts = [dict(SETTINGS[0], **block), dict(SETTINGS[1], **block) if not block else dict(block, temperature=0.7,
+                                                                                          seed=3)]
+    for o in opts:
+        assert host.generate(PROMPTS[0], **{"max_new_tokens": 12, **o}) == device.generate(
+            PROMPTS[0], **{"max_new_tokens": 12, **o})
+    if not block:
+        settings = [SETTINGS[i % 2] for i in range(len(PROMPTS))]
+        assert _batched(device, PROMPTS, settings)[0] == _batched(host, PROMPTS, settings)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -498,3 +499,33 @@ def test_centred_form_for_int8_activations_is_the_same_weight(qtype):
     assert np.allclose(c.dequantize(), w.dequantize(), rtol=1e-6, atol=1e-6)
     zp = np.full(c.scales.shape, 8) if c.zero_points is None else c.zero_points
     assert (zp > 0).all()
+
+
+def test_tensorrt_blocks_with_negative_and_zero_scales_become_positive_ones():
+    """TensorRT refuses DequantizeLinear scales <= 0; GGUF Q4_0 stores negative scales (and any block type can hold
+    zero ones). The tensorrt form flips such a block's codes and moves the difference into its offset: the same
+    matmul, only positive scales."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgekit.export import tensorrt
+    from edgekit.export.onnx_graph import Graph
+
+    rng = np.random.default_rng(7)
+    w = gguf.from_ggml(_random_blocks("Q4_0", rows=16, blocks=2, rng=rng), "Q4_0")
+    scales = w.scales.copy()
+    scales[0, 0], scales[1, :], scales[2, 1] = 0.0, -np.abs(scales[1, :]), -1e-3  # zero and negative blocks
+    w = replace(w, scales=scales)
+    assert (w.scales < 0).any() and (w.scales == 0).any()
+    g = Graph(accuracy_level=0, dtype="float32", target="tensorrt")
+    g.op_named("Identity", [g.linear("x", w, "lin")], ["y"])
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    assert tensorrt.problems(model) == []
+    assert (numpy_helper.to_array(next(i for i in g.inits if i.name == "lin.scales")) > 0).all()
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = x @ w.dequantize().T
+    assert np.allclose(got, want, atol=1e-4 * max(1.0, float(np.abs(want).max())))

@@ -105,6 +105,9 @@ def test_gpu_device_profiles_default_to_the_cuda_target(tiny_model, tmp_path):
     (dict(precision="int8", algo="rtn", quant_format="qdq"), "static W8A8.*is refused.*28% top-1"),
     (dict(precision="int4", target="tensorrt", quant_format="nbits"), "MatMulNBits, which TensorRT cannot parse"),
     (dict(precision="int4", target="cuda", accuracy_level=4), "int8-activation CPU kernels"),
+    (dict(target="cuda"), "--target cuda computes attention with GroupQueryAttention, whose CUDA kernel takes "
+                          "fp16/bf16 only"),
+    (dict(precision="int4", target="cuda", kv_cache="fp32"), "whose CUDA kernel takes fp16/bf16 only"),
     (dict(target="gpu"), "Unknown target 'gpu'"),
 ])
 def test_targets_refuse_what_they_cannot_run(tiny_model, tmp_path, kw, message):
@@ -181,7 +184,7 @@ def test_a_manifest_cannot_set_arbitrary_runtime_options(llama_bundle, tmp_path,
 
 
 def test_missing_gpu_provider_falls_back_to_cpu_with_a_warning(tiny_model, tmp_path, capsys):
-    model = load(_export(tiny_model(), tmp_path / "b", target="cuda").path)
+    model = load(_export(tiny_model(), tmp_path / "b", precision="fp16", target="cuda").path)
     assert model.graph.session.get_providers() == ["CPUExecutionProvider"]
     assert "prefers CUDAExecutionProvider" in capsys.readouterr().err
     assert np.isfinite(model.graph.forward([1, 2, 3], model.graph.new_cache())).all()

@@ -112,6 +112,8 @@ class BuildOptions:
     target: str = "cpu"  # cpu | cuda (fp16 fused kernels, float zero points) | tensorrt (plain standard ops)
     qdq_bits: int = 0  # 4: dense body weights as symmetric int4 blocks behind DequantizeLinear (lm_head stays float)
     qdq_block: int = BLOCK
+    block_attention: str | None = None  # the form of block-causal layers instead of the target's (older onnxruntimes)
+    split_8bit: bool | None = None  # 8-bit blocks as two 4-bit matmuls (None: the target's choice)
 
 
 @dataclass(frozen=True)
@@ -155,9 +157,10 @@ ATTENTION: dict[str, type[Attention]] = {
 }
 
 
-def attention_form(target: Target, dims: DecoderDims) -> type[Attention]:
-    """The target's form for causal or block-causal layers; plain ops where that form cannot soft-cap the logits."""
-    form = ATTENTION[target.block_attention if dims.block_length else target.attention]
+def attention_form(target: Target, dims: DecoderDims, block: str | None = None) -> type[Attention]:
+    """The target's form for causal or block-causal layers (``block``: another form for the latter); plain ops
+    where that form cannot soft-cap the logits."""
+    form = ATTENTION[(block or target.block_attention) if dims.block_length else target.attention]
     return form if form.softcap or not dims.attn_softcap else ATTENTION["plain"]
 
 
@@ -169,11 +172,11 @@ def build_decoder(
 ) -> onnx.ModelProto:
     """Return the decoder ModelProto (weights inline; save with ``save_model`` to split them out)."""
     opt = options or BuildOptions()
-    g = Graph(opt.accuracy_level, opt.dtype, opt.target, opt.qdq_bits, opt.qdq_block)
+    g = Graph(opt.accuracy_level, opt.dtype, opt.target, opt.qdq_bits, opt.qdq_block, opt.split_8bit)
     n, H, hd = dims.num_layers, dims.hidden, dims.head_dim
     f32 = TensorProto.FLOAT
     fkv = TensorProto.FLOAT16 if opt.dtype == "float16" else TensorProto.FLOAT
-    attention = attention_form(g.target, dims)(g, dims, weights.rope)
+    attention = attention_form(g.target, dims, opt.block_attention)(g, dims, weights.rope)
 
     if opt.embed_quant is not None:  # [V, H] as 8-bit blocks along H
         eq = opt.embed_quant

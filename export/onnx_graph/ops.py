@@ -25,9 +25,12 @@ class Graph:
     (a key of ``export.targets.TARGETS``)."""
 
     def __init__(self, accuracy_level: int = 0, dtype: str = "float32", target: str = "cpu", qdq_bits: int = 0,
-                 qdq_block: int = BLOCK) -> None:
+                 qdq_block: int = BLOCK, split_8bit: bool | None = None) -> None:
         self.float_dtype = np.dtype(dtype)
         self.target = TARGETS[target]
+        # 8-bit blocks at float activations as two 4-bit matmuls: the target's choice, or forced (an onnxruntime
+        # without 8-bit MatMulNBits: the exact alternative)
+        self.split_8bit = self.target.split_8bit if split_8bit is None else split_8bit
         self.qdq_bits, self.qdq_block = qdq_bits, qdq_block
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
@@ -54,7 +57,7 @@ class Graph:
             if level >= 4:  # int8 activations: a centred main term (see BlockQuantLinear.centered)
                 w = w.centered()
             # 8-bit blocks with float activations on the CPU: two 4-bit matmuls (its 8-bit kernel is a slow fallback)
-            split = w.nibbles() if level < 4 and self.target.split_8bit else None
+            split = w.nibbles() if level < 4 and self.split_8bit else None
             y = self.matmul_nbits(x, split[0] if split else w, name, level)
             if split is not None:
                 y = self.op("Add", [y, self.matmul_nbits(x, split[1], f"{name}.high", level)])
@@ -114,8 +117,16 @@ class Graph:
         # s (c - z) + o = s (c - 8) + [o + s (8 - z)]: codes centred on 8, the rest into the per-block offset
         zp = np.full(w.scales.shape, 8, np.float32) if w.zero_points is None else w.zero_points.astype(np.float32)
         offsets = (w.offsets if w.offsets is not None else 0) + w.scales * (8 - zp)
-        q = (w.codes.astype(np.int16) - 8).astype(np.int8)
-        y = self.op("MatMul", [x, self._dq(q, w.scales, name, w.block)], name=name)
+        q = w.codes.astype(np.int16) - 8
+        # TensorRT takes positive scales only (GGUF Q4_0 stores negative ones for about half its blocks; mins-types
+        # can hold zero): s (c - 8) = (-s) ((15 - c) - 8) - s, so a negative block flips its codes and moves -s into
+        # its offset; a zero block (as stored, in the compute dtype) gets scale 1 and codes 0 (it was the offset alone)
+        s = w.scales.astype(self.float_dtype).astype(np.float32)
+        neg, zero = s < 0, s == 0
+        q = np.where(np.repeat(neg, w.block, axis=1), -q - 1, np.where(np.repeat(zero, w.block, axis=1), 0, q))
+        offsets = offsets - np.where(neg, s, 0)
+        s = np.where(neg, -s, np.where(zero, 1, s))
+        y = self.op("MatMul", [x, self._dq(q.astype(np.int8), s, name, w.block)], name=name)
         if not np.any(offsets):
             return y
         corr = self.op("MatMul", [self.block_sums(x, k, w.block), self.init(f"{name}.block_offsets",
