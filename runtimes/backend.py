@@ -53,26 +53,42 @@ def provider_list(providers: Sequence[str], runtime: RuntimeSpec, bundle_dir: Pa
     return out
 
 
-def tensorrt_profiles(layout: KVCacheLayout, max_context: int, max_batch: int) -> dict[str, str]:
-    """The TensorRT EP's explicit optimization profiles for a decoder graph (``trt_profile_{min,opt,max}_shapes``,
-    one profile per repetition of a name): prefill (one sequence, up to ``max_context`` new tokens on any past) and
-    decode (up to ``max_batch`` rows of one token each, on any past), so both shapes run without a rebuild."""
+SERVE_PREFIX_ROWS = 8  # the rows edgekit serve keeps for its prefix cache by default (--prefix-cache-entries)
+
+
+def tensorrt_profiles(layout: KVCacheLayout, max_context: int, max_batch: int,
+                      prefix_rows: int = SERVE_PREFIX_ROWS) -> dict[str, str]:
+    """The TensorRT EP's explicit optimization profile for a decoder graph (``trt_profile_{min,opt,max}_shapes``):
+    one profile from one row of one token on an empty past to ``max_batch + prefix_rows`` rows (a batch's step runs
+    every row up to the highest active one, prefix-cache rows included) of up to ``max_context`` positions, tuned
+    for decoding ``max_batch`` rows of one token. One profile, because onnxruntime's TensorRT EP keeps its execution
+    context on profile 0 (onnxruntime PR #31624, open): shapes outside it would fail or rebuild the engine."""
     C, B, kvh, hd = max_context, max_batch, layout.num_kv_heads, layout.head_dim
+    rows = max_batch + max(prefix_rows, 0)
     pasts = [n.format(layer=i) for i in range(layout.num_layers) for n in (layout.past_key, layout.past_value)]
-    opt_len = min(256, C)
-    profiles = {  # profile -> (min, opt, max) per input: (input_ids, attention_mask, past)
-        "prefill": ((1, 1), (1, opt_len), (1, C), (1, 1), (1, opt_len), (1, C), 0, 0, C - 1),
-        "decode": ((1, 1), (B, 1), (B, 1), (1, 1), (B, C // 2), (B, C), 0, C // 2 - 1, C - 1),
-    }
-    shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
-    for ids_min, ids_opt, ids_max, m_min, m_opt, m_max, p_min, p_opt, p_max in profiles.values():
-        rows = {"min": (ids_min, m_min, (1, kvh, p_min, hd)), "opt": (ids_opt, m_opt, (ids_opt[0], kvh, p_opt, hd)),
-                "max": (ids_max, m_max, (max(ids_max[0], m_max[0]), kvh, p_max, hd))}
-        for key, (ids, mask, past) in rows.items():
-            dims = lambda t: "x".join(map(str, t))  # noqa: E731
-            shapes[key] += [f"input_ids:{dims(ids)}", f"attention_mask:{dims(mask)}"]
-            shapes[key] += [f"{n}:{dims(past)}" for n in pasts]
-    return {f"trt_profile_{key}_shapes": ",".join(v) for key, v in shapes.items()}
+    dims = lambda t: "x".join(map(str, t))  # noqa: E731
+    shapes = {"min": ((1, 1), (1, 1), (1, kvh, 0, hd)), "opt": ((B, 1), (B, C // 2), (B, kvh, C // 2 - 1, hd)),
+              "max": ((rows, C), (rows, C), (rows, kvh, C - 1, hd))}  # (input_ids, attention_mask, past)
+    return {f"trt_profile_{key}_shapes": ",".join([f"input_ids:{dims(ids)}", f"attention_mask:{dims(mask)}",
+                                                   *(f"{n}:{dims(past)}" for n in pasts)])
+            for key, (ids, mask, past) in shapes.items()}
+
+
+def tensorrt_rows(runtime: RuntimeSpec) -> int | None:
+    """The most rows the bundle's recorded TensorRT profile covers (None: no profile recorded)."""
+    spec = runtime.provider_options.get(TENSORRT, {}).get("trt_profile_max_shapes", "")
+    hit = re.search(r"(?:^|,)input_ids:(\d+)x", spec)
+    return int(hit.group(1)) if hit else None
+
+
+def check_rows(runtime: RuntimeSpec, rows: int, providers: Sequence[str]) -> None:
+    """Refuse a batch of more KV rows than the TensorRT profile the bundle records, when TensorRT runs it."""
+    most = tensorrt_rows(runtime)
+    if TENSORRT in providers and most is not None and rows > most:
+        raise ConfigError(f"This batch needs {rows} KV rows (max batch + prefix-cache entries), but the bundle's "
+                          f"TensorRT profile covers {most}. HINT: lower --max-batch / --prefix-cache-entries, or "
+                          f"re-export with --batch {max(rows - SERVE_PREFIX_ROWS, 1)} (the profile adds "
+                          f"{SERVE_PREFIX_ROWS} prefix-cache rows).")
 
 
 def running_onnxruntime() -> tuple[int, ...]:

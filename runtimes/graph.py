@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.runtimes.backend import BackendOptions, check_dims, create_session, device_of, run_bound, run_graph
+from edgekit.runtimes.backend import (
+    BackendOptions,
+    check_dims,
+    check_rows,
+    create_session,
+    device_of,
+    run_bound,
+    run_graph,
+)
 from edgekit.runtimes.bundle import Manifest
 from edgekit.runtimes.errors import BundleError, ContextLengthError
 from edgekit.runtimes.kv_cache import KVCache, KVSlots, past_names, present_names
@@ -66,6 +74,7 @@ class GraphRunner:
         """KV buffers for ``capacity`` rows: device OrtValues for a shared-buffer graph on a GPU (bound by pointer),
         host numpy for the CPU and for copying-layout graphs, which take their past as inputs wherever they run
         (onnxruntime copies it to the device)."""
+        check_rows(self.manifest.runtime, capacity, self.session.get_providers())
         ortvalues = self.layout.shared_buffer and (self.device != "cpu" if self.device_buffers is None
                                                    else self.device_buffers)
         return KVSlots(self.layout, capacity, self.max_context, self.device, ortvalues)

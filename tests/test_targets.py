@@ -133,18 +133,25 @@ def _profiles(option: str) -> dict[str, list[tuple[int, ...]]]:
     return out
 
 
-def test_tensorrt_profiles_cover_prefill_and_decode_shapes():
+def test_one_tensorrt_profile_covers_prefill_decode_and_the_servers_rows():
+    """onnxruntime's TensorRT EP stays on profile 0: one profile from one token on an empty past to a long prompt
+    and to every row a server's step runs (max batch + prefix-cache rows)."""
     layout = KVCacheLayout(num_layers=2, num_kv_heads=3, head_dim=64)
     opts = backend.tensorrt_profiles(layout, max_context=2048, max_batch=4)
     lo, opt, hi = (_profiles(opts[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max"))
     names = {"input_ids", "attention_mask", *(f"past_key_values.{i}.{t}" for i in range(2) for t in ("key", "value"))}
     assert set(lo) == set(opt) == set(hi) == names
     for name in names:
-        assert len(lo[name]) == len(opt[name]) == len(hi[name]) == 2  # prefill, decode
-        for a, b, c in zip(lo[name], opt[name], hi[name]):
-            assert all(x <= y <= z for x, y, z in zip(a, b, c)), (name, a, b, c)
-    assert hi["input_ids"] == [(1, 2048), (4, 1)]  # one long prompt; four rows of one token
-    assert hi["past_key_values.0.key"][1] == (4, 3, 2047, 64) and lo["past_key_values.0.key"][0] == (1, 3, 0, 64)
+        assert len(lo[name]) == len(opt[name]) == len(hi[name]) == 1  # one profile
+        assert all(x <= y <= z for x, y, z in zip(lo[name][0], opt[name][0], hi[name][0])), name
+    assert hi["input_ids"] == [(12, 2048)] and opt["input_ids"] == [(4, 1)]  # 4 + 8 prefix rows; tuned for decode
+    assert hi["past_key_values.0.key"] == [(12, 3, 2047, 64)] and lo["past_key_values.0.key"] == [(1, 3, 0, 64)]
+    spec = RuntimeSpec(provider_options={"TensorrtExecutionProvider": opts})
+    assert backend.tensorrt_rows(spec) == 12
+    backend.check_rows(spec, 12, ["TensorrtExecutionProvider"])
+    backend.check_rows(spec, 16, ["CPUExecutionProvider"])  # (TensorRT does not run it: no limit)
+    with pytest.raises(ConfigError, match="needs 16 KV rows .* TensorRT profile covers 12.*--batch 8"):
+        backend.check_rows(spec, 16, ["TensorrtExecutionProvider", "CPUExecutionProvider"])
 
 
 def test_provider_list_puts_the_engine_cache_beside_the_bundle(tmp_path):
