@@ -158,7 +158,7 @@ def test_model_that_cannot_fit_fails_early_with_the_fix(tmp_path):
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(folder)
     with pytest.raises(FitError) as err:
-        _export(folder, tmp_path / "b", device="jetson-orin-nano-8gb", precision="fp32", max_context=2048)
+        _export(folder, tmp_path / "b", device="jetson-orin-nano-8gb", precision="fp32", target="cpu", max_context=2048)
     msg = str(err.value)
     assert "does not fit device 'jetson-orin-nano-8gb'" in msg and "GB over" in msg
     assert "--precision int4 (needs" in msg and "--prune" in msg
