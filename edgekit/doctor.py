@@ -27,15 +27,22 @@ class Machine:
     memory_available_mb: float | None = None
     cuda: str | None = None
     tensorrt: str | None = None
+    cudnn: str | None = None
     providers: list[str] = field(default_factory=list)
+    unusable: list[str] = field(default_factory=list)  # providers onnxruntime lists but cannot load (their libraries)
+    onnxruntime: str = ""
     profile: str | None = None
     bundle: dict[str, Any] | None = None
 
     def table(self) -> str:
         rows = [("machine", self.jetson_model or self.gpu or self.cpu or "unknown"), ("arch", self.arch),
-                ("L4T", self.l4t_release or "-"), ("memory", _mb(self.memory_total_mb, self.memory_available_mb)),
-                ("CUDA", self.cuda or "not found"), ("TensorRT", self.tensorrt or "not found"),
-                ("onnxruntime", ", ".join(p.replace("ExecutionProvider", "") for p in self.providers) or "-"),
+                ("L4T", (self.l4t_release or "-") + (f"  (JetPack {jp})" if (jp := jetpack(self.l4t_release)) else "")),
+                ("memory", _mb(self.memory_total_mb, self.memory_available_mb)),
+                ("CUDA", self.cuda or "not found"), ("cuDNN", self.cudnn or "not found"),
+                ("TensorRT", self.tensorrt or "not found"),
+                ("onnxruntime", f"{self.onnxruntime}: " + (", ".join(
+                    p.replace("ExecutionProvider", "") for p in self.providers) or "-") + (
+                    f"  (listed but cannot load: {', '.join(self.unusable)})" if self.unusable else "")),
                 ("profile", self.profile or "none matches (pass --device to export)")]
         if self.bundle:
             b = self.bundle
@@ -48,6 +55,9 @@ class Machine:
                      ("serving", f"{b['serve_needs_mb']:.0f} MB for {b['serve_rows']} KV row(s) at max context "
                                  f"(edgekit serve --max-batch + --prefix-cache-entries; "
                                  f"{'fits' if b['serve_fits'] else 'does NOT fit'})")]
+            rows.append(("needs ort", b["onnxruntime"]))
+            if b["tensorrt"]:
+                rows.append(("needs TRT", b["tensorrt"]))
             if b["engine_cache"] is not None:
                 rows.append(("engines", b["engine_cache"]))
         return "\n".join(f"{k:<12} {v}" for k, v in rows)
@@ -70,11 +80,14 @@ def inspect(root: Path = Path("/"), providers: list[str] | None = None, arch: st
             bundle: Path | None = None, serve_rows: int = 16) -> Machine:
     """Read the machine under ``root``; ``providers``/``arch`` default to this process's onnxruntime and CPU.
     ``serve_rows``: the KV rows a server of ``bundle`` holds (its --max-batch plus --prefix-cache-entries)."""
-    if providers is None:
-        import onnxruntime as ort
+    import onnxruntime as ort
 
+    unusable: list[str] = []
+    if providers is None:
         providers = list(ort.get_available_providers())
-    m = Machine(arch=arch or platform.machine(), providers=providers)
+        unusable = [p for p in providers if not _loads(p)]
+    m = Machine(arch=arch or platform.machine(), providers=[p for p in providers if p not in unusable],
+                unusable=unusable, onnxruntime=ort.__version__)
     model = _read(root, "proc/device-tree/model")
     if model and "jetson" in model.lower():
         m.jetson_model = model.strip("\x00\n ")
@@ -93,6 +106,7 @@ def inspect(root: Path = Path("/"), providers: list[str] | None = None, arch: st
             setattr(m, attr, int(hit.group(1)) / 1024)
     m.cuda = _cuda(root)
     m.tensorrt = _tensorrt(root)
+    m.cudnn = _cudnn(root)
     profile = match_profile(m)
     m.profile = profile.name if profile else None
     if bundle is not None:
@@ -111,14 +125,89 @@ def _cuda(root: Path) -> str | None:
     return hit.group(1) if hit else None
 
 
+def _defines(header: str) -> dict[str, str]:
+    return dict(re.findall(r"^\s*#define\s+(\w+)\s+(\S+)", header, re.M))
+
+
+def _macro_version(header: str, names: tuple[str, ...]) -> str | None:
+    """'10.3.0' from ``#define`` lines, following one name to another (TensorRT >= 10.11 defines NV_TENSORRT_MAJOR as
+    TRT_MAJOR_ENTERPRISE, defined beside it)."""
+    defs, parts = _defines(header), []
+    for name in names:
+        value = defs.get(name)
+        for _ in range(3):  # a few levels of indirection
+            if value is None or value.isdigit():
+                break
+            value = defs.get(value)
+        if value is None or not value.isdigit():
+            return None
+        parts.append(value)
+    return ".".join(parts)
+
+
+def _dpkg(root: Path, pattern: str) -> str | None:
+    """The version of the first installed Debian package whose name matches ``pattern`` (JetPack installs CUDA,
+    cuDNN and TensorRT as packages), e.g. '10.3.0' from '10.3.0.30-1+cuda12.5'."""
+    for block in (_read(root, "var/lib/dpkg/status") or "").split("\n\n"):
+        name = re.search(r"^Package:\s*(\S+)", block, re.M)
+        version = re.search(r"^Version:\s*(\d+(?:\.\d+){1,2})", block, re.M)
+        installed = "install ok installed" in block or "Status:" not in block
+        if name and version and installed and re.fullmatch(pattern, name.group(1)):
+            return version.group(1)
+    return None
+
+
 def _tensorrt(root: Path) -> str | None:
     for arch in ("aarch64-linux-gnu", "x86_64-linux-gnu"):
-        header = _read(root, f"usr/include/{arch}/NvInferVersion.h")
-        if header:
-            parts = [re.search(rf"#define NV_TENSORRT_{k}\s+(\d+)", header) for k in ("MAJOR", "MINOR", "PATCH")]
-            if all(parts):
-                return ".".join(p.group(1) for p in parts if p)
-    return None
+        header = _read(root, f"usr/include/{arch}/NvInferVersion.h") or ""
+        if found := _macro_version(header, tuple(f"NV_TENSORRT_{k}" for k in ("MAJOR", "MINOR", "PATCH"))):
+            return found
+    return _dpkg(root, r"libnvinfer\d+|tensorrt")
+
+
+def _cudnn(root: Path) -> str | None:
+    names = ("CUDNN_MAJOR", "CUDNN_MINOR", "CUDNN_PATCHLEVEL")
+    for rel in ("usr/include/cudnn_version.h", "usr/include/aarch64-linux-gnu/cudnn_version_v9.h",
+                "usr/include/x86_64-linux-gnu/cudnn_version_v9.h", "usr/include/aarch64-linux-gnu/cudnn_version_v8.h",
+                "usr/local/cuda/include/cudnn_version.h"):
+        if found := _macro_version(_read(root, rel) or "", names):
+            return found
+    return _dpkg(root, r"libcudnn\d+(-cuda-\d+)?")
+
+
+# L4T release -> JetPack (NVIDIA's release notes); the Orin profiles' onnxruntime floor is JetPack 6's oldest wheel
+JETPACK = (("R38.2", "7.0"), ("R36.4.3", "6.2"), ("R36.4.4", "6.2.1"), ("R36.4", "6.1"), ("R36.3", "6.0"),
+           ("R36.2", "6.0 DP"), ("R35.6", "5.1.4"), ("R35.5", "5.1.3"), ("R35.4", "5.1.2"))
+
+
+def jetpack(l4t: str | None) -> str | None:
+    """The JetPack release of an L4T release ('R36.4.3' -> '6.2'), or None when unknown."""
+    if not l4t:
+        return None
+    return next((jp for prefix, jp in JETPACK if l4t == prefix or l4t.startswith(prefix + ".")), None)
+
+
+# a one-node ONNX model (Identity, opset 13, IR 7: every onnxruntime loads it), so that doctor needs no onnx package
+IDENTITY = "CAc6NwoQCgF4EgF5IghJZGVudGl0eRIBZ1oPCgF4EgoKCAgBEgQKAggBYg8KAXkSCgoICAESBAoCCAFCBAoAEA0="
+
+
+def _loads(provider: str) -> bool:
+    """Whether onnxruntime really creates a session on ``provider`` (it lists GPU providers whose libraries, CUDA or
+    cuDNN or TensorRT, are missing, then falls back to the CPU with a warning)."""
+    if provider == "CPUExecutionProvider":
+        return True
+    import base64
+
+    import onnxruntime as ort
+
+    graph = base64.b64decode(IDENTITY)
+    try:
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        session = ort.InferenceSession(graph, so, providers=[provider, "CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises several unrelated types when a provider's library cannot load
+        return False
+    return provider in session.get_providers()
 
 
 def match_profile(m: Machine) -> DeviceProfile | None:
@@ -144,7 +233,7 @@ def _words(p: DeviceProfile) -> list[str]:
 
 def _bundle(path: Path, m: Machine, serve_rows: int) -> dict[str, Any]:
     from edgekit.runtimes.backend import TENSORRT, BackendOptions, engine_cache_dir
-    from edgekit.runtimes.bundle import load_manifest
+    from edgekit.runtimes.bundle import load_manifest, release
 
     man = load_manifest(path, check_hashes=False)
     recorded = list(man.runtime.providers)
@@ -164,7 +253,19 @@ def _bundle(path: Path, m: Machine, serve_rows: int) -> dict[str, Any]:
         engines = (f"{len(built)} TensorRT engine(s) in {cache}" if built else
                    f"none built yet in {cache} (the first run builds them: minutes on an Orin)")
     available_mb = m.memory_available_mb or m.memory_total_mb or 0.0
-    return {"path": str(path), "precision": man.precision, "target": man.runtime.target, "engine_cache": engines,
+    floor, have = man.runtime.min_onnxruntime, release(m.onnxruntime)
+    ort_line = (f">= {floor}" + (f" (for {man.runtime.min_onnxruntime_for})" if man.runtime.min_onnxruntime_for else "")
+                + (f": ok ({m.onnxruntime})" if have >= release(floor) else
+                   f": this onnxruntime {m.onnxruntime} is too old; re-export with --onnxruntime "
+                   f"{'.'.join(map(str, have[:2]))} or upgrade"))
+    trt_line = None
+    if TENSORRT in recorded:  # the tensorrt flavour's op set is TensorRT 10.3's (export/tensorrt.py)
+        ok = m.tensorrt is not None and release(m.tensorrt) >= (10, 3)
+        trt_line = (">= 10.3 (the op set its graph was checked against)" + (f": ok ({m.tensorrt})" if ok else
+                    f": {m.tensorrt or 'no TensorRT'} here; the TensorRT EP will not build it (CUDA or the CPU runs "
+                    "it instead)"))
+    return {"onnxruntime": ort_line, "tensorrt": trt_line, "path": str(path), "precision": man.precision,
+            "target": man.runtime.target, "engine_cache": engines,
             "size_mb": size, "runs_on": usable[0],
             "preferred": recorded[0] if recorded else None, "fallback": bool(recorded) and recorded[0] != usable[0],
             "needs_mb": needs, "max_context": man.max_context, "available_mb": available_mb,

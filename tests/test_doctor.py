@@ -7,7 +7,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from edgekit.cli import main
-from edgekit.doctor import inspect
+from edgekit.doctor import inspect, jetpack
 
 TEGRA = "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 01:49:37 UTC\n"
 TRT_HEADER = "#define NV_TENSORRT_MAJOR 10\n#define NV_TENSORRT_MINOR 3\n#define NV_TENSORRT_PATCH 0\n"
@@ -83,3 +83,52 @@ def test_doctor_counts_every_kv_row_a_server_holds(llama_bundle, tmp_path):
     r = CliRunner().invoke(main, ["doctor", str(llama_bundle), "--root", str(root), "--max-batch", "1",
                                   "--prefix-cache-entries", "0"])
     assert r.exit_code == 0 and "for 1 KV row(s)" in r.output and "does NOT fit" not in r.output, r.output
+
+
+TRT_ENTERPRISE = ("#define TRT_MAJOR_ENTERPRISE 10\n#define TRT_MINOR_ENTERPRISE 13\n#define TRT_PATCH_ENTERPRISE 3\n"
+                  "#define NV_TENSORRT_MAJOR TRT_MAJOR_ENTERPRISE\n#define NV_TENSORRT_MINOR TRT_MINOR_ENTERPRISE\n"
+                  "#define NV_TENSORRT_PATCH TRT_PATCH_ENTERPRISE\n")
+DPKG_CUDNN = ("Package: libcudnn9-cuda-13\nStatus: install ok installed\nVersion: 9.12.0.46-1\n\n"
+              "Package: libnvinfer10\nStatus: deinstall ok config-files\nVersion: 10.0.0.1-1+cuda12.2\n")
+JETPACKS = {  # JetPack -> (L4T revision line, TensorRT header, cuDNN file, the versions doctor must read)
+    "6.0": ("# R36 (release), REVISION: 3.0, GCID: 36191598\n", TRT_HEADER.replace("10", "8").replace("3", "6"),
+            ("usr/include/aarch64-linux-gnu/cudnn_version_v8.h",
+             "#define CUDNN_MAJOR 8\n#define CUDNN_MINOR 9\n#define CUDNN_PATCHLEVEL 4\n"), ("8.6.0", "8.9.4")),
+    "6.2": (TEGRA, TRT_HEADER, ("usr/include/aarch64-linux-gnu/cudnn_version_v9.h",
+                                "#define CUDNN_MAJOR 9\n#define CUDNN_MINOR 3\n#define CUDNN_PATCHLEVEL 0\n"),
+            ("10.3.0", "9.3.0")),
+    "7.0": ("# R38 (release), REVISION: 2.0, GCID: 41844464\n", TRT_ENTERPRISE, ("var/lib/dpkg/status", DPKG_CUDNN),
+            ("10.13.3", "9.12.0")),
+}
+
+
+def test_doctor_on_jetpack_6_0_6_2_and_7(tmp_path):
+    """L4T -> JetPack, TensorRT from its headers (>= 10.11 defines the version through other macros) or packages,
+    cuDNN from its headers or packages; a tensorrt-flavour bundle on a TensorRT older than the op set it was checked
+    against is called out; the bundle's onnxruntime floor is compared with this onnxruntime."""
+    from edgekit.export.pipeline import ExportConfig, export_bundle
+    from edgekit.export.progress import Silent
+    from tiny_models import make_model
+
+    src = make_model("LlamaForCausalLM", tmp_path / "src")
+    trt = export_bundle(ExportConfig(source=str(src), output=tmp_path / "trt", target="tensorrt"), progress=Silent())
+    for jp, (tegra, header, (cudnn_file, cudnn_text), (want_trt, want_cudnn)) in JETPACKS.items():
+        root = jetson(tmp_path / jp, "NVIDIA Jetson AGX Orin Developer Kit", 64_000_000)
+        fake_root(root, {"etc/nv_tegra_release": tegra, "usr/include/aarch64-linux-gnu/NvInferVersion.h": header,
+                         cudnn_file: cudnn_text})
+        m = inspect(root, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], arch="aarch64",
+                    bundle=trt.path)
+        assert (jetpack(m.l4t_release), m.tensorrt, m.cudnn) == (jp, want_trt, want_cudnn), (jp, m)
+        text = m.table()
+        assert f"(JetPack {jp})" in text and "cuDNN        " + want_cudnn in text
+        assert (": ok" in m.bundle["tensorrt"]) == (jp != "6.0"), m.bundle["tensorrt"]
+        assert m.bundle["onnxruntime"].startswith(">= 1.20") and ": ok" in m.bundle["onnxruntime"]
+
+
+def test_providers_that_cannot_load_are_not_counted():
+    from edgekit.doctor import _loads
+
+    assert _loads("CPUExecutionProvider")
+    assert not _loads("NoSuchExecutionProvider")
+    m = inspect(Path("/nonexistent-root"))  # this process's onnxruntime: what it lists, tried
+    assert "CPUExecutionProvider" in m.providers and not set(m.providers) & set(m.unusable)
