@@ -57,7 +57,7 @@ def main() -> None:
                    "activations; several times fewer bytes per token) [int8 when the GGUF has Q8_0 there].")
 @click.option("--target", type=click.Choice(tuple(TARGETS)), default=None,
               help="Graph flavour: cpu (onnxruntime's fused CPU kernels), cuda (fp16 fused kernels for the CUDA EP; "
-                   "GGUF mins as float zero points) or tensorrt (plain standard ops TensorRT 10.3 parses whole; "
+                   "scale-only 4-bit blocks) or tensorrt (plain standard ops TensorRT 10.3 parses whole; "
                    "int4 = symmetric weight-only QDQ) [cuda for GPU device profiles, else cpu].")
 @click.option("--onnxruntime", default=None, help="The oldest onnxruntime the bundle must run on, e.g. 1.20 (a "
               "JetPack's wheel): exact alternatives for newer ops, or a clear refusal [the device profile's, else any]")

@@ -31,7 +31,10 @@ class Target:
     custom_ops: bool = True  # com.microsoft ops (fused norms, MatMulNBits, GatherBlockQuantized) may appear
     block_format: Literal["nbits", "qdq"] = "nbits"  # carried GGUF blocks: MatMulNBits | signed int4 DequantizeLinear
     # (TensorRT's blockwise DequantizeLinear is INT4: in the qdq form 8-bit blocks go dense, exact in fp32)
-    float_zero_points: bool = False  # GGUF 4-bit mins folded into float zero points (one MatMulNBits, no correction)
+    # GGUF 4-bit blocks as a scale-only main term (codes centred on the default zero point 8, no zero_points input)
+    # plus the block-sum offset term: the form MatMulNBits' CUDA kernels run on their fused GEMV and fpA_intB paths
+    # (float zero points send them to dequantize + cuBLAS on every call)
+    scale_only_4bit: bool = False
     split_8bit: bool = False  # 8-bit blocks at float activations as two 4-bit matmuls (the CPU kernels' fast path)
     accuracy_levels: bool = False  # MatMulNBits accuracy levels (int8-activation kernels) apply
     quantized_embedding: bool = False  # a GGUF's 8-bit embedding as GatherBlockQuantized (a CPU kernel)
@@ -51,9 +54,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("cpu", "onnxruntime's fused CPU kernels", ("CPUExecutionProvider",), quant_formats=("nbits", "qdq"),
            attention="gqa", block_attention="mha", shared_kv_buffer=True, baseline=True, split_8bit=True,
            accuracy_levels=True, quantized_embedding=True),
-    Target("cuda", "fp16 fused kernels for the CUDA EP (GGUF mins as float zero points)",
+    Target("cuda", "fp16 fused kernels for the CUDA EP (scale-only 4-bit blocks: its GEMV/fpA_intB paths)",
            (backend.CUDA, "CPUExecutionProvider"), quant_formats=("nbits", "qdq"), attention="gqa",
-           block_attention="mha", shared_kv_buffer=True, fp16_quantized=True, float_zero_points=True,
+           block_attention="mha", shared_kv_buffer=True, fp16_quantized=True, scale_only_4bit=True,
            provider_options=CUDA_ARENA, fp32_attention=False,
            quantized_session_config={"ep.cuda.fpa_intb_gemm": "1"}),  # MatMulNBits' fpA_intB kernels (fp16)
     # past ++ new K/V concatenated (no in-place buffer): its runtime copies the past per step

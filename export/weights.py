@@ -88,24 +88,6 @@ class BlockQuantLinear:
         zp_out = None if self.bits == 4 and (zp == 8).all() else zp
         return replace(self, zero_points=zp_out, offsets=offsets.astype(np.float32))
 
-    def float_zero_points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """The min folded into a float zero point: w = s (c - z') with z' = z - offset / s, as (codes, scales, z')
-        ([N, K] uint8, [N, K / block] float32 twice), for kernels that take float zero points (onnxruntime's CUDA
-        MatMulNBits; no correction ops). Exact in fp32 arithmetic; an fp16 z' rounds by up to |z'| * 2^-12 codes.
-        Blocks with s = 0 hold the offset in every element: their codes become 1, s' = offset, z' = 0. None when
-        there is no offset term."""
-        if self.offsets is None:
-            return None
-        n, k = self.shape
-        zp = (np.full(self.scales.shape, 1 << (self.bits - 1), np.float32) if self.zero_points is None
-              else self.zero_points.astype(np.float32))
-        flat = self.scales == 0
-        safe = np.where(flat, 1.0, self.scales).astype(np.float32)
-        z = np.where(flat, 0.0, zp - self.offsets / safe).astype(np.float32)
-        codes = np.where(np.repeat(flat, self.block, axis=1), 1, self.codes).astype(np.uint8) if flat.any() \
-            else self.codes
-        return codes, np.where(flat, self.offsets, self.scales).astype(np.float32), z
-
     def rows(self, order: np.ndarray) -> BlockQuantLinear:
         pick = lambda a: None if a is None else a[order]  # noqa: E731
         return replace(self, codes=self.codes[order], scales=self.scales[order],

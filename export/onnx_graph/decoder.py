@@ -4,7 +4,8 @@
 ``cpu`` / ``cuda``: onnxruntime's fused kernels (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization,
 GroupQueryAttention with in-kernel rotary embedding), packed QKV and gate/up projections: about 11 ops per layer,
 which is what makes decode fast on small models, where per-op overhead rivals the matmuls. ``cuda`` computes in
-fp16 and folds GGUF mins into float zero points (one MatMulNBits per linear, the CUDA kernels' fast form).
+fp16 and writes 4-bit blocks scale-only (centred codes, no zero points) plus the block-sum min term: the form
+the CUDA kernels run on their fused GEMV and fpA_intB paths.
 ``tensorrt``: the same model in plain standard ops that TensorRT 10.3's ONNX parser takes whole (its importers for
 Attention / RMSNormalization / RotaryEmbedding and every com.microsoft op are missing there): explicit RMSNorm in
 fp32, rotary embedding by gathered cos/sin rows, MatMul/Softmax attention over past + new K/V, weights as fp16/fp32
@@ -109,7 +110,7 @@ class BuildOptions:
     lm_head_quant: BlockQuantLinear | None = None
     accuracy_level: int = 0
     lm_head_accuracy_level: int | None = None  # None: accuracy_level
-    target: str = "cpu"  # cpu | cuda (fp16 fused kernels, float zero points) | tensorrt (plain standard ops)
+    target: str = "cpu"  # cpu | cuda (fp16 fused kernels, scale-only 4-bit blocks) | tensorrt (plain standard ops)
     qdq_bits: int = 0  # 4: dense body weights as symmetric int4 blocks behind DequantizeLinear (lm_head stays float)
     qdq_block: int = BLOCK
     block_attention: str | None = None  # the form of block-causal layers instead of the target's (older onnxruntimes)

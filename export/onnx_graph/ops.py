@@ -3,7 +3,6 @@ blockwise DequantizeLinear, GGUF blocks with their offset term), the RMSNorms an
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,11 +50,8 @@ class Graph:
             return self._with_bias(self.dequantized_blocks(x, w, name), bias, name)
         else:
             n, k = w.shape
-            folded = w.float_zero_points() if self.target.float_zero_points and w.bits == 4 else None
-            if folded is not None:  # the min as a float zero point: one op, no correction
-                return self._with_bias(self.matmul_nbits(x, w, name, level, folded), bias, name)
-            if level >= 4:  # int8 activations: a centred main term (see BlockQuantLinear.centered)
-                w = w.centered()
+            if level >= 4 or (self.target.scale_only_4bit and w.bits == 4):
+                w = w.centered()  # int8 activations, or CUDA's fast paths: a centred main term (BlockQuantLinear)
             # 8-bit blocks with float activations on the CPU: two 4-bit matmuls (its 8-bit kernel is a slow fallback)
             split = w.nibbles() if level < 4 and self.split_8bit else None
             y = self.matmul_nbits(x, split[0] if split else w, name, level)
@@ -70,15 +66,11 @@ class Graph:
     def _with_bias(self, y: str, bias: np.ndarray | None, name: str) -> str:
         return y if bias is None else self.op("Add", [y, self.init(f"{name}.bias", bias.astype(np.float32))])
 
-    def matmul_nbits(self, x: str, w: BlockQuantLinear, name: str, level: int,
-                     folded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> str:
-        """x @ (scale * (code - zero_point))^T, without the offset term; ``folded``: (codes, scales, float zero
-        points) that carry the offset too."""
+    def matmul_nbits(self, x: str, w: BlockQuantLinear, name: str, level: int) -> str:
+        """x @ (scale * (code - zero_point))^T, without the offset term."""
         n, k = w.shape
-        if folded is not None:
-            w = replace(w, codes=folded[0], scales=folded[1])
         inputs = [x, self.init(f"{name}.qweight", w.packed), self.init(f"{name}.scales", w.scales.reshape(-1))]
-        zp = w.packed_zero_points() if folded is None else folded[2]
+        zp = w.packed_zero_points()
         if zp is not None:
             inputs.append(self.init(f"{name}.zero_points", zp.reshape(-1)))
         return self.op("MatMulNBits", inputs, domain=MS_DOMAIN, name=name, K=k, N=n, bits=w.bits,
