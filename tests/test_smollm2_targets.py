@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm
 
 
 @pytest.mark.parametrize("precision, target, tolerance", [
-    ("int4", "cuda", "int4/gguf-fp16"),  # GGUF Q4_1 mins as fp16 zero points, fp16 activations
+    ("int4", "cuda", "int4/gguf-fp16"),  # GGUF Q4_1 blocks scale-only + the offset term, fp16 activations
     ("int4", "tensorrt", "int4/gguf-fp16"),  # the same blocks as signed int4 DequantizeLinear + offset term
     ("fp16", "tensorrt", "fp16"),
 ])
