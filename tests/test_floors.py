@@ -97,21 +97,37 @@ def test_bad_onnxruntime_options(tiny_model, tmp_path, opts, message):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.fixture(scope="module")
-def old_runtime() -> Path:
-    """A runtime-only environment on the onnxruntime 1.20.1 CPU wheel (from the registry; kept in the cache folder
-    between runs)."""
-    env = Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / f"venv-onnxruntime-{OLD}"
+def runtime_env(version: str) -> Path:
+    """A runtime-only environment (no torch, no onnx) on the onnxruntime ``version`` CPU wheel, from the registry;
+    kept in the cache folder between runs. Returns its python."""
+    env = Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / f"venv-onnxruntime-{version}"
     python = env / "bin" / "python"
     if not (env / "ok").exists():
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(env)], check=True)
         pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, f"onnxruntime=={OLD}", "numpy>=1.24", "tokenizers>=0.20", "jinja2>=3.1", "click>=8.1"],
-                       check=True)
-        (env / "ok").write_text(OLD)
+        subprocess.run([*pip, f"onnxruntime=={version}", "numpy>=1.24", "tokenizers>=0.20", "jinja2>=3.1",
+                        "click>=8.1"], check=True)
+        (env / "ok").write_text(version)
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "-e",
                     str(ROOT)], check=True)
     return python
+
+
+@pytest.fixture(scope="module")
+def old_runtime() -> Path:
+    return runtime_env(OLD)
+
+
+def _same_report(python: Path, bundle: Path, tmp: Path) -> None:
+    """``edgekit verify`` of ``bundle`` under ``python``'s onnxruntime gives this environment's report."""
+    import json
+
+    old, new = _verify(python, bundle, tmp / "old.json"), _verify(sys.executable, bundle, tmp / "new.json")
+    assert old.returncode == new.returncode and "Traceback" not in old.stderr, (bundle, old.stderr[-2000:])
+    rows = [json.loads((tmp / f"{v}.json").read_text())["rows"] for v in ("old", "new")]
+    assert len(rows[0]) == len(rows[1])
+    for a, b in zip(*rows):
+        assert a["tokens_agree"] == b["tokens_agree"] and abs(a["top1"] - b["top1"]) < 0.02, (bundle, a, b)
 
 
 def _verify(python: Path | str, bundle: Path, out: Path | None = None) -> subprocess.CompletedProcess:
@@ -125,8 +141,6 @@ def test_bundles_verify_under_the_oldest_onnxruntime_promised(bundles, old_runti
     installed: the fp32 ones (cpu, tensorrt flavour, block diffusion made for 1.20) pass; the int4 ones (made for 1.20,
     tensorrt flavour; random tiny weights, so their reports have misses) give the same report there as here. A bundle
     whose floor is above 1.20.1 is refused with both versions named."""
-    import json
-
     check = subprocess.run([str(old_runtime), "-c", "import onnxruntime, importlib.util as u; print(onnxruntime."
                             "__version__, u.find_spec('torch') is None and u.find_spec('onnx') is None)"],
                            capture_output=True, text=True, check=True)
@@ -135,15 +149,18 @@ def test_bundles_verify_under_the_oldest_onnxruntime_promised(bundles, old_runti
         r = _verify(old_runtime, bundles[name][0])
         assert r.returncode == 0 and "PASSED" in r.stdout, (name, r.stdout[-2000:], r.stderr[-2000:])
     for name in ("int4-for-1.20", "tensorrt-int4"):
-        old, new = _verify(old_runtime, bundles[name][0], tmp_path / "old.json"), _verify(
-            sys.executable, bundles[name][0], tmp_path / "new.json")
-        assert old.returncode == new.returncode and "Traceback" not in old.stderr, (name, old.stderr[-2000:])
-        rows = [json.loads((tmp_path / f"{v}.json").read_text())["rows"] for v in ("old", "new")]
-        for a, b in zip(*rows):
-            assert a["tokens_agree"] == b["tokens_agree"] and abs(a["top1"] - b["top1"]) < 0.02, (name, a, b)
+        _same_report(old_runtime, bundles[name][0], tmp_path)
     r = _verify(old_runtime, bundles["int4"][0])
     assert r.returncode == 2 and "needs onnxruntime >= 1.23" in r.stderr and "1.20.1" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_bundle_at_the_1_23_floor_verifies_under_onnxruntime_1_23(bundles, tmp_path):
+    """The oldest onnxruntime a 1.23-floor bundle (8-bit MatMulNBits head) promises: 1.23.2 gives this one's report;
+    the block-diffusion bundle (floor 1.21.1) too."""
+    python = runtime_env("1.23.2")
+    for name in ("int4", "block"):
+        _same_report(python, bundles[name][0], tmp_path)
 
 
 @pytest.mark.slow
