@@ -49,9 +49,12 @@ def problems(model: onnx.ModelProto) -> list[str]:
             if zp is not None and onnx.numpy_helper.to_array(zp).any():
                 out.append(f"{node.name}: DequantizeLinear with a non-zero zero point")
             scale = inits.get(node.input[1])
-            values = onnx.numpy_helper.to_array(scale) if scale is not None else None
-            if values is None or not (np.isfinite(values) & (values > 0)).all():  # "Scale coefficients must all be
-                out.append(f"{node.name}: DequantizeLinear scales must be constant and positive")  # positive"
+            if scale is None:
+                out.append(f"{node.name}: DequantizeLinear scales must be constant")
+            elif scale.data_location != onnx.TensorProto.EXTERNAL:  # (a graph loaded without its weights: unseen)
+                values = onnx.numpy_helper.to_array(scale)
+                if not (np.isfinite(values) & (values > 0)).all():  # TensorRT: "Scale coefficients must all be
+                    out.append(f"{node.name}: DequantizeLinear scales must be positive")  # positive"
     return out
 
 
