@@ -16,6 +16,7 @@ from pathlib import Path
 
 import onnx
 
+from edgekit.runtimes.bundle import release
 from edgekit.runtimes.errors import ConfigError
 
 Release = tuple[int, ...]
@@ -66,11 +67,11 @@ FLOORS: tuple[Floor, ...] = (
 
 
 def parse(text: str, what: str = "onnxruntime version") -> Release:
-    """'1.20' or '1.21.1' -> (1, 20) / (1, 21, 1), or a ConfigError naming the value."""
-    parts = text.strip().split(".") if isinstance(text, str) else []
-    if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+    """'1.20' or '1.21.1' -> (1, 20) / (1, 21, 1) (the runtime's ``bundle.release``), or a ConfigError naming it."""
+    found = release(text.strip()) if isinstance(text, str) else ()
+    if not found:
         raise ConfigError(f"{what} must look like 1.20 or 1.21.1, got {text!r}.")
-    return tuple(int(p) for p in parts)
+    return found
 
 
 def show(release: Release) -> str:
@@ -100,8 +101,3 @@ def of_files(paths: Iterable[Path]) -> tuple[Release, str]:
         if release == need:
             why += [r for r in reasons if r not in why]
     return need, "; ".join(why)
-
-
-def source_of(what: str) -> str:
-    """Where the table's entry for ``what`` was read."""
-    return next((f.source for f in FLOORS if f.what == what), "")

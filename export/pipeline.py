@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from edgekit.export import floors, source
 from edgekit.export import manifest as mf
-from edgekit.export.plan import ExportConfig, make_plan
+from edgekit.export.plan import ExportConfig, Plan, make_plan
 from edgekit.export.progress import Progress
 from edgekit.export.reference import TorchReference
 from edgekit.export.registry import lookup
@@ -94,7 +94,7 @@ def export_bundle(cfg: ExportConfig, verify: Verifier | None = None, progress: P
     return ExportResult(cfg.output, manifest, report)
 
 
-def onnxruntime_floor(plan: Any, stage: Path, built: mf.Built) -> tuple[floors.Release, str]:
+def onnxruntime_floor(plan: Plan, stage: Path, built: mf.Built) -> tuple[floors.Release, str]:
     """The oldest onnxruntime the written graphs run on (and what sets it); refused when the plan promised an older
     one and no exact alternative was taken."""
     need, why = floors.of_files(sorted({stage / g.file for g in built.graphs.values()}))

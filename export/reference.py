@@ -56,7 +56,7 @@ class TorchReference:
     def logits(self, ids: list[int]) -> np.ndarray:
         """Teacher-forced logits [S, V] of every position of ``ids``."""
         if self.attention == "causal":
-            return self._prefill(ids)[0]
+            return self._kept(ids)[0]
         if self.attention == "block":
             return self.blocks(ids, self.block_length)
         return self.full(np.asarray(ids, np.int64), 0)
@@ -65,13 +65,17 @@ class TorchReference:
         """A fresh logits provider for one run of a bundle's generation loop."""
         return TorchLogits(self)
 
-    def _prefill(self, ids: list[int]) -> tuple[np.ndarray, Any]:
-        """Logits of ``ids`` and the model's KV cache after them (kept: parity prefills the quality prompts)."""
+    def _kept(self, ids: list[int]) -> tuple[np.ndarray, Any]:
+        """Logits of ``ids`` and the model's KV cache after them, run once (parity prefills the quality prompts)."""
         key = tuple(int(i) for i in ids)
         if key not in self._prefills:
             self._prefills[key] = self.run(list(key), None)
-        logits, past = self._prefills[key]
-        return logits, copy.deepcopy(past)  # (the caller's steps extend its own copy)
+        return self._prefills[key]
+
+    def _prefill(self, ids: list[int]) -> tuple[np.ndarray, Any]:
+        """``_kept`` with a copy of the cache, which the caller's steps extend."""
+        logits, past = self._kept(ids)
+        return logits, copy.deepcopy(past)
 
     def run(self, ids: list[int], past: Any) -> tuple[np.ndarray, Any]:
         """One causal forward of ``ids`` on ``past``: (logits [S, V], the extended cache)."""

@@ -27,12 +27,12 @@ import numpy as np
 from edgekit.runtimes import diffusion_params as dp
 from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions
-from edgekit.runtimes.bundle import Manifest, bundle_file
+from edgekit.runtimes.bundle import Manifest
 from edgekit.runtimes.errors import BundleError
 from edgekit.runtimes.graph import GraphRunner
 from edgekit.runtimes.kv_cache import KVCache
 from edgekit.runtimes.sequence import Sequence
-from edgekit.runtimes.tokenizer import Prompt, Tokenizer
+from edgekit.runtimes.tokenizer import Prompt
 from edgekit.runtimes.unmasking import commit, schedule
 
 
@@ -238,7 +238,7 @@ class BlockBatch:
             st.cache.release()
 
 
-class BlockDiffusionModel:
+class BlockDiffusionModel(mdl.Bundled):
     """A block-diffusion bundle: an AR-family decoder graph under block attention (its ``graph`` runner, fed the run's
     block length) decoded a block at a time on the KV cache. ``stream`` yields each committed block's text. Options:
     gen_length (or max_new_tokens), diffusion_steps, remasking, threshold, entropy_bound, position_decay,
@@ -254,19 +254,12 @@ class BlockDiffusionModel:
         if blocks is None or manifest.tokens.mask_id is None:
             raise BundleError(f"Block-diffusion bundle '{bundle_dir}' lacks its block attention record or mask token "
                               "id. HINT: re-export it.")
-        self.path = bundle_dir
-        self.manifest = manifest
+        super().__init__(bundle_dir, manifest)
         self.block, self.trained_blocks, self.token_shift = blocks.block_length, blocks.block_lengths, \
             blocks.token_shift  # token_shift: token i predicted at position i - 1
         self.graph = GraphRunner(bundle_dir, manifest, backend, defaults=block_feed(self.block))
-        self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
-        self.stop_ids = frozenset(manifest.tokens.stop_ids)
         self.mask_id = int(manifest.tokens.mask_id)
         self.defaults = dp.defaults(manifest.generation, block_length=self.block)
-
-    @property
-    def max_context(self) -> int:
-        return self.manifest.max_context
 
     def logits(self, token_ids: Seq[int]) -> np.ndarray:
         """Teacher-forced logits [S, V] under block attention of the default block length (quality reports)."""
@@ -293,9 +286,6 @@ class BlockDiffusionModel:
 
     def stream(self, prompt: Prompt, batch: BlockBatch | None = None, **options: Any) -> mdl.TextStream:
         return mdl.stream(self, prompt, batch, options)
-
-    def generate(self, prompt: Prompt, **options: Any) -> str:
-        return "".join(self.stream(prompt, **options))
 
     def trace(self, prompt_ids: Seq[int], options: Mapping[str, Any], reference: Any = None,
               new_tokens: int = 64, cached: bool = True) -> mdl.Trace:

@@ -16,16 +16,16 @@ import numpy as np
 
 from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions
-from edgekit.runtimes.bundle import Manifest, bundle_file
+from edgekit.runtimes.bundle import Manifest
 from edgekit.runtimes.errors import ContextLengthError
 from edgekit.runtimes.graph import GraphRunner
 from edgekit.runtimes.kv_cache import KVCache, PrefixCache
 from edgekit.runtimes.sampling import SamplingParams, sample_next
 from edgekit.runtimes.sequence import Sequence
-from edgekit.runtimes.tokenizer import Prompt, Tokenizer
+from edgekit.runtimes.tokenizer import Prompt
 
 
-class ARModel:
+class ARModel(mdl.Bundled):
     """A loaded AR bundle. ``stream``/``generate`` take a prompt string or a list of chat messages. ``graph`` is its
     decoder graph's runner (``GraphRunner``: forward, run_rows, KV slots)."""
 
@@ -36,16 +36,9 @@ class ARModel:
     parity_prompts = 9  # how many of the built-in prompts parity runs (each setting on each)
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: BackendOptions) -> None:
-        self.path = bundle_dir
-        self.manifest = manifest
+        super().__init__(bundle_dir, manifest)
         self.graph = GraphRunner(bundle_dir, manifest, backend)
-        self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
-        self.stop_ids = frozenset(manifest.tokens.stop_ids)
         self.defaults = SamplingParams.from_defaults(manifest.generation)
-
-    @property
-    def max_context(self) -> int:
-        return self.manifest.max_context
 
     def logits(self, token_ids: Seq[int]) -> np.ndarray:
         """Teacher-forced logits [S, V] of every position (quality reports)."""
@@ -79,10 +72,6 @@ class ARModel:
         repetition_penalty, seed, stop. ``batch``: reuse one across calls to keep a chat's KV prefix (made with
         ``new_batch(1, prefix_cache_entries=N)``). Close the returned stream to cancel."""
         return mdl.stream(self, prompt, batch, options)
-
-    def generate(self, prompt: Prompt, **options: Any) -> str:
-        """Return the whole answer as one string (same options as ``stream``)."""
-        return "".join(self.stream(prompt, **options))
 
     def trace(self, prompt_ids: Seq[int], options: Mapping[str, Any], reference: Any = None,
               new_tokens: int = 64) -> mdl.Trace:

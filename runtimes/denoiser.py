@@ -25,10 +25,10 @@ import numpy as np
 from edgekit.runtimes import diffusion_params as dp
 from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions, check_dims, create_session, run_graph
-from edgekit.runtimes.bundle import Manifest, bundle_file
+from edgekit.runtimes.bundle import Manifest
 from edgekit.runtimes.errors import BundleError, ConfigError
 from edgekit.runtimes.sequence import Sequence
-from edgekit.runtimes.tokenizer import Prompt, Tokenizer
+from edgekit.runtimes.tokenizer import Prompt
 from edgekit.runtimes.unmasking import CacheMode, commit, schedule
 
 
@@ -75,7 +75,7 @@ def denoise(net: Any, prompt_ids: Seq[int], params: dp.DiffusionParams, mask_id:
         yield [int(t) for t in x[lo:hi]]
 
 
-class DiffusionModel:
+class DiffusionModel(mdl.Bundled):
     """A loaded diffusion bundle; ``stream`` yields each block's text once the block is committed."""
 
     kind = "diffusion"
@@ -88,8 +88,7 @@ class DiffusionModel:
         if "denoiser" not in manifest.graphs or manifest.tokens.mask_id is None or info is None:
             raise BundleError(f"Diffusion bundle '{bundle_dir}' lacks a denoiser graph, its diffusion record or a mask "
                               "token id. HINT: re-export it.")
-        self.path = bundle_dir
-        self.manifest = manifest
+        super().__init__(bundle_dir, manifest)
         self._backend = backend
         # prompt-isolated models (prompt positions do not attend to the answer) take the prompt length as input
         self.isolated = info.attention == "prompt_isolated"
@@ -99,18 +98,12 @@ class DiffusionModel:
         self._cached: tuple[Any, Any] | None = None  # (encode, block) sessions, created on first use
         self.cache_modes = info.cache_modes
         self.position_offset = info.position_offset
-        self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
         self.mask_id = int(manifest.tokens.mask_id)
-        self.stop_ids = frozenset(manifest.tokens.stop_ids)
         self.defaults = dp.defaults(manifest.generation)
 
     def _session(self, name: str, inputs: Seq[str], outputs: Seq[str]) -> Any:
         return create_session(self.path, self.manifest.graphs[name], self._backend, self.manifest.runtime,
                               inputs=inputs, outputs=outputs)
-
-    @property
-    def max_context(self) -> int:
-        return self.manifest.max_context
 
     @property
     def parity_settings(self) -> tuple[mdl.ParitySetting, ...]:
@@ -203,9 +196,6 @@ class DiffusionModel:
         diffusion_steps, remasking, threshold, entropy_bound, position_decay, temperature, top_k, top_p, seed, cache
         (none | prefix | dual). Close the stream to cancel."""
         return mdl.stream(self, prompt, batch, options)
-
-    def generate(self, prompt: Prompt, **options: Any) -> str:
-        return "".join(self.stream(prompt, **options))
 
     def trace(self, prompt_ids: Seq[int], options: Mapping[str, Any], reference: Any = None,
               new_tokens: int = 64) -> mdl.Trace:

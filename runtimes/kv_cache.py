@@ -43,15 +43,15 @@ class KVSlots:
     """Max-length KV buffers for ``capacity`` sequences on ``device`` ("cpu" or "cuda").
 
     numpy buffers (the CPU) start at ``INITIAL_LENGTH`` positions and double (one copy of the valid rows) when a
-    sequence outgrows them, up to ``max_length``; onnxruntime OrtValues (``ortvalues``: device memory, always on
-    CUDA) are allocated at ``max_length`` once, zero-filled (device memory cannot be re-laid out without a device
-    kernel). OrtValues work on the CPU device too: the same code path, testable without a GPU. Only shared-buffer
-    graphs bind them (``bind``); the copying path (``pasts``/``store``) needs numpy buffers."""
+    sequence outgrows them, up to ``max_length``; onnxruntime OrtValues (``ortvalues``: device memory, the graph
+    runner's choice on a GPU) are allocated at ``max_length`` once, zero-filled (device memory cannot be re-laid out
+    without a device kernel). OrtValues work on the CPU device too: the same code path, testable without a GPU.
+    Only shared-buffer graphs bind them (``bind``); the copying path (``pasts``/``store``) needs numpy buffers."""
 
     def __init__(self, layout: KVCacheLayout, capacity: int, max_length: int, device: str = "cpu",
-                 ortvalues: bool | None = None) -> None:
+                 ortvalues: bool = False) -> None:
         self.layout, self.capacity, self.max_length, self.device = layout, capacity, max_length, device
-        self.ortvalues = device != "cpu" if ortvalues is None else ortvalues
+        self.ortvalues = ortvalues
         self.names = past_names(layout)
         self.present = present_names(layout)
         self.dtype = np.dtype(layout.dtype)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from edgekit.runtimes.errors import ContextLengthError, UnsupportedOptionError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from edgekit.runtimes.bundle import Manifest
     from edgekit.runtimes.sequence import Sequence
     from edgekit.runtimes.tokenizer import Prompt, Tokenizer
@@ -156,6 +158,31 @@ class Model(Protocol):
 
     def trace(self, prompt_ids: Seq[int], options: Mapping[str, Any], reference: Any = None,
               new_tokens: int = 64) -> Trace: ...
+
+
+class Bundled:
+    """What every loaded bundle holds whatever its kind (not a kind itself: each kind's model builds on it): its
+    folder, manifest, tokenizer and stop ids, and ``generate`` over the kind's ``stream``."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest) -> None:
+        from edgekit.runtimes.bundle import bundle_file
+        from edgekit.runtimes.tokenizer import Tokenizer
+
+        self.path = bundle_dir
+        self.manifest = manifest
+        self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
+        self.stop_ids = frozenset(manifest.tokens.stop_ids)
+
+    @property
+    def max_context(self) -> int:
+        return self.manifest.max_context
+
+    def stream(self, prompt: Prompt, batch: Any = None, **options: Any) -> TextStream:
+        raise NotImplementedError
+
+    def generate(self, prompt: Prompt, **options: Any) -> str:
+        """The whole answer as one string (the options of ``stream``)."""
+        return "".join(self.stream(prompt, **options))
 
 
 def refuse_unknown(model: Model, options: Mapping[str, Any]) -> None:
