@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from edgekit.runtimes.backend import TRT_SHAPE_INPUTS
 from edgekit.runtimes.errors import ExportError
 
 TENSORRT_VERSION = "10.3"
@@ -27,11 +28,41 @@ OPS: frozenset[str] = frozenset({
 # op -> index of the input that must be an initializer (TensorRT's "axes must be an initializer")
 CONSTANT_INPUTS: dict[str, int] = {"Slice": 3, "Squeeze": 1, "Unsqueeze": 1, "ReduceMean": 1, "ReduceSum": 1}
 DQ_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT4)
+# op -> the inputs TensorRT reads as shape tensors (values it needs when it builds the engine, on the host)
+SHAPE_POSITIONS: dict[str, tuple[int, ...]] = {
+    "Slice": (1, 2, 3, 4), "Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,),
+    "Range": (0, 1, 2), "Squeeze": (1,), "Unsqueeze": (1,), "Split": (1,), "ReduceMean": (1,), "ReduceSum": (1,),
+}
+SHAPE_ONLY = frozenset({"Shape", "Size", "ConstantOfShape"})  # their outputs' values do not depend on input values
+
+
+def shape_inputs(model: onnx.ModelProto) -> set[str]:
+    """The graph inputs TensorRT will treat as shape tensors: those whose values reach an input it reads as a shape
+    (a Slice start, a Reshape shape, ...). Each needs value ranges in the optimization profile (onnxruntime's
+    TensorRT EP reads a shape tensor's ``trt_profile_*_shapes`` entry as its values, not its dims:
+    ApplyProfileShapesFromProviderOptions), and without one the EP will not build an engine from explicit
+    profiles."""
+    inputs = {i.name for i in model.graph.input}
+    source: dict[str, set[str]] = {n: {n} for n in inputs}  # tensor -> the graph inputs its values depend on
+    found: set[str] = set()
+    for node in model.graph.node:  # (nodes are in topological order in a valid graph)
+        for at in SHAPE_POSITIONS.get(node.op_type, ()):
+            if len(node.input) > at and node.input[at]:
+                found |= source.get(node.input[at], set())
+        if node.op_type in SHAPE_ONLY:
+            continue
+        deps = set().union(*(source.get(t, set()) for t in node.input if t))
+        if deps:
+            for out in node.output:
+                source[out] = deps
+    return found
 
 
 def problems(model: onnx.ModelProto) -> list[str]:
-    """Why TensorRT 10.3's parser would not take ``model`` whole (empty: it would)."""
-    out = []
+    """Why TensorRT 10.3's parser would not take ``model`` whole, or the EP would not build it from the profile the
+    runtime records (empty: it would)."""
+    out = [f"graph input '{name}' is a TensorRT shape tensor without value ranges in the runtime's profile "
+           f"(backend.TRT_SHAPE_INPUTS)" for name in sorted(shape_inputs(model) - set(TRT_SHAPE_INPUTS))]
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):

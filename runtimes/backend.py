@@ -53,6 +53,9 @@ def provider_list(providers: Sequence[str], runtime: RuntimeSpec, bundle_dir: Pa
     return out
 
 
+# the decoder graph's inputs TensorRT reads as shape tensors (logits_to_keep is a Slice start): their profile entries
+# are value ranges (min, opt, max) in place of dims, as onnxruntime's TensorRT EP reads them
+TRT_SHAPE_INPUTS = ("logits_to_keep",)
 SERVE_PREFIX_ROWS = 8  # the rows edgekit serve keeps for its prefix cache by default (--prefix-cache-entries)
 
 
@@ -62,16 +65,19 @@ def tensorrt_profiles(layout: KVCacheLayout, max_context: int, max_batch: int,
     one profile from one row of one token on an empty past to ``max_batch + prefix_rows`` rows (a batch's step runs
     every row up to the highest active one, prefix-cache rows included) of up to ``max_context`` positions, tuned
     for decoding ``max_batch`` rows of one token. One profile, because onnxruntime's TensorRT EP keeps its execution
-    context on profile 0 (onnxruntime PR #31624, open): shapes outside it would fail or rebuild the engine."""
+    context on profile 0 (onnxruntime PR #31624, open): shapes outside it would fail or rebuild the engine.
+    ``logits_to_keep`` is a shape tensor for TensorRT: its entry is its value, 1 (decoding) to ``max_context`` (a
+    chunk's every position)."""
     C, B, kvh, hd = max_context, max_batch, layout.num_kv_heads, layout.head_dim
     rows = max_batch + max(prefix_rows, 0)
     pasts = [n.format(layer=i) for i in range(layout.num_layers) for n in (layout.past_key, layout.past_value)]
     dims = lambda t: "x".join(map(str, t))  # noqa: E731
-    shapes = {"min": ((1, 1), (1, 1), (1, kvh, 0, hd)), "opt": ((B, 1), (B, C // 2), (B, kvh, C // 2 - 1, hd)),
-              "max": ((rows, C), (rows, C), (rows, kvh, C - 1, hd))}  # (input_ids, attention_mask, past)
+    shapes = {"min": ((1, 1), (1, 1), (1, kvh, 0, hd), 1), "opt": ((B, 1), (B, C // 2), (B, kvh, C // 2 - 1, hd), 1),
+              "max": ((rows, C), (rows, C), (rows, kvh, C - 1, hd), C)}  # (input_ids, attention_mask, past, kept)
     return {f"trt_profile_{key}_shapes": ",".join([f"input_ids:{dims(ids)}", f"attention_mask:{dims(mask)}",
-                                                   *(f"{n}:{dims(past)}" for n in pasts)])
-            for key, (ids, mask, past) in shapes.items()}
+                                                   *(f"{n}:{dims(past)}" for n in pasts),
+                                                   *(f"{n}:{kept}" for n in TRT_SHAPE_INPUTS)])
+            for key, (ids, mask, past, kept) in shapes.items()}
 
 
 def tensorrt_rows(runtime: RuntimeSpec) -> int | None:

@@ -41,6 +41,29 @@ def test_tensorrt_flavour_of_each_architecture_passes_fp32_parity(tiny_model, tm
     m = res.manifest
     assert m.runtime.target == "tensorrt" and m.runtime.providers[0] == "TensorrtExecutionProvider"
     assert m.kv_cache.shared_buffer is False  # past ++ new: the copying loop
+    # logits_to_keep is a Slice start, so a shape tensor for TensorRT: the profile gives its values (1..max_context)
+    assert tensorrt.shape_inputs(graph) == {"logits_to_keep"}
+    trt = m.runtime.provider_options["TensorrtExecutionProvider"]
+    assert [_profiles(trt[f"trt_profile_{k}_shapes"])["logits_to_keep"] for k in ("min", "opt", "max")] == [
+        [(1,)], [(1,)], [(m.max_context,)]]
+
+
+def test_a_shape_tensor_input_without_profile_values_is_refused():
+    """A graph input that reaches a Slice start (or a Reshape shape, through arithmetic) is a TensorRT shape tensor;
+    one the runtime's profile does not give values for is a problem at export, not an engine build failure."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    inits = [onnx.numpy_helper.from_array(np.array([2**62], np.int64), "end"),
+             onnx.numpy_helper.from_array(np.array([0], np.int64), "axis")]
+    nodes = [helper.make_node("Neg", ["k"], ["negk"]), helper.make_node("Add", ["negk", "negk"], ["start"]),
+             helper.make_node("Shape", ["x"], ["xs"]), helper.make_node("Reshape", ["x", "xs"], ["xr"]),
+             helper.make_node("Slice", ["xr", "start", "end", "axis"], ["y"])]
+    graph = helper.make_model(helper.make_graph(nodes, "g", [x, k], [y], inits))
+    assert tensorrt.shape_inputs(graph) == {"k"}  # (x reaches the Reshape only through Shape: its dims, not values)
+    assert any("'k' is a TensorRT shape tensor" in p for p in tensorrt.problems(graph))
 
 
 def _batched(model, prompts, max_new_tokens=16):
@@ -139,13 +162,14 @@ def test_one_tensorrt_profile_covers_prefill_decode_and_the_servers_rows():
     layout = KVCacheLayout(num_layers=2, num_kv_heads=3, head_dim=64)
     opts = backend.tensorrt_profiles(layout, max_context=2048, max_batch=4)
     lo, opt, hi = (_profiles(opts[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max"))
-    names = {"input_ids", "attention_mask", *(f"past_key_values.{i}.{t}" for i in range(2) for t in ("key", "value"))}
+    names = {"input_ids", "attention_mask", "logits_to_keep", *(f"past_key_values.{i}.{t}" for i in range(2) for t in ("key", "value"))}
     assert set(lo) == set(opt) == set(hi) == names
     for name in names:
         assert len(lo[name]) == len(opt[name]) == len(hi[name]) == 1  # one profile
         assert all(x <= y <= z for x, y, z in zip(lo[name][0], opt[name][0], hi[name][0])), name
     assert hi["input_ids"] == [(12, 2048)] and opt["input_ids"] == [(4, 1)]  # 4 + 8 prefix rows; tuned for decode
     assert hi["past_key_values.0.key"] == [(12, 3, 2047, 64)] and lo["past_key_values.0.key"] == [(1, 3, 0, 64)]
+    assert (lo["logits_to_keep"], opt["logits_to_keep"], hi["logits_to_keep"]) == ([(1,)], [(1,)], [(2048,)])
     spec = RuntimeSpec(provider_options={"TensorrtExecutionProvider": opts})
     assert backend.tensorrt_rows(spec) == 12
     backend.check_rows(spec, 12, ["TensorrtExecutionProvider"])
