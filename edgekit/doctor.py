@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.export.device import DeviceProfile, list_profiles, load_profile
+from edgekit.runtimes import flavour
+from edgekit.runtimes.bundle import release
+from edgekit.runtimes.flavour import INSTALL
 
 KV_BYTES = {"float32": 4, "float16": 2}
 
@@ -30,7 +33,9 @@ class Machine:
     cudnn: str | None = None
     providers: list[str] = field(default_factory=list)
     unusable: list[str] = field(default_factory=list)  # providers onnxruntime lists but cannot load (their libraries)
-    onnxruntime: str = ""
+    onnxruntime: str = ""  # "" when no onnxruntime wheel is installed
+    wheels: list[tuple[str, str]] = field(default_factory=list)  # the onnxruntime wheels installed (name, version)
+    clash: str | None = None  # two or more of them together: which runs, and the repair
     profile: str | None = None
     bundle: dict[str, Any] | None = None
 
@@ -40,9 +45,11 @@ class Machine:
                 ("memory", _mb(self.memory_total_mb, self.memory_available_mb)),
                 ("CUDA", self.cuda or "not found"), ("cuDNN", self.cudnn or "not found"),
                 ("TensorRT", self.tensorrt or "not found"),
-                ("onnxruntime", f"{self.onnxruntime}: " + (", ".join(
-                    p.replace("ExecutionProvider", "") for p in self.providers) or "-") + (
-                    f"  (listed but cannot load: {', '.join(self.unusable)})" if self.unusable else "")),
+                ("onnxruntime", (f"{self.onnxruntime} ({', '.join(n for n, _ in self.wheels) or 'wheel unknown'}): "
+                                 + (", ".join(p.replace("ExecutionProvider", "") for p in self.providers) or "-") + (
+                    f"  (listed but cannot load: {', '.join(self.unusable)})" if self.unusable else ""))
+                 if self.onnxruntime else f"not installed. HINT: {INSTALL}"),
+                *([("wheels", self.clash)] if self.clash else []),
                 ("profile", self.profile or "none matches (pass --device to export)")]
         if self.bundle:
             b = self.bundle
@@ -56,6 +63,8 @@ class Machine:
                                  f"(edgekit serve --max-batch + --prefix-cache-entries; "
                                  f"{'fits' if b['serve_fits'] else 'does NOT fit'})")]
             rows.append(("needs ort", b["onnxruntime"]))
+            if b["l4t"]:
+                rows.append(("needs L4T", b["l4t"]))
             if b["tensorrt"]:
                 rows.append(("needs TRT", b["tensorrt"]))
             if b["engine_cache"] is not None:
@@ -80,14 +89,18 @@ def inspect(root: Path = Path("/"), providers: list[str] | None = None, arch: st
             bundle: Path | None = None, serve_rows: int = 16) -> Machine:
     """Read the machine under ``root``; ``providers``/``arch`` default to this process's onnxruntime and CPU.
     ``serve_rows``: the KV rows a server of ``bundle`` holds (its --max-batch plus --prefix-cache-entries)."""
-    import onnxruntime as ort
-
+    try:
+        ort = flavour.module()
+    except flavour.OnnxruntimeMissingError:
+        ort = None
     unusable: list[str] = []
     if providers is None:
-        providers = list(ort.get_available_providers())
+        providers = list(ort.get_available_providers()) if ort else []
         unusable = [p for p in providers if not _loads(p)]
+    wheels = flavour.installed()
     m = Machine(arch=arch or platform.machine(), providers=[p for p in providers if p not in unusable],
-                unusable=unusable, onnxruntime=ort.__version__)
+                unusable=unusable, onnxruntime=ort.__version__ if ort else "", wheels=wheels,
+                clash=flavour.clash(wheels))
     model = _read(root, "proc/device-tree/model")
     if model and "jetson" in model.lower():
         m.jetson_model = model.strip("\x00\n ")
@@ -180,6 +193,17 @@ JETPACK = (("R38.2", "7.0"), ("R36.4.3", "6.2"), ("R36.4.4", "6.2.1"), ("R36.4",
            ("R36.2", "6.0 DP"), ("R35.6", "5.1.4"), ("R35.5", "5.1.3"), ("R35.4", "5.1.2"))
 
 
+# L4T major -> the newest onnxruntime-gpu wheel its JetPack gets (Jetson Zoo: JetPack 5's end at 1.18; the Jetson AI
+# Lab jp6/cu126 index: 1.23 as last read), and the oldest L4T whose TensorRT parses the tensorrt flavour (10.3: R36.4)
+NEWEST_WHEEL = {"R35": (1, 18), "R36": (1, 23)}
+TENSORRT_L4T = ("R36.4", "6.1", "10.3")
+
+
+def l4t_release(text: str) -> tuple[int, ...]:
+    """'R36.4.3' -> (36, 4, 3)."""
+    return tuple(int(p) for p in re.findall(r"\d+", text or ""))
+
+
 def jetpack(l4t: str | None) -> str | None:
     """The JetPack release of an L4T release ('R36.4.3' -> '6.2'), or None when unknown."""
     if not l4t:
@@ -231,9 +255,29 @@ def _words(p: DeviceProfile) -> list[str]:
     return [w for w in p.name.split("-") if not re.fullmatch(r"\d+gb", w) and w not in ("generic", "cpu")]
 
 
+def _l4t_need(m: Machine, floor: str, tensorrt: bool, gpu: bool) -> str | None:
+    """On a Jetson, what L4T a GPU bundle needs and whether this one has it: its JetPack's onnxruntime-gpu wheels
+    must reach the bundle's onnxruntime floor, and a tensorrt-flavour graph needs TensorRT 10.3 (L4T R36.4)."""
+    if not (m.jetson_model and m.l4t_release and gpu):
+        return None
+    have = l4t_release(m.l4t_release)
+    newest = NEWEST_WHEEL.get(f"R{have[0]}") if have else None
+    need = release(floor)
+    problems = []
+    if newest is not None and need > newest:
+        problems.append(f"its JetPack's onnxruntime-gpu wheels end at {'.'.join(map(str, newest))}, the bundle needs "
+                        f">= {floor} (re-export with --onnxruntime {'.'.join(map(str, newest))} where it allows, or "
+                        "upgrade JetPack)")
+    if tensorrt and have < l4t_release(TENSORRT_L4T[0]):
+        problems.append(f"the tensorrt flavour needs TensorRT {TENSORRT_L4T[2]}, L4T >= {TENSORRT_L4T[0]} (JetPack "
+                        f"{TENSORRT_L4T[1]}); use the cuda flavour (--target cuda) here, or upgrade JetPack")
+    need_l4t = TENSORRT_L4T[0] if tensorrt else "R36 (JetPack 6)"
+    return f">= {need_l4t}: " + ("; ".join(problems) if problems else f"ok ({m.l4t_release})")
+
+
 def _bundle(path: Path, m: Machine, serve_rows: int) -> dict[str, Any]:
     from edgekit.runtimes.backend import TENSORRT, BackendOptions, engine_cache_dir
-    from edgekit.runtimes.bundle import load_manifest, release
+    from edgekit.runtimes.bundle import load_manifest
 
     man = load_manifest(path, check_hashes=False)
     recorded = list(man.runtime.providers)
@@ -255,16 +299,20 @@ def _bundle(path: Path, m: Machine, serve_rows: int) -> dict[str, Any]:
     available_mb = m.memory_available_mb or m.memory_total_mb or 0.0
     floor, have = man.runtime.min_onnxruntime, release(m.onnxruntime)
     ort_line = (f">= {floor}" + (f" (for {man.runtime.min_onnxruntime_for})" if man.runtime.min_onnxruntime_for else "")
-                + (f": ok ({m.onnxruntime})" if have >= release(floor) else
+                + (": no onnxruntime installed" if not m.onnxruntime else f": ok ({m.onnxruntime})"
+                   if have >= release(floor) else
                    f": this onnxruntime {m.onnxruntime} is too old; re-export with --onnxruntime "
                    f"{'.'.join(map(str, have[:2]))} or upgrade"))
+    l4t_line = _l4t_need(m, man.runtime.min_onnxruntime, TENSORRT in recorded,
+                         any(p in recorded for p in ("CUDAExecutionProvider", TENSORRT)))
     trt_line = None
     if TENSORRT in recorded:  # the tensorrt flavour's op set is TensorRT 10.3's (export/tensorrt.py)
         ok = m.tensorrt is not None and release(m.tensorrt) >= (10, 3)
         trt_line = (">= 10.3 (the op set its graph was checked against)" + (f": ok ({m.tensorrt})" if ok else
                     f": {m.tensorrt or 'no TensorRT'} here; the TensorRT EP will not build it (CUDA or the CPU runs "
                     "it instead)"))
-    return {"onnxruntime": ort_line, "tensorrt": trt_line, "path": str(path), "precision": man.precision,
+    return {"onnxruntime": ort_line, "tensorrt": trt_line, "l4t": l4t_line, "path": str(path),
+            "precision": man.precision,
             "target": man.runtime.target, "engine_cache": engines,
             "size_mb": size, "runs_on": usable[0],
             "preferred": recorded[0] if recorded else None, "fallback": bool(recorded) and recorded[0] != usable[0],

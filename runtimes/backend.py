@@ -7,11 +7,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnxruntime as ort
-
+from edgekit.runtimes import flavour
 from edgekit.runtimes.bundle import GraphSpec, KVCacheLayout, RuntimeSpec, bundle_file, release
 from edgekit.runtimes.errors import BundleError, ConfigError, OnnxruntimeVersionError, did_you_mean
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ def check_rows(runtime: RuntimeSpec, rows: int, providers: Sequence[str]) -> Non
 
 def running_onnxruntime() -> tuple[int, ...]:
     """This process's onnxruntime release, e.g. (1, 20, 1) (a dev or rc suffix ignored)."""
-    return tuple(int(m.group()) for p in ort.__version__.split(".")[:3] if (m := re.match(r"\d+", p)))
+    version = flavour.module().__version__
+    return tuple(int(m.group()) for p in version.split(".")[:3] if (m := re.match(r"\d+", p)))
 
 
 def check_onnxruntime(runtime: RuntimeSpec, bundle_dir: Path) -> None:
@@ -110,13 +114,13 @@ def check_onnxruntime(runtime: RuntimeSpec, bundle_dir: Path) -> None:
         ours = ".".join(map(str, have[:2]))
         raise OnnxruntimeVersionError(
             f"Bundle '{bundle_dir}' needs onnxruntime >= {runtime.min_onnxruntime} (for "
-            f"{runtime.min_onnxruntime_for or 'its graphs'}); this is onnxruntime {ort.__version__}. HINT: upgrade "
-            f"onnxruntime (on a Jetson: the onnxruntime-gpu wheel of a newer JetPack), or re-export the bundle for "
-            f"this onnxruntime: 'edgekit export ... --onnxruntime {ours}' (or --device with its profile).")
+            f"{runtime.min_onnxruntime_for or 'its graphs'}); this is onnxruntime {flavour.module().__version__}. "
+            f"HINT: upgrade onnxruntime (on a Jetson: the onnxruntime-gpu wheel of a newer JetPack), or re-export the "
+            f"bundle for this onnxruntime: 'edgekit export ... --onnxruntime {ours}' (or --device with its profile).")
 
 
 def available_providers() -> list[str]:
-    return list(ort.get_available_providers())
+    return list(flavour.module().get_available_providers())
 
 
 def choose_providers(requested: Sequence[str] | None, recorded: Sequence[str] = ("CPUExecutionProvider",)) -> list[str]:
@@ -132,9 +136,10 @@ def choose_providers(requested: Sequence[str] | None, recorded: Sequence[str] = 
         return list(requested)
     usable = [p for p in recorded if p in available] or ["CPUExecutionProvider"]
     if recorded and recorded[0] not in available:
+        clash = flavour.clash()
         print(f"warning: the bundle prefers {recorded[0]}, which this onnxruntime build lacks; running on "
-              f"{usable[0]}. HINT: install the onnxruntime build for this device, or pass --provider.",
-              file=sys.stderr)
+              f"{usable[0]}. " + (clash or "HINT: install the onnxruntime build for this device ('edgekit[gpu]', or "
+                                  "the Jetson's platform wheel), or pass --provider."), file=sys.stderr)
     return usable
 
 
@@ -147,6 +152,7 @@ def create_session(bundle_dir: Path, graph: GraphSpec, options: BackendOptions, 
         raise BundleError(f"The manifest's graph '{graph.file}' lacks the I/O name(s) {', '.join(missing[:4])} this "
                           "runtime needs. HINT: re-export the bundle with this edgekit version.")
     path = bundle_file(bundle_dir, graph.file, "graph")
+    ort = flavour.module()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if options.threads is not None:

@@ -76,8 +76,9 @@ class KVSlots:
                 new[:, :, :n] = prev[:, :, :n]
             self._ptrs = [a.ctypes.data for a in self.arrays]
         else:
-            import onnxruntime as ort
+            from edgekit.runtimes.flavour import module
 
+            ort = module()
             zeros = np.zeros(shape, self.dtype)  # (device memory starts uninitialised: a row read past its length
             self._device_values = []  # would be garbage, NaN included, where numpy buffers hold zeros)
             for _ in self.names:

@@ -123,6 +123,17 @@ def test_doctor_on_jetpack_6_0_6_2_and_7(tmp_path):
         assert f"(JetPack {jp})" in text and "cuDNN        " + want_cudnn in text
         assert (": ok" in m.bundle["tensorrt"]) == (jp != "6.0"), m.bundle["tensorrt"]
         assert m.bundle["onnxruntime"].startswith(">= 1.20") and ": ok" in m.bundle["onnxruntime"]
+        # the tensorrt flavour needs TensorRT 10.3: L4T R36.4 (JetPack 6.1) or later, whatever headers are found
+        assert m.bundle["l4t"].startswith(">= R36.4") and ("needs TensorRT 10.3" in m.bundle["l4t"]) == (jp == "6.0")
+        assert ("needs L4T" in text) and ("ok (R" in m.bundle["l4t"]) == (jp != "6.0")
+    # JetPack 5 (L4T R35): its onnxruntime-gpu wheels end at 1.18, below every bundle's floor (the runtime's 1.20)
+    root = jetson(tmp_path / "5.1.3", "NVIDIA Jetson AGX Orin Developer Kit", 64_000_000)
+    fake_root(root, {"etc/nv_tegra_release": "# R35 (release), REVISION: 5.0, GCID: 35550185\n"})
+    m = inspect(root, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], arch="aarch64", bundle=trt.path)
+    assert "wheels end at 1.18, the bundle needs >= 1.20" in m.bundle["l4t"] and "TensorRT 10.3" in m.bundle["l4t"]
+    plain = inspect(fake_root(tmp_path / "cpu", {}), providers=["CPUExecutionProvider"], arch="x86_64",
+                    bundle=trt.path)
+    assert plain.bundle["l4t"] is None  # (not a Jetson)
 
 
 def test_providers_that_cannot_load_are_not_counted():

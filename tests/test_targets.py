@@ -162,7 +162,8 @@ def test_one_tensorrt_profile_covers_prefill_decode_and_the_servers_rows():
     layout = KVCacheLayout(num_layers=2, num_kv_heads=3, head_dim=64)
     opts = backend.tensorrt_profiles(layout, max_context=2048, max_batch=4)
     lo, opt, hi = (_profiles(opts[f"trt_profile_{k}_shapes"]) for k in ("min", "opt", "max"))
-    names = {"input_ids", "attention_mask", "logits_to_keep", *(f"past_key_values.{i}.{t}" for i in range(2) for t in ("key", "value"))}
+    names = {"input_ids", "attention_mask", "logits_to_keep",
+             *(f"past_key_values.{i}.{t}" for i in range(2) for t in ("key", "value"))}
     assert set(lo) == set(opt) == set(hi) == names
     for name in names:
         assert len(lo[name]) == len(opt[name]) == len(hi[name]) == 1  # one profile
