@@ -19,7 +19,16 @@ import numpy as np
 from edgekit.export.progress import Progress, Silent
 from edgekit.export.prompts import PROMPTS, reference_ids
 from edgekit.export.reference import TorchReference
-from edgekit.report import REFERENCE_FORMAT, TOLERANCES, TOP_K, ParityReport, TopK, score, tolerance_key
+from edgekit.report import (
+    REFERENCE_FORMAT,
+    TOLERANCES,
+    TOP_K,
+    ParityReport,
+    TopK,
+    ran_on,
+    score,
+    tolerance_key,
+)
 from edgekit.runtimes import load
 from edgekit.runtimes.model import Model
 from edgekit.runtimes.tokenizer import Prompt
@@ -56,7 +65,8 @@ def compare(runtime: Model, torch_model: Any, hf_tokenizer: Any, new_tokens: int
             agreement.setdefault(f"{variant}/{setting.name}", []).append(same_tokens)
     progress.tick(len(jobs), len(jobs))
     return ParityReport(key, tol, new_tokens, rows, {k: float(np.mean(v)) for k, v in agreement.items()},
-                        {"format": REFERENCE_FORMAT, "k": TOP_K, "new_tokens": new_tokens, "rows": references})
+                        {"format": REFERENCE_FORMAT, "k": TOP_K, "new_tokens": new_tokens, "rows": references},
+                        machine=ran_on(runtime.providers))
 
 
 def verifier(new_tokens: int = 64):

@@ -41,9 +41,44 @@ TOLERANCES: dict[str, Tolerance] = {
     # GGUF blocks under fp16 activations (the cuda target): fp16's drift
     "int4/gguf-fp16": Tolerance(max_abs_diff=0.25, kl=1e-3, top1=0.98, top1_prompt=0.95, greedy=0.0),
     "int8/gguf-fp16": Tolerance(max_abs_diff=0.25, kl=1e-3, top1=0.98, top1_prompt=0.95, greedy=0.0),
-    "int4/gguf-int8act": Tolerance(max_abs_diff=5.0, kl=5e-2, top1=0.97, top1_prompt=0.9, greedy=0.0),
-    "int8/gguf-int8act": Tolerance(max_abs_diff=5.0, kl=5e-2, top1=0.97, top1_prompt=0.9, greedy=0.0),
+    # int8 activations (accuracy level 4): SmolLM2's top-1 over the parity prompts is 96.2-98.2% depending on the
+    # CPU's int8 kernels (AVX2 vs AVX-512 VNNI), which are equally precise (per-matmul error identical, KL 4.2e-3 vs
+    # 4.5e-3): their fp32 summation orders differ, and near-ties flip. 95% holds on both (README: 'int8
+    # activations on other CPUs'); it was 97%, inside that spread.
+    "int4/gguf-int8act": Tolerance(max_abs_diff=5.0, kl=5e-2, top1=0.95, top1_prompt=0.9, greedy=0.0),
+    "int8/gguf-int8act": Tolerance(max_abs_diff=5.0, kl=5e-2, top1=0.95, top1_prompt=0.9, greedy=0.0),
 }
+
+
+def ran_on(session_providers: Sequence[str]) -> dict[str, Any]:
+    """The machine record of a report: this CPU (``runtimes.cpu.describe``), onnxruntime, the providers that ran."""
+    import onnxruntime
+
+    from edgekit.runtimes import cpu
+
+    return {"cpu": cpu.describe(), "onnxruntime": onnxruntime.__version__, "providers": list(session_providers)}
+
+
+def describe_machine(m: dict[str, Any]) -> str:
+    c = m.get("cpu") or {}
+    return (f"{c.get('model') or '?'} ({c.get('arch')}; int8 kernels {c.get('int8_kernels')}; "
+            f"{' '.join(c.get('features') or []) or 'no SIMD features found'}), onnxruntime {m.get('onnxruntime')}, "
+            f"{', '.join(m.get('providers') or [])}")
+
+
+def kernel_note(manifest: Any, here: dict[str, Any]) -> str | None:
+    """For a bundle with int8 activations run on a CPU whose int8 kernel family differs from the export machine's:
+    what that means for this report."""
+    quant = manifest.quantization
+    made = ((manifest.provenance or {}).get("cpu") or {}).get("int8_kernels")
+    ours = (here.get("cpu") or {}).get("int8_kernels")
+    if quant is None or quant.activations != "int8" or not made or made == ours or \
+            "CPUExecutionProvider" not in (here.get("providers") or [])[:1]:
+        return None
+    return (f"this bundle quantizes activations to int8 (accuracy level {quant.accuracy_level}); its parity was "
+            f"measured with {made} int8 kernels, this CPU runs {ours} ones. They are equally precise (README: 'int8 "
+            "activations on other CPUs'), but top-1 at near-ties moves by about a point with their fp32 summation "
+            "order: this report is the measurement for this CPU.")
 
 
 def tolerance_key(manifest: Any) -> str:
@@ -81,6 +116,9 @@ class ParityReport:
     # alternative settings of the same model (e.g. approximate caches): fraction of tokens equal to the base setting's
     agreement: dict[str, float] = field(default_factory=dict)
     reference: dict[str, Any] | None = None  # the reference runs' summaries, stored in the bundle for `verify`
+    # where the bundle ran: CPU (arch, model, features, int8 kernel family), onnxruntime, providers (``ran_on``)
+    machine: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # said under the table, not misses
 
     def files(self) -> dict[str, bytes]:
         """Files the export adds to the bundle: the stored reference (`edgekit verify` on the device reads it)."""
@@ -114,7 +152,8 @@ class ParityReport:
         return {"passed": self.passed, "precision": self.precision, "tolerance": asdict(self.tolerance),
                 "reference_file": REFERENCE_FILE if self.reference is not None else None,
                 "new_tokens": self.new_tokens, "summary": self.summary(), "agreement": self.agreement,
-                "rows": [{**asdict(r), "greedy": r.greedy} for r in self.rows], "misses": self.misses}
+                "rows": [{**asdict(r), "greedy": r.greedy} for r in self.rows], "misses": self.misses,
+                "machine": self.machine, "notes": self.notes}
 
     def table(self) -> str:
         head = (f"{'prompt':<12} {'setting':<18} {'tokens':>6} {'tok=':>4} {'steps':>5} {'max|Δ|':>9} {'KL':>9} "
@@ -132,6 +171,9 @@ class ParityReport:
                      f"{s['top1']:.1%}, tokens identical {s['tokens_identical']:.0%}")
         for k, v in self.agreement.items():
             lines.append(f"variant {k}: {v:.1%} of tokens equal to the base setting's (reported only)")
+        if self.machine:
+            lines.append(f"ran on: {describe_machine(self.machine)}")
+        lines += [f"note: {n}" for n in self.notes]
         lines.append("PASSED" if self.passed else f"FAILED ({len(self.misses)} misses):")
         lines.extend(f"  ✗ {m}" for m in self.misses)
         return "\n".join(lines)

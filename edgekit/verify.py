@@ -14,7 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from edgekit.report import REFERENCE_FORMAT, TOLERANCES, ParityReport, TopK, score, tolerance_key
+from edgekit.report import (
+    REFERENCE_FORMAT,
+    TOLERANCES,
+    ParityReport,
+    TopK,
+    kernel_note,
+    ran_on,
+    score,
+    tolerance_key,
+)
 from edgekit.runtimes import load
 from edgekit.runtimes.bundle import bundle_file
 from edgekit.runtimes.errors import BundleError
@@ -58,4 +67,6 @@ def verify(bundle_dir: str | os.PathLike[str], providers: Sequence[str] | None =
         rows.append(score(r.str("prompt"), r.str("setting"), ids, ours, got, want, TOLERANCES[key]))
     if not rows:
         raise BundleError(f"{path} holds no reference rows. HINT: re-export the bundle.")
-    return ParityReport(key, TOLERANCES[key], new_tokens, rows)
+    here = ran_on(runtime.providers)
+    note = kernel_note(runtime.manifest, here)
+    return ParityReport(key, TOLERANCES[key], new_tokens, rows, machine=here, notes=[note] if note else [])

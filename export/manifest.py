@@ -13,7 +13,7 @@ from typing import Any
 
 from edgekit.export.plan import Plan
 from edgekit.export.source import SourceRef
-from edgekit.runtimes import backend
+from edgekit.runtimes import backend, cpu
 from edgekit.runtimes import bundle as bdl
 
 # Tokens that end a chat turn in common templates, most specific first.
@@ -120,4 +120,5 @@ def provenance(ref: SourceRef, family: str) -> dict[str, Any]:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "versions": versions,
+        "cpu": cpu.describe(),  # int8-activation numerics depend on the CPU's kernels (runtimes/cpu.py)
     }

@@ -144,6 +144,9 @@ class Model(Protocol):
     @property
     def max_context(self) -> int: ...
 
+    @property
+    def providers(self) -> list[str]: ...
+
     def params(self, prompt_len: int, **options: Any) -> Any: ...
 
     def logits(self, token_ids: Seq[int]) -> Any: ...  # teacher-forced logits [S, V] of a whole sequence
@@ -176,6 +179,13 @@ class Bundled:
     @property
     def max_context(self) -> int:
         return self.manifest.max_context
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers of the bundle's (first) session, as onnxruntime reports them."""
+        graph = getattr(self, "graph", None)
+        session = graph.session if graph is not None else getattr(self, "session", None)
+        return list(session.get_providers()) if session is not None else []
 
     def stream(self, prompt: Prompt, batch: Any = None, **options: Any) -> TextStream:
         raise NotImplementedError
