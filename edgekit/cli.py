@@ -11,7 +11,7 @@ import click
 
 from edgekit.export.methods import BLOCK_SIZES, KV_DTYPES, LM_HEADS, METHODS, PRECISIONS, QUANT_FORMATS
 from edgekit.runtimes.bundle import TARGETS  # (names only: the runtime-only install has no onnx)
-from edgekit.runtimes.errors import EdgekitError, ParityError
+from edgekit.runtimes.errors import ConfigError, EdgekitError, ParityError
 from edgekit.runtimes.unmasking import CACHE_MODES, Remasking
 
 
@@ -93,6 +93,20 @@ def export(source: str, output: Path, parity_tokens: int, no_parity: bool, **opt
                               f"({len(report.misses)} misses).")
 
 
+def _bias_pairs(items: tuple[str, ...]) -> dict[str, float]:
+    """--logit-bias ID=BIAS values as the library's mapping (the values' ranges are the sampler's to check)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--logit-bias takes ID=BIAS (e.g. 198=-100), got {item!r}.") from None
+        if not sep:
+            raise ConfigError(f"--logit-bias takes ID=BIAS (e.g. 198=-100), got {item!r}.")
+    return out
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("prompt")
@@ -104,6 +118,12 @@ def export(source: str, output: Path, parity_tokens: int, no_parity: bool, **opt
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--repetition-penalty", type=float, default=None)
+@click.option("--presence-penalty", type=float, default=None, help="OpenAI's, in [-2, 2]: minus this for every "
+              "token already in the answer.")
+@click.option("--frequency-penalty", type=float, default=None, help="OpenAI's, in [-2, 2]: minus this times each "
+              "token's count in the answer.")
+@click.option("--logit-bias", "logit_bias", multiple=True, metavar="ID=BIAS",
+              help="Add BIAS (in [-100, 100]) to token ID's logit (repeatable).")
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--gen-length", type=int, default=None, help="Diffusion: tokens to generate.")
@@ -124,7 +144,8 @@ def export(source: str, output: Path, parity_tokens: int, no_parity: bool, **opt
 @click.option("--threads", type=int, default=None)
 @click.option("--stats", is_flag=True, help="Print token counts, TTFT and decode speed to stderr.")
 def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, providers: tuple[str, ...],
-        threads: int | None, stats: bool, stop: tuple[str, ...], **sampling: Any) -> None:
+        threads: int | None, stats: bool, stop: tuple[str, ...], logit_bias: tuple[str, ...],
+        **sampling: Any) -> None:
     """Stream an answer to PROMPT from BUNDLE."""
     from edgekit.runtimes import load
 
@@ -136,6 +157,8 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, provid
     options = {k: v for k, v in sampling.items() if v is not None}
     if stop:
         options["stop"] = stop
+    if logit_bias:
+        options["logit_bias"] = _bias_pairs(logit_bias)
     stream = model.stream(messages, **options)
     try:
         for piece in stream:

@@ -2,11 +2,11 @@
 
 Accepted fields: model, messages | prompt, stream, stream_options.include_usage, max_tokens | max_completion_tokens,
 n (must be 1), and the generation fields in ``FIELDS`` that the served model takes (its ``option_names``: AR
-bundles take temperature, top_p, top_k, seed, stop, repetition_penalty; diffusion bundles temperature, top_p, top_k,
-seed, gen_length (default: max_tokens), block_length, diffusion_steps, remasking, threshold, entropy_bound,
-position_decay, cache).
-A generation field the model does not take is refused with 400, never silently ignored, and so are n > 1, logprobs,
-tools / tool_choice / functions, response_format other than text and non-zero presence/frequency penalties. Other
+bundles take temperature, top_p, top_k, seed, stop, repetition_penalty, presence_penalty, frequency_penalty,
+logit_bias; diffusion bundles temperature, top_p, top_k, seed, gen_length (default: max_tokens), block_length,
+diffusion_steps, remasking, threshold, entropy_bound, position_decay, cache). A generation field the model does not
+take is refused with 400, never silently ignored (non-zero penalties and a non-empty logit_bias on a diffusion
+bundle too), and so are n > 1, logprobs, tools / tool_choice / functions and response_format other than text. Other
 fields (user, metadata, ...) are ignored. Here only types and shapes are checked; the model's ``params`` checks
 ranges (one set of bounds), and its errors become 400s. Unset fields take the bundle's generation defaults (greedy
 for SmolLM2), not OpenAI's temperature 1.
@@ -26,7 +26,7 @@ FieldType = Literal["number", "integer", "string"]
 PACE_RANGE = (1.0, 1000.0)  # stream_options.pace_tokens_per_s bounds
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
-    "function_call": ("none",), "logit_bias": ({},), "best_of": (1,), "echo": (False,), "suffix": ("",),
+    "function_call": ("none",), "best_of": (1,), "echo": (False,), "suffix": ("",),
     "min_p": (0, 0.0),
 }
 # request field -> its type; the option of the same name goes to the model's params()
@@ -136,11 +136,14 @@ def parse(body: Any, endpoint: Endpoint, served_model: str, option_names: frozen
                        key, "unsupported_parameter")
     if body.get("response_format") not in (None, {"type": "text"}):
         raise _bad("Only response_format {'type': 'text'} is supported.", "response_format", "unsupported_parameter")
-    for key in ("presence_penalty", "frequency_penalty"):
-        if _typed(body, key, "number") not in (None, 0, 0.0):
-            raise _bad(f"'{key}' is not supported; use 'repetition_penalty' (1 = off).", key, "unsupported_parameter")
-
     options: dict[str, Any] = {key: _typed(body, key, kind) for key, kind in FIELDS.items()}
+    for key in ("presence_penalty", "frequency_penalty"):  # (0: off, accepted by every model kind)
+        options[key] = value if (value := _typed(body, key, "number")) not in (0, 0.0) else None
+    bias = body.get("logit_bias")
+    if bias is not None and not isinstance(bias, dict):
+        raise _bad(f"'logit_bias' must be an object of token id -> bias in [-100, 100], got {_short(bias)}.",
+                   "logit_bias", "invalid_type")
+    options["logit_bias"] = bias or None
     max_tokens = _typed(body, "max_completion_tokens", "integer")
     if max_tokens is None:
         max_tokens = _typed(body, "max_tokens", "integer")

@@ -17,7 +17,7 @@ import numpy as np
 from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions
 from edgekit.runtimes.bundle import Manifest
-from edgekit.runtimes.errors import ContextLengthError
+from edgekit.runtimes.errors import ConfigError, ContextLengthError
 from edgekit.runtimes.graph import GraphRunner
 from edgekit.runtimes.kv_cache import KVCache, PrefixCache
 from edgekit.runtimes.sampling import SamplingParams, sample_next
@@ -49,6 +49,9 @@ class ARModel(mdl.Bundled):
         """Validated settings for a prompt of ``prompt_len`` tokens (the bundle's defaults for what is not given)."""
         mdl.refuse_unknown(self, options)
         params = self.defaults.with_overrides(**options)
+        if params.logit_bias and params.logit_bias[-1][0] >= self.manifest.vocab_size:
+            raise ConfigError(f"logit_bias names token {params.logit_bias[-1][0]}, beyond this bundle's vocabulary "
+                              f"of {self.manifest.vocab_size} (ids 0..{self.manifest.vocab_size - 1}).")
         room = self.max_context - prompt_len
         if options.get("max_new_tokens") is None and params.max_new_tokens > room > 0:
             params = params.with_overrides(max_new_tokens=room)  # default length: fill the context, no more
@@ -69,8 +72,9 @@ class ARModel(mdl.Bundled):
 
     def stream(self, prompt: Prompt, batch: ARBatch | None = None, **options: Any) -> mdl.TextStream:
         """Stream the answer as text pieces. Options: max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, seed, stop. ``batch``: reuse one across calls to keep a chat's KV prefix (made with
-        ``new_batch(1, prefix_cache_entries=N)``). Close the returned stream to cancel."""
+        repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({token id: bias}), seed, stop.
+        ``batch``: reuse one across calls to keep a chat's KV prefix (made with ``new_batch(1,
+        prefix_cache_entries=N)``). Close the returned stream to cancel."""
         return mdl.stream(self, prompt, batch, options)
 
     def trace(self, prompt_ids: Seq[int], options: Mapping[str, Any], reference: Any = None,
@@ -93,7 +97,7 @@ class ARModel(mdl.Bundled):
     def _sample(seq: Sequence, logits: np.ndarray) -> int:
         p = seq.params
         assert isinstance(p, SamplingParams)
-        return sample_next(logits, p, seq.rng, seq.history if p.repetition_penalty != 1.0 else ())
+        return sample_next(logits, p, seq.rng, seq.history if p.needs_history else (), len(seq.prompt_ids))
 
 
 class _GraphLogits:

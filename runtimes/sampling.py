@@ -1,6 +1,9 @@
-"""Next-token selection: greedy, temperature, top-k, top-p and repetition penalty, seeded for reproducibility.
+"""Next-token selection: greedy, temperature, top-k, top-p, repetition / presence / frequency penalties and logit
+bias, seeded for reproducibility.
 
-Order of operations follows Hugging Face ``generate``: repetition penalty, temperature, top-k, top-p, then a draw.
+Order of operations: logit bias, then Hugging Face ``generate``'s repetition penalty (over prompt and answer), then
+OpenAI's presence and frequency penalties (over the answer so far), then temperature, top-k, top-p and a draw
+(greedy takes the argmax of the adjusted logits).
 The field checks of the draw (``check_draw``) and the top-k / top-p filter (``candidates``) are shared by every
 model's settings: the AR sampler here and the dLLM unmasking rules (``unmasking``).
 """
@@ -29,6 +32,9 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off
+    presence_penalty: float = 0.0  # OpenAI's: minus this once for every token already in the answer
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the answer
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), sorted by id
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
 
@@ -41,12 +47,45 @@ class SamplingParams:
         if "stop" in changes:
             stop = changes["stop"]
             changes["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        if "logit_bias" in changes:
+            changes["logit_bias"] = bias_pairs(changes["logit_bias"])
         return replace(self, **changes)
+
+    @property
+    def needs_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @classmethod
     def from_defaults(cls, defaults: Mapping[str, Any]) -> SamplingParams:
         known = {k: v for k, v in defaults.items() if k in cls.__dataclass_fields__}
         return cls().with_overrides(**known)
+
+
+PENALTY_RANGE = (-2.0, 2.0)  # presence / frequency, as OpenAI bounds them
+BIAS_RANGE = (-100.0, 100.0)
+BIAS_MAX_TOKENS = 300  # OpenAI's limit on logit_bias entries
+
+
+def bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
+    """``logit_bias`` as sorted (token id, bias) pairs, from a mapping (token id -> bias; ids may be decimal strings,
+    as JSON object keys are) or pairs; a ConfigError naming the bad entry."""
+    items = bias.items() if isinstance(bias, Mapping) else bias
+    try:
+        pairs = list(items)
+    except TypeError:
+        raise ConfigError(f"logit_bias must map token ids to numbers, got {bias!r}.") from None
+    if len(pairs) > BIAS_MAX_TOKENS:
+        raise ConfigError(f"logit_bias may name at most {BIAS_MAX_TOKENS} tokens, got {len(pairs)}.")
+    out: dict[int, float] = {}
+    for entry in pairs:
+        key, value = entry if isinstance(entry, tuple) and len(entry) == 2 else (entry, None)
+        tid = int(key) if isinstance(key, str) and key.isdigit() and len(key) < 12 else key
+        if not is_integer(tid, 0, TOP_K_MAX):
+            raise ConfigError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}.")
+        if not is_number(value) or not BIAS_RANGE[0] <= value <= BIAS_RANGE[1]:
+            raise ConfigError(f"logit_bias[{key!r}] must be a number in [-100, 100], got {value!r}.")
+        out[tid] = float(value)
+    return tuple(sorted(out.items()))
 
 
 SEED_MAX = 2**63 - 1  # seeds are int64 on every path (numpy's generator, the HTTP API)
@@ -81,6 +120,12 @@ def validate(p: SamplingParams) -> None:
     check_draw(p)
     if not is_number(p.repetition_penalty) or not 0 < p.repetition_penalty <= 10:
         raise ConfigError(f"repetition_penalty must be in (0, 10] (1 = off), got {p.repetition_penalty!r}.")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(p, name)
+        if not is_number(value) or not PENALTY_RANGE[0] <= value <= PENALTY_RANGE[1]:
+            raise ConfigError(f"{name} must be a number in [-2, 2] (0 = off), got {value!r}.")
+    if bias_pairs(p.logit_bias) != p.logit_bias:
+        raise ConfigError(f"logit_bias must be sorted (token id, bias) pairs, got {p.logit_bias!r}.")
     if not all(isinstance(s, str) and s for s in p.stop):
         raise ConfigError(f"stop must be non-empty strings, got {p.stop!r}.")
 
@@ -140,11 +185,41 @@ def filtered(scaled: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     return keep
 
 
-def sample_next(
-    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history: Sequence[int] = ()
-) -> int:
-    """Pick the next token from ``logits`` ([V], float32)."""
+def apply_openai_penalties(logits: np.ndarray, answer: Sequence[int], presence: float,
+                           frequency: float) -> np.ndarray:
+    """OpenAI's penalties: logit[j] -= count_j * frequency + (count_j > 0) * presence, counts over the answer's
+    tokens so far (not the prompt)."""
+    if (presence == 0.0 and frequency == 0.0) or not answer:
+        return logits
+    ids, counts = np.unique(np.asarray(answer, dtype=np.int64), return_counts=True)
+    out = logits.astype(np.float32, copy=True)
+    out[ids] -= (counts * frequency + presence).astype(np.float32)
+    return out
+
+
+def adjusted(logits: np.ndarray, params: SamplingParams, history: Sequence[int] = (), prompt_len: int = 0
+             ) -> np.ndarray:
+    """The logits a draw picks from, before temperature: logit bias, repetition penalty (over ``history``: prompt
+    and answer), presence / frequency penalties (over ``history[prompt_len:]``, the answer)."""
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias)
+        ids_arr = np.asarray(ids, np.int64)
+        if ids_arr[-1] >= logits.shape[-1]:
+            raise ConfigError(f"logit_bias names token {int(ids_arr[-1])}, beyond this vocabulary of "
+                              f"{logits.shape[-1]}.")
+        logits = logits.astype(np.float32, copy=True)
+        logits[ids_arr] += np.asarray(bias, np.float32)
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    return apply_openai_penalties(logits, history[prompt_len:], params.presence_penalty, params.frequency_penalty)
+
+
+def sample_next(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history: Sequence[int] = (),
+    prompt_len: int = 0,
+) -> int:
+    """Pick the next token from ``logits`` ([V], float32); ``history``: prompt + answer so far, of which the first
+    ``prompt_len`` are the prompt (the penalties read it)."""
+    logits = adjusted(logits, params, history, prompt_len)
     if params.temperature == 0:
         return int(np.argmax(logits))
     cand, probs = candidates(logits.astype(np.float64) / params.temperature, params.top_k, params.top_p)
