@@ -46,6 +46,8 @@ def bundles(tiny_model, block_model, tmp_path_factory):
         ("int4-for-1.20", tiny_model(), {"precision": "int4", "onnxruntime": "1.20"}, "1.20"),
         ("tensorrt", tiny_model(), {"target": "tensorrt"}, "1.20"),
         ("tensorrt-int4", tiny_model(), {"precision": "int4", "target": "tensorrt"}, "1.20"),
+        ("cuda-fp16", tiny_model(), {"precision": "fp16", "target": "cuda", "onnxruntime": "1.20"}, "1.20"),
+        ("cuda-int4", tiny_model(), {"precision": "int4", "target": "cuda", "onnxruntime": "1.20"}, "1.20"),
         ("block", block_model, {}, "1.21.1"),  # MultiHeadAttention's batched bias
         ("block-for-1.20", block_model, {"onnxruntime": "1.20"}, "1.20"),
     ]:
@@ -138,17 +140,18 @@ def _verify(python: Path | str, bundle: Path, out: Path | None = None) -> subpro
 
 def test_bundles_verify_under_the_oldest_onnxruntime_promised(bundles, old_runtime, tmp_path):
     """Every target's bundles verify against their stored reference under onnxruntime 1.20.1, without torch or onnx
-    installed: the fp32 ones (cpu, tensorrt flavour, block diffusion made for 1.20) pass; the int4 ones (made for 1.20,
-    tensorrt flavour; random tiny weights, so their reports have misses) give the same report there as here. A bundle
+    installed: the fp32/fp16 ones (cpu, tensorrt flavour, block diffusion and the cuda flavour made for 1.20, the latter
+    on the CPU provider) pass; the int4 ones (made for 1.20, tensorrt and cuda flavours; random tiny weights, so
+    their reports have misses) give the same report there as here. A bundle
     whose floor is above 1.20.1 is refused with both versions named."""
     check = subprocess.run([str(old_runtime), "-c", "import onnxruntime, importlib.util as u; print(onnxruntime."
                             "__version__, u.find_spec('torch') is None and u.find_spec('onnx') is None)"],
                            capture_output=True, text=True, check=True)
     assert check.stdout.split() == [OLD, "True"], check.stdout
-    for name in ("fp32", "tensorrt", "block-for-1.20"):
+    for name in ("fp32", "tensorrt", "block-for-1.20", "cuda-fp16"):  # (cuda flavour: on the CPU provider there)
         r = _verify(old_runtime, bundles[name][0])
         assert r.returncode == 0 and "PASSED" in r.stdout, (name, r.stdout[-2000:], r.stderr[-2000:])
-    for name in ("int4-for-1.20", "tensorrt-int4"):
+    for name in ("int4-for-1.20", "tensorrt-int4", "cuda-int4"):
         _same_report(old_runtime, bundles[name][0], tmp_path)
     r = _verify(old_runtime, bundles["int4"][0])
     assert r.returncode == 2 and "needs onnxruntime >= 1.23" in r.stderr and "1.20.1" in r.stderr, r.stderr
