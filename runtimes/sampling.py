@@ -210,6 +210,8 @@ def adjusted(logits: np.ndarray, params: SamplingParams, history: Sequence[int] 
         logits = logits.astype(np.float32, copy=True)
         logits[ids_arr] += np.asarray(bias, np.float32)
     logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    if params.presence_penalty == 0.0 and params.frequency_penalty == 0.0:
+        return logits  # (no copy of the answer's ids on every decode step)
     return apply_openai_penalties(logits, history[prompt_len:], params.presence_penalty, params.frequency_penalty)
 
 
