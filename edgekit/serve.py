@@ -31,11 +31,12 @@ from starlette.websockets import WebSocket
 
 from edgekit import limits
 from edgekit.metrics import ServerMetrics
-from edgekit.openai_api import APIError, GenerationRequest, ResponseBuilder, parse
+from edgekit.openai_api import APIError, GenerationRequest, ResponseBuilder, logprob_entry, parse
 from edgekit.runtimes import load
 from edgekit.runtimes.bundle import read_manifest
 from edgekit.runtimes.engine import Engine, Event, Request
 from edgekit.runtimes.errors import ConfigError, EdgekitError, QueueFullError
+from edgekit.tools import CallStream, call_grammar, markers, parse_calls, streamed_call_chunks
 
 
 @dataclass(frozen=True)
@@ -140,73 +141,121 @@ async def _read_json(request: HTTPRequest, cfg: ServeConfig) -> Any:
 
 
 class _Job:
-    """One submitted request: its event queue on the event loop, and metrics bookkeeping."""
+    """One submitted request (its ``n`` choices, each a request of the engine): one event queue on the event loop of
+    (choice index, event), and metrics bookkeeping."""
 
     def __init__(self, state: ServerState, greq: GenerationRequest) -> None:
         self.state = state
         engine = state.require_ready()
         model = state.model
         try:
-            ids = model.tokenizer.encode_prompt(greq.prompt)
-            params = model.params(len(ids), **greq.options)
+            ids = model.tokenizer.encode_prompt(greq.prompt, tools=greq.tools) if greq.tools else \
+                model.tokenizer.encode_prompt(greq.prompt)
+            options = greq.options
+            if greq.forces_call:
+                assert greq.tools is not None and greq.tool_mode is not None
+                grammar = call_grammar(greq.tools, greq.tool_mode, greq.parallel_tool_calls, markers(model.vocab))
+                options = {**options, "grammar": grammar}
+            params = model.params(len(ids), **options)
+            _compile(model, params, greq)
         except EdgekitError as e:
             raise api_error(e) from None
         loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        def on_event(ev: Event) -> None:  # engine thread: metrics here, so ended-by-disconnect requests count too
-            self._track(ev)
-            loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-        self.req = Request(ids, params, on_event, timeout_s=state.cfg.request_timeout)
-        self.finished = False
-        self._last_token_at: float | None = None
+        def listener(i: int) -> Any:
+            def on_event(ev: Event) -> None:  # engine thread: metrics here, so ended-by-disconnect requests count
+                self._track(i, ev)
+                loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
+            return on_event
+
+        self.reqs = [Request(ids, params, listener(i), timeout_s=state.cfg.request_timeout) for i in range(greq.n)]
+        self.req = self.reqs[0]
+        self.prompt_ids = ids
+        self.open = set(range(greq.n))
+        self._last_token_at: list[float | None] = [None] * greq.n
         try:
-            engine.submit(self.req)
+            engine.submit(*self.reqs)
         except QueueFullError as e:
             state.metrics.count(state.metrics.rejected, reason="queue_full")
             raise api_error(e) from None
 
-    def cancel(self) -> None:
-        if not self.finished and self.state.engine is not None:
-            self.state.engine.cancel(self.req)
+    @property
+    def finished(self) -> bool:
+        return not self.open
 
-    async def events(self) -> AsyncIterator[Event]:
+    def cancel(self) -> None:
+        if self.state.engine is not None:
+            for i in self.open:
+                self.state.engine.cancel(self.reqs[i])
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) until every choice has ended."""
         try:
-            while True:
-                ev = await self.queue.get()
+            while self.open:
+                i, ev = await self.queue.get()
                 if ev.type != "token":
-                    self.finished = True
-                yield ev
-                if self.finished:
-                    return
+                    self.open.discard(i)
+                yield i, ev
         finally:
             self.cancel()
 
-    def _track(self, ev: Event) -> None:
-        m, req = self.state.metrics, self.req
+    def _track(self, i: int, ev: Event) -> None:
+        m, req = self.state.metrics, self.reqs[i]
         if ev.type == "token":
-            if self._last_token_at is None:
+            last = self._last_token_at[i]
+            if last is None:
                 m.observe(m.ttft, ev.at - req.enqueued_at)
                 if req.admitted_at is not None:
                     m.observe(m.queue, req.admitted_at - req.enqueued_at)
             else:
-                m.observe(m.itl, ev.at - self._last_token_at)
-            self._last_token_at = ev.at
+                m.observe(m.itl, ev.at - last)
+            self._last_token_at[i] = ev.at
         elif ev.type == "done" and ev.stats is not None:
             m.observe(m.e2e, ev.at - req.enqueued_at)
-            m.count(m.prompt_tokens, ev.stats.prompt_tokens)
-            m.count(m.cached_tokens, ev.stats.reused_prompt_tokens)
+            if not ev.stats.shared_prompt:
+                m.count(m.prompt_tokens, ev.stats.prompt_tokens)
+                m.count(m.cached_tokens, ev.stats.reused_prompt_tokens)
             m.count(m.generation_tokens, ev.stats.generated_tokens)
             m.count(m.requests, finish_reason=str(ev.finish_reason))
         elif ev.type == "error":
             m.count(m.requests, finish_reason="error")
 
-    def usage(self, ev: Event) -> dict[str, Any]:
-        st = ev.stats
-        gen = st.generated_tokens if st else 0
-        if st is not None and st.finish_reason == "stop" and gen and len(st.token_ids) < gen:
-            gen = len(st.token_ids)  # the stop token itself is not part of the completion
-        return ResponseBuilder.usage(len(self.req.prompt_ids), gen, st.reused_prompt_tokens if st else 0)
+    def usage(self, ends: dict[int, Event]) -> dict[str, Any]:
+        """Usage over every choice: the prompt once, the completions summed, and the prompt positions prefilled."""
+        gen = prefilled = 0
+        cached = None
+        for ev in ends.values():
+            st = ev.stats
+            if st is None:
+                continue
+            made = st.generated_tokens
+            if st.finish_reason == "stop" and made and len(st.token_ids) < made:
+                made = len(st.token_ids)  # the stop token itself is not part of the completion
+            gen += made
+            prefilled += st.prompt_tokens - st.reused_prompt_tokens
+            if cached is None and not st.shared_prompt:
+                cached = st.reused_prompt_tokens
+        return ResponseBuilder.usage(len(self.prompt_ids), gen, cached or 0, prefilled)
+
+
+def _compile(model: Any, params: Any, greq: GenerationRequest) -> None:
+    """Compile the request's output constraint and its tools' parameter schemas now, so that what the engine cannot
+    compile is a 400 naming the field."""
+    from edgekit.runtimes.constraints import Constraint, ConstraintError
+
+    try:
+        constraint = getattr(params, "constraint", None)
+        if constraint is not None:
+            model.vocab.compile(constraint)
+    except ConstraintError as e:
+        raise APIError(400, f"{greq.constraint_param}: {e}", param=greq.constraint_param, code=e.code) from None
+    for i, tool in enumerate(greq.tools or []):
+        param = f"tools[{i}].function.parameters"
+        try:
+            model.vocab.compile(Constraint.json_schema(tool["function"]["parameters"]))
+        except ConstraintError as e:
+            raise APIError(400, f"{param}: {e}", param=param, code=e.code) from None
 
 
 def api_error(e: EdgekitError) -> APIError:
@@ -273,36 +322,96 @@ def _paced(text: str, tokens: int) -> list[str]:
     return [text[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
+class _Choice:
+    """What one choice has sent so far: its text, log-probability entries, tool calls (chat with tools)."""
+
+    def __init__(self, greq: GenerationRequest, vocab: Any) -> None:
+        self.greq, self.vocab = greq, vocab
+        self.first = True
+        self.parts: list[str] = []
+        self.entries: list[dict[str, Any]] | None = [] if greq.logprobs else None
+        self.names = [t["function"]["name"] for t in greq.tools or []]
+        self.calls = CallStream(self.names) if greq.tool_mode else None
+        self.offset = 0  # characters sent (completions' text_offset)
+
+    def take_entries(self, ev: Event) -> list[dict[str, Any]] | None:
+        if self.entries is None:
+            return None
+        new = [logprob_entry(self.vocab, e, self.greq.endpoint) for e in ev.logprobs]
+        self.entries.extend(new)
+        return new
+
+    def finish_reason(self, reason: str | None) -> str:
+        reason = reason or "stop"
+        return "tool_calls" if self.calls is not None and self.calls.calls and reason == "stop" else reason
+
+
 async def _chunks(job: _Job, greq: GenerationRequest, builder: ResponseBuilder) -> AsyncIterator[dict[str, Any]]:
-    """The stream's chunk objects (SSE and WebSocket send the same ones), ending with a finish chunk or an error.
-    With ``pace_tokens_per_s`` the text goes out at that steady cadence (a typewriter feel), never ahead of what the
-    model committed: pieces are split into their tokens' worth and spaced 1/pace apart."""
-    first = True
+    """The stream's chunk objects (SSE and WebSocket send the same ones): each choice's pieces (``index``), its
+    finish chunk or an error, then the usage chunk. With ``pace_tokens_per_s`` the text goes out at that steady
+    cadence (a typewriter feel), never ahead of what the model committed: pieces are split into their tokens' worth
+    and spaced 1/pace apart. With tools, text that opens a ``<tool_call>`` is held back and each call is sent as
+    ``delta.tool_calls`` (its id and name, then its arguments) when it closes."""
     loop = asyncio.get_running_loop()
     next_at = 0.0
-    async for ev in job.events():
+    choices = [_Choice(greq, job.state.model.vocab if greq.logprobs else None) for _ in range(greq.n)]
+    ends: dict[int, Event] = {}
+    async for i, ev in job.events():
+        c = choices[i]
         if ev.type == "token":
-            if greq.pace_tokens_per_s and ev.text:
-                for piece in _paced(ev.text, ev.tokens):
+            entries = c.take_entries(ev)
+            if c.calls is not None:
+                sent = False
+                for kind, value in c.calls.feed(ev.text):
+                    for chunk in _call_chunks(builder, c, i, kind, value, entries if not sent else None):
+                        yield chunk
+                    sent = True
+                if entries and not sent:
+                    yield builder.chunk(index=i, entries=entries, first=c.first)
+                    c.first = False
+            elif greq.pace_tokens_per_s and ev.text:
+                pieces = _paced(ev.text, ev.tokens)
+                for k, piece in enumerate(pieces):
                     delay = next_at - loop.time()
                     if delay > 0:
                         await asyncio.sleep(delay)
                     next_at = max(next_at, loop.time()) + 1.0 / greq.pace_tokens_per_s
-                    yield builder.chunk(piece, first=first)
-                    first = False
-            elif ev.text or (first and greq.endpoint == "chat"):
-                yield builder.chunk(ev.text, first=first)
-                first = False
+                    yield builder.chunk(piece, first=c.first, index=i, entries=entries if k == 0 else None,
+                                        offset=c.offset)
+                    c.offset += len(piece)
+                    c.first = False
+            elif ev.text or (c.first and greq.endpoint == "chat") or entries:
+                yield builder.chunk(ev.text, first=c.first, index=i, entries=entries, offset=c.offset)
+                c.offset += len(ev.text)
+                c.first = False
         elif ev.type == "done" and ev.finish_reason == "timeout":
             yield APIError(408, f"The request exceeded the server's timeout of {job.state.cfg.request_timeout} s.",
                            code="request_timeout", type_="timeout_error").body()
         elif ev.type == "done":
-            yield builder.chunk(finish_reason=ev.finish_reason or "stop", first=first)
-            if greq.include_usage:
-                yield builder.usage_chunk(job.usage(ev))
+            ends[i] = ev
+            if c.calls is not None:
+                for kind, value in c.calls.close():
+                    for chunk in _call_chunks(builder, c, i, kind, value, None):
+                        yield chunk
+            yield builder.chunk(finish_reason=c.finish_reason(ev.finish_reason), first=c.first, index=i)
         else:
             yield APIError(500, f"Generation failed: {ev.error}", code="generation_failed",
                            type_="server_error").body()
+    if greq.include_usage and ends:
+        yield builder.usage_chunk(job.usage(ends))
+
+
+def _call_chunks(builder: ResponseBuilder, c: _Choice, index: int, kind: str, value: Any,
+                 entries: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    if kind == "content":
+        out = [builder.chunk(value, first=c.first, index=index, entries=entries)]
+    else:
+        k = len(c.calls.calls) - 1 if c.calls is not None else 0
+        head, args = streamed_call_chunks(value, k)
+        out = [builder.chunk(first=c.first, index=index, tool_calls=[head], entries=entries),
+               builder.chunk(index=index, tool_calls=[args])]
+    c.first = False
+    return out
 
 
 async def _sse_stream(job: _Job, greq: GenerationRequest, builder: ResponseBuilder) -> AsyncIterator[str]:
@@ -312,9 +421,11 @@ async def _sse_stream(job: _Job, greq: GenerationRequest, builder: ResponseBuild
 
 
 async def _collect(request: HTTPRequest, job: _Job, builder: ResponseBuilder) -> Response:
-    parts: list[str] = []
+    greq = builder.req
+    choices = [_Choice(greq, job.state.model.vocab if greq.logprobs else None) for _ in range(greq.n)]
+    ends: dict[int, Event] = {}
     events = job.events()
-    nxt: asyncio.Task[Event] | None = None
+    nxt: asyncio.Task[tuple[int, Event]] | None = None
     try:
         while True:
             nxt = nxt or asyncio.ensure_future(events.__anext__())
@@ -323,16 +434,33 @@ async def _collect(request: HTTPRequest, job: _Job, builder: ResponseBuilder) ->
                 if await request.is_disconnected():
                     job.cancel()
                 continue
-            ev, nxt = nxt.result(), None
+            try:
+                i, ev = nxt.result()
+            except StopAsyncIteration:
+                nxt = None
+                break
+            nxt = None
             if ev.type == "token":
-                parts.append(ev.text)
+                choices[i].parts.append(ev.text)
+                choices[i].take_entries(ev)
             elif ev.type == "error":
                 raise APIError(500, f"Generation failed: {ev.error}", code="generation_failed", type_="server_error")
             elif ev.finish_reason == "timeout":
                 raise APIError(408, f"The request exceeded the server's timeout of {job.state.cfg.request_timeout} s.",
                                code="request_timeout", type_="timeout_error")
             else:
-                return JSONResponse(builder.full("".join(parts), ev.finish_reason or "stop", job.usage(ev)))
+                ends[i] = ev
+                if len(ends) == greq.n:
+                    break
+        out = []
+        for i, c in enumerate(choices):
+            text, reason = "".join(c.parts), ends[i].finish_reason or "stop"
+            calls = None
+            if greq.tool_mode:
+                content, calls = parse_calls(text, c.names)
+                text = content  # type: ignore[assignment]
+            out.append(builder.choice(i, text, reason, c.entries, calls))
+        return JSONResponse(builder.full(out, job.usage(ends)))
     finally:
         if nxt is not None:
             nxt.cancel()

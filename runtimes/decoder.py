@@ -17,10 +17,11 @@ import numpy as np
 from edgekit.runtimes import model as mdl
 from edgekit.runtimes.backend import BackendOptions
 from edgekit.runtimes.bundle import Manifest
+from edgekit.runtimes.constraints import MaskJob
 from edgekit.runtimes.errors import ConfigError, ContextLengthError
 from edgekit.runtimes.graph import GraphRunner
 from edgekit.runtimes.kv_cache import KVCache, PrefixCache
-from edgekit.runtimes.sampling import SamplingParams, sample_next
+from edgekit.runtimes.sampling import SamplingParams, TokenLogprob, choose
 from edgekit.runtimes.sequence import Sequence
 from edgekit.runtimes.tokenizer import Prompt
 
@@ -64,15 +65,25 @@ class ARModel(mdl.Bundled):
         return params
 
     def new_sequence(self, prompt_ids: Seq[int], params: SamplingParams) -> Sequence:
-        return Sequence(prompt_ids, params, self.tokenizer, self.stop_ids, params.max_new_tokens, params.seed,
-                        params.stop)
+        seq = Sequence(prompt_ids, params, self.tokenizer, self.stop_ids, params.max_new_tokens, params.seed,
+                       params.stop)
+        constraint = params.constraint
+        if constraint is not None:
+            seq.guide = self.vocab.guide(constraint)
+            seq.stats.compile_s = seq.guide.compile_s
+        if params.logprobs is not None:
+            seq.logprobs = []
+        return seq
 
     def new_batch(self, max_batch: int = 1, prefix_cache_entries: int = 0) -> ARBatch:
         return ARBatch(self, max_batch, prefix_cache_entries)
 
     def stream(self, prompt: Prompt, batch: ARBatch | None = None, **options: Any) -> mdl.TextStream:
         """Stream the answer as text pieces. Options: max_new_tokens, temperature, top_k, top_p,
-        repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({token id: bias}), seed, stop.
+        repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({token id: bias}), seed, stop; an output
+        constraint (one of json_schema (a schema), json_object=True, regex, grammar (Lark)) with jump_forward (default
+        True: append the tokens it forces without a draw, fed in one forward); logprobs=k (the stream's
+        ``stats``-holding sequence keeps one ``TokenLogprob`` per token: ``model.stream(...).logprobs``).
         ``batch``: reuse one across calls to keep a chat's KV prefix (made with ``new_batch(1,
         prefix_cache_entries=N)``). Close the returned stream to cancel."""
         return mdl.stream(self, prompt, batch, options)
@@ -86,7 +97,7 @@ class ARModel(mdl.Bundled):
         logits = np.asarray(provider.prefill(list(prompt_ids)))
         steps, tokens = [logits], []
         for i in range(new_tokens):
-            tokens.append(self._sample(seq, logits[-1]))
+            tokens.append(self._choose(seq, logits[-1])[0])
             seq.history.append(tokens[-1])
             if i + 1 < new_tokens:
                 logits = np.asarray(provider.step(tokens[-1]))[None]
@@ -94,10 +105,37 @@ class ARModel(mdl.Bundled):
         return mdl.Trace(steps, tokens)
 
     @staticmethod
-    def _sample(seq: Sequence, logits: np.ndarray) -> int:
+    def _choose(seq: Sequence, logits: np.ndarray, allowed: np.ndarray | None = None) -> tuple[int, Any]:
         p = seq.params
         assert isinstance(p, SamplingParams)
-        return sample_next(logits, p, seq.rng, seq.history if p.needs_history else (), len(seq.prompt_ids))
+        return choose(logits, p, seq.rng, seq.history if p.needs_history else (), len(seq.prompt_ids), allowed)
+
+    @staticmethod
+    def commit(seq: Sequence, logits: np.ndarray, allowed: np.ndarray | None = None) -> bool:
+        """Draw the next token on ``logits`` [V] (under the constraint's mask ``allowed``), commit it and the tokens
+        the constraint forces after it (jump-forward), and queue them all in ``seq.pending`` for the next forward;
+        True when the sequence has finished."""
+        guide, p = seq.guide, seq.params
+        assert isinstance(p, SamplingParams)
+        if guide is not None and guide.finished:  # the grammar is complete: only an end is left
+            seq.finish("stop")
+            return True
+        if guide is not None:
+            seq.stats.mask_s = guide.mask_s
+        token, entry = ARModel._choose(seq, logits, allowed)
+        if seq.accept(token, entry):
+            return True
+        seq.pending = [token]
+        if guide is not None and p.jump_forward:
+            for forced in guide.forced():
+                seq.stats.forced_tokens += 1
+                if seq.accept(forced, TokenLogprob(forced, 0.0, ((forced, 0.0),)) if entry is not None else None):
+                    return True
+                seq.pending.append(forced)
+        if guide is not None and guide.finished:
+            seq.finish("stop")
+            return True
+        return False
 
 
 class _GraphLogits:
@@ -139,19 +177,46 @@ class ARBatch:
 
     def admit(self, seq: Sequence) -> None:
         """Prefill the part of the prompt no cached prefix covers and commit the first token."""
-        cache = self._cache_for(seq.prompt_ids)
-        seq.stats.reused_prompt_tokens = len(cache)
-        try:
-            logits = self.model.graph.forward(seq.prompt_ids[len(cache):], cache)[-1]
-        except BaseException:
-            cache.release()
-            raise
-        self._count(seq, len(seq.prompt_ids) - seq.stats.reused_prompt_tokens)
+        forked, job = self._fork(seq), None
+        if forked is not None:
+            cache, logits = forked
+        else:
+            cache = self._cache_for(seq.prompt_ids)
+            seq.stats.reused_prompt_tokens = len(cache)
+            job = MaskJob(self.model.vocab, [(seq.guide, 0)], 1) if seq.guide is not None else None
+            try:
+                logits = self.model.graph.forward(seq.prompt_ids[len(cache):], cache)[-1]
+            except BaseException:
+                cache.release()
+                raise
+            self._count(seq, len(seq.prompt_ids) - seq.stats.reused_prompt_tokens)
+        if seq.keep_first_logits:
+            seq.first_logits = logits
         seq.state = cache
-        if seq.accept(ARModel._sample(seq, logits)):
+        allowed = job.result()[0] if job is not None else seq.guide.allowed() if seq.guide is not None else None
+        if ARModel.commit(seq, logits, allowed):
             self._retire(seq)
         else:
             self._seqs.append(seq)
+
+    def _fork(self, seq: Sequence) -> tuple[KVCache, np.ndarray] | None:
+        """A sibling choice of an admitted sequence with the same prompt (n > 1): its prompt KV copied into a row
+        of its own, and the logits of the prompt's last position; None when that cannot be (the sibling has left,
+        or the buffers live in device memory, where a row copy is not implemented)."""
+        parent = seq.fork_of
+        if (parent is None or parent not in self._seqs or parent.first_logits is None or self.slots.ortvalues
+                or parent.prompt_ids != seq.prompt_ids):
+            return None
+        while not self.slots.free and self.prefix.evict_oldest():
+            pass
+        if not self.slots.free:
+            return None
+        cache = KVCache(self.slots)
+        n = len(seq.prompt_ids)
+        self.slots.copy_row(self._cache(parent).slot, cache.slot, n)
+        cache.tokens = list(seq.prompt_ids)
+        seq.stats.reused_prompt_tokens, seq.stats.shared_prompt = n, True
+        return cache, parent.first_logits
 
     def step(self) -> None:
         """One token for every active sequence: one graph run over rows 0..highest active row (rows in between
@@ -162,18 +227,32 @@ class ARBatch:
         by_slot = {self._cache(s).slot: s for s in seqs}
         rows = max(by_slot) + 1
         held = self.prefix.held()
-        fed = [by_slot[r].stats.token_ids[-1] if r in by_slot else 0 for r in range(rows)]
+        if rows > 1:  # forced tokens of a row go first, in a forward of its own (onnxruntime's GroupQueryAttention
+            for s in seqs:  # takes several new tokens only at batch size 1); then one token a row, batched
+                if len(s.pending) > 1:
+                    self.model.graph.forward(s.pending[:-1], self._cache(s))
+                    self._count(s, len(s.pending) - 1)
+                    s.pending = s.pending[-1:]
+        width = max(len(s.pending) for s in seqs)  # > 1 when a constraint forced tokens (jump-forward)
+        fed = np.zeros((rows, width), np.int64)
+        for r, s in by_slot.items():
+            fed[r, :] = s.pending[-1]  # (a row with fewer tokens pads with its last: throw-away positions)
+            fed[r, :len(s.pending)] = s.pending
         lengths = [len(self._cache(by_slot[r])) if r in by_slot else held.get(r, 0) for r in range(rows)]
-        if max(lengths) >= self.model.max_context:  # a held row at the context end: keep it out of the write
+        if max(lengths) + width > self.model.max_context:  # a held row at the context end: keep it out of the write
             lengths = [n if r in by_slot else 0 for r, n in enumerate(lengths)]
             for r in range(rows):
                 if r not in by_slot and r in held:
                     self.prefix.evict(r)
-        logits = self.model.graph.run_rows(np.asarray(fed, np.int64)[:, None], self.slots, 0, lengths)[:, -1]  # [B, V]
+        guided = [(s.guide, r) for r, s in by_slot.items() if s.guide is not None and not s.guide.finished]
+        job = MaskJob(self.model.vocab, guided, rows) if guided else None  # (computed while the graph runs)
+        logits = self.model.graph.run_rows(fed, self.slots, 0, lengths)  # [B, width, V]
+        masks = job.result() if job is not None else None
         for r, seq in sorted(by_slot.items()):
-            self._cache(seq).tokens.append(fed[r])
-            self._count(seq, 1)
-            if seq.accept(ARModel._sample(seq, logits[r])):
+            n = len(seq.pending)
+            self._cache(seq).tokens.extend(seq.pending)
+            self._count(seq, n)
+            if ARModel.commit(seq, logits[r, n - 1], masks[r] if masks is not None and seq.guide else None):
                 self._retire(seq)
 
     def remove(self, seq: Sequence) -> None:

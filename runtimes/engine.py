@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from edgekit.runtimes.errors import ConfigError, QueueFullError
 from edgekit.runtimes.model import FinishReason, Model, Stats
 from edgekit.runtimes.sequence import Sequence as Seq
@@ -35,6 +37,7 @@ class Event:
     stats: Stats | None = None
     error: str | None = None
     tokens: int = 0  # tokens committed with ``text`` (one for AR steps, a block's worth for dLLMs)
+    logprobs: tuple[Any, ...] = ()  # the ``sampling.TokenLogprob`` of each token committed with ``text``, if asked
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Request:
     admitted_at: float | None = None
     seq: Seq | None = None  # made when the request is submitted
     sent_tokens: int = 0  # generated tokens already reported in events
+    sent_logprobs: int = 0
 
 
 class Engine:
@@ -80,16 +84,27 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def submit(self, req: Request) -> None:
-        req.seq = self.model.new_sequence(req.prompt_ids, req.params)
-        req.seq.started = req.enqueued_at  # TTFT counts the time spent waiting
-        if req.timeout_s is not None:
-            req.seq.deadline = req.enqueued_at + req.timeout_s
+    def submit(self, req: Request, *siblings: Request) -> None:
+        """Queue a request; ``siblings``: more choices of the same prompt (n > 1), queued with it (all or none), which
+        copy its prompt KV instead of prefilling it again where the model's batch can (``fork_of``) and draw from
+        their own random streams (seed, then [seed, i])."""
+        group = (req, *siblings)
+        for i, r in enumerate(group):
+            r.seq = self.model.new_sequence(r.prompt_ids, r.params)
+            r.seq.started = r.enqueued_at  # TTFT counts the time spent waiting
+            if r.timeout_s is not None:
+                r.seq.deadline = r.enqueued_at + r.timeout_s
+            if i:
+                r.seq.fork_of = req.seq
+                seed = getattr(r.params, "seed", None)
+                r.seq.rng = np.random.default_rng(None if seed is None else [seed, i])
+        if siblings:
+            self._seq(req).keep_first_logits = True
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) >= self.max_queue:  # (a group counts as the one request it came in)
                 raise QueueFullError(
                     f"The waiting queue is full ({self.max_queue} requests). HINT: retry later or raise --max-queue.")
-            self._waiting.append(req)
+            self._waiting.extend(group)
             self._cond.notify()
 
     def cancel(self, req: Request) -> None:
@@ -155,7 +170,11 @@ class Engine:
         now = time.perf_counter()
         if text is not None:
             made = len(seq.stats.token_ids)
-            req.on_event(Event("token", text, at=now, tokens=max(made - req.sent_tokens, 0)))
+            entries: tuple[Any, ...] = ()
+            if seq.logprobs is not None:
+                entries = tuple(seq.logprobs[req.sent_logprobs:])
+                req.sent_logprobs = len(seq.logprobs)
+            req.on_event(Event("token", text, at=now, tokens=max(made - req.sent_tokens, 0), logprobs=entries))
             req.sent_tokens = made
         if seq.done and req in self._active:
             self._active.remove(req)

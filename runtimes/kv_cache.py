@@ -118,6 +118,12 @@ class KVSlots:
             io.bind_input(past, self.device, 0, self.dtype.type, shape, at)  # type: ignore[attr-defined]
             io.bind_output(present, self.device, 0, self.dtype.type, shape, at)  # type: ignore[attr-defined]
 
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy positions [0, length) of row ``src`` into row ``dst`` (numpy buffers: n > 1 choices of one prompt)."""
+        assert not self.ortvalues, "row copies run on numpy buffers"
+        for a in self.arrays:
+            a[dst, :, :length] = a[src, :, :length]
+
     def pasts(self, lo: int, hi: int, width: int) -> dict[str, np.ndarray]:
         """Rows [lo, hi), positions [0, width) as contiguous arrays (the copying path; numpy buffers)."""
         assert not self.ortvalues, "the copying path runs on numpy buffers (GraphRunner.new_slots)"

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from edgekit.runtimes.bundle import Manifest
+    from edgekit.runtimes.constraints import Vocabulary
     from edgekit.runtimes.sequence import Sequence
     from edgekit.runtimes.tokenizer import Prompt, Tokenizer
 
@@ -41,6 +42,10 @@ class Stats:
     latency_s: float = 0.0  # arrival -> last committed token
     finish_reason: FinishReason | None = None
     token_ids: list[int] = field(default_factory=list)  # the answer's ids (no stop token)
+    forced_tokens: int = 0  # tokens an output constraint forced (appended without a draw: jump-forward)
+    compile_s: float = 0.0  # compiling the output constraint (0: none, or a compiled one was reused)
+    mask_s: float = 0.0  # computing the constraint's masks (much of it overlapped with graph runs)
+    shared_prompt: bool = False  # the prompt's KV was copied from a sibling choice (n > 1), not prefilled
 
     @property
     def decode_s(self) -> float:
@@ -65,6 +70,9 @@ class Stats:
     def line(self) -> str:
         """One human-readable summary line (``edgekit run --stats``)."""
         blocks = f" in {self.blocks} blocks" if self.blocks else ""
+        if self.compile_s or self.mask_s or self.forced_tokens:
+            blocks += (f", constraint: compile {self.compile_s * 1000:.0f} ms, masks {self.mask_s * 1000:.0f} ms, "
+                       f"{self.forced_tokens} tokens forced")
         return (f"[{self.prompt_tokens} prompt tokens ({self.reused_prompt_tokens} reused), {self.generated_tokens} "
                 f"generated{blocks}, finish={self.finish_reason}, TTFT {self.ttft_s * 1000:.0f} ms, decode "
                 f"{self.decode_tokens_per_s:.1f} tok/s, {self.forward_passes} forward passes "
@@ -73,11 +81,13 @@ class Stats:
 
 
 class TextStream:
-    """Iterator over text pieces (always complete UTF-8) with live ``stats``; ``close()`` cancels generation."""
+    """Iterator over text pieces (always complete UTF-8) with live ``stats`` (and ``logprobs``: one
+    ``sampling.TokenLogprob`` per generated token when asked for, else None); ``close()`` cancels generation."""
 
-    def __init__(self, gen: Iterator[str], stats: Stats) -> None:
+    def __init__(self, gen: Iterator[str], stats: Stats, logprobs: list[Any] | None = None) -> None:
         self._gen = gen
         self.stats = stats
+        self.logprobs = logprobs
 
     def __iter__(self) -> TextStream:
         return self
@@ -175,10 +185,22 @@ class Bundled:
         self.manifest = manifest
         self.tokenizer = Tokenizer(bundle_file(bundle_dir, manifest.tokenizer.file, "tokenizer"), manifest.tokenizer)
         self.stop_ids = frozenset(manifest.tokens.stop_ids)
+        self._vocab: Vocabulary | None = None
 
     @property
     def max_context(self) -> int:
         return self.manifest.max_context
+
+    @property
+    def vocab(self) -> Vocabulary:
+        """The tokenizer as the constraint engine sees it (built on first use): grammars, token bytes."""
+        if self._vocab is None:
+            from edgekit.runtimes.bundle import bundle_file
+            from edgekit.runtimes.constraints import Vocabulary
+
+            self._vocab = Vocabulary(bundle_file(self.path, self.manifest.tokenizer.file, "tokenizer"),
+                                     self.manifest.vocab_size, self.stop_ids)
+        return self._vocab
 
     @property
     def providers(self) -> list[str]:
@@ -234,4 +256,4 @@ def stream(model: Model, prompt: Prompt, batch: Batch | None, options: Mapping[s
     """``Model.stream`` for every model: encode, validate, run one sequence."""
     ids = model.tokenizer.encode_prompt(prompt)
     seq = model.new_sequence(ids, model.params(len(ids), **options))
-    return TextStream(run_one(batch if batch is not None else model.new_batch(1), seq), seq.stats)
+    return TextStream(run_one(batch if batch is not None else model.new_batch(1), seq), seq.stats, seq.logprobs)

@@ -1,9 +1,11 @@
-"""Next-token selection: greedy, temperature, top-k, top-p, repetition / presence / frequency penalties and logit
-bias, seeded for reproducibility.
+"""Next-token selection: greedy, temperature, top-k, top-p, repetition / presence / frequency penalties, logit
+bias and an output constraint's mask, seeded for reproducibility; the chosen token's log-probabilities.
 
 Order of operations: logit bias, then Hugging Face ``generate``'s repetition penalty (over prompt and answer), then
-OpenAI's presence and frequency penalties (over the answer so far), then temperature, top-k, top-p and a draw
-(greedy takes the argmax of the adjusted logits).
+OpenAI's presence and frequency penalties (over the answer so far), then the constraint's mask (tokens the grammar
+does not allow get -inf), then temperature, top-k, top-p and a draw (greedy takes the argmax of the masked logits).
+Log-probabilities (``logprobs``) are those of the distribution drawn from before top-k / top-p: the masked logits
+divided by the temperature (by 1 under greedy), log-softmaxed over the whole vocabulary.
 The field checks of the draw (``check_draw``) and the top-k / top-p filter (``candidates``) are shared by every
 model's settings: the AR sampler here and the dLLM unmasking rules (``unmasking``).
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.runtimes.constraints import Constraint, from_options
 from edgekit.runtimes.errors import ConfigError
 
 _NUCLEUS_PROBE = 1024  # candidates examined before falling back to a full sort for top-p
@@ -37,6 +40,14 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), sorted by id
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # output constraints (at most one; constraints.py): a JSON schema (canonical JSON text), any JSON object, a regex,
+    # a Lark grammar
+    json_schema: str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    grammar: str | None = None
+    jump_forward: bool = True  # append the tokens a constraint forces without a draw, fed in one forward
+    logprobs: int | None = None  # None: off; k: the chosen token's log-probability and the k most likely (k <= 20)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -49,7 +60,13 @@ class SamplingParams:
             changes["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
         if "logit_bias" in changes:
             changes["logit_bias"] = bias_pairs(changes["logit_bias"])
+        if "json_schema" in changes:
+            changes["json_schema"] = Constraint.json_schema(changes["json_schema"]).source
         return replace(self, **changes)
+
+    @property
+    def constraint(self) -> Constraint | None:
+        return from_options(self.json_schema, self.json_object, self.regex, self.grammar)
 
     @property
     def needs_history(self) -> bool:
@@ -88,6 +105,7 @@ def bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(out.items()))
 
 
+TOP_LOGPROBS_MAX = 20  # OpenAI's bound on top_logprobs
 SEED_MAX = 2**63 - 1  # seeds are int64 on every path (numpy's generator, the HTTP API)
 TOP_K_MAX = 2**31 - 1
 
@@ -128,6 +146,13 @@ def validate(p: SamplingParams) -> None:
         raise ConfigError(f"logit_bias must be sorted (token id, bias) pairs, got {p.logit_bias!r}.")
     if not all(isinstance(s, str) and s for s in p.stop):
         raise ConfigError(f"stop must be non-empty strings, got {p.stop!r}.")
+    if p.logprobs is not None and not is_integer(p.logprobs, 0, TOP_LOGPROBS_MAX):
+        raise ConfigError(f"logprobs must be None (off) or an integer in [0, {TOP_LOGPROBS_MAX}] (how many "
+                          f"alternatives to report), got {p.logprobs!r}.")
+    for name in ("json_object", "jump_forward"):
+        if not isinstance(getattr(p, name), bool):
+            raise ConfigError(f"{name} must be a boolean, got {getattr(p, name)!r}.")
+    p.constraint  # noqa: B018 (at most one, each of the right type)
 
 
 def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
@@ -215,19 +240,54 @@ def adjusted(logits: np.ndarray, params: SamplingParams, history: Sequence[int] 
     return apply_openai_penalties(logits, history[prompt_len:], params.presence_penalty, params.frequency_penalty)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One chosen token's log-probability and the ``top`` most likely tokens of its position (id, logprob), most
+    likely first, under the distribution it was drawn from (see the module's docstring)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def logprob_of(scaled: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """The entry of ``token`` under logits ``scaled`` [V] (masked and divided by the temperature)."""
+    lp = log_softmax(scaled)
+    top: tuple[tuple[int, float], ...] = ()
+    if k:
+        k = min(k, int(np.isfinite(lp).sum()) or 1)
+        ids = np.argpartition(-lp, k - 1)[:k]
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        top = tuple((int(i), float(lp[i])) for i in ids)
+    return TokenLogprob(int(token), float(lp[token]), top)
+
+
+def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history: Sequence[int] = (),
+           prompt_len: int = 0, allowed: np.ndarray | None = None) -> tuple[int, TokenLogprob | None]:
+    """Pick the next token from ``logits`` ([V], float32) and, with ``params.logprobs``, its entry. ``history``:
+    prompt + answer so far, of which the first ``prompt_len`` are the prompt (the penalties read it); ``allowed``:
+    the constraint's mask [V] (bool), or None."""
+    logits = adjusted(logits, params, history, prompt_len)
+    if allowed is not None:
+        logits = np.where(allowed, logits, np.float32(-np.inf))
+    if params.temperature == 0:
+        token = int(np.argmax(logits))
+    else:
+        cand, probs = candidates(logits.astype(np.float64) / params.temperature, params.top_k, params.top_p)
+        u = rng.random()
+        idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
+        token = int(cand[min(idx, len(cand) - 1)])
+    if params.logprobs is None:
+        return token, None
+    return token, logprob_of(logits.astype(np.float64) / (params.temperature or 1.0), token, params.logprobs)
+
+
 def sample_next(
     logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, history: Sequence[int] = (),
     prompt_len: int = 0,
 ) -> int:
-    """Pick the next token from ``logits`` ([V], float32); ``history``: prompt + answer so far, of which the first
-    ``prompt_len`` are the prompt (the penalties read it)."""
-    logits = adjusted(logits, params, history, prompt_len)
-    if params.temperature == 0:
-        return int(np.argmax(logits))
-    cand, probs = candidates(logits.astype(np.float64) / params.temperature, params.top_k, params.top_p)
-    u = rng.random()
-    idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
-    return int(cand[min(idx, len(cand) - 1)])
+    """Pick the next token (``choose`` without a constraint or log-probabilities)."""
+    return choose(logits, params, rng, history, prompt_len)[0]
 
 
 def _nucleus(cand: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:

@@ -10,11 +10,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgekit.runtimes.model import FinishReason, Stats
+from edgekit.runtimes.sampling import TokenLogprob
 from edgekit.runtimes.tokenizer import StopStrings, StreamingDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from edgekit.runtimes.constraints import Guide
 
 
 class Sequence:
@@ -33,6 +38,12 @@ class Sequence:
         self.deadline: float | None = None
         self.cancelled = False
         self.state: object = None  # the model's own per-sequence state (a dLLM's block generator)
+        self.guide: Guide | None = None  # the output constraint's state (constraints.Guide), if any
+        self.logprobs: list[TokenLogprob] | None = None  # one entry per committed token when asked for
+        self.pending: list[int] = []  # committed tokens the model has not yet been fed (AR: the next forward's input)
+        self.fork_of: Sequence | None = None  # a sibling choice (n > 1) whose prompt KV this one may copy
+        self.keep_first_logits = False  # keep ``first_logits`` (the prompt's last position) for siblings
+        self.first_logits: object = None
         self._detok = StreamingDetokenizer(tokenizer)
         self._stops = StopStrings(tuple(stop))
         self._pieces: list[str] = []
@@ -46,9 +57,12 @@ class Sequence:
         """Cancelled, or past its deadline (checked by loops that run many passes per step)."""
         return self.cancelled or (self.deadline is not None and time.perf_counter() > self.deadline)
 
-    def accept(self, token: int) -> bool:
-        """Commit one chosen token; return True when the sequence has finished (stop token, stop string, length)."""
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Commit one chosen token (and its log-probability entry, when asked for); return True when the sequence
+        has finished (stop token, stop string, length)."""
         now = time.perf_counter()
+        if self.guide is not None:
+            self.guide.consume(token)
         st = self.stats
         st.generated_tokens += 1
         if st.generated_tokens == 1:
@@ -60,6 +74,8 @@ class Sequence:
             return True
         st.token_ids.append(token)
         self.history.append(token)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         out, hit = self._stops.feed(self._detok.put(token))
         self._pieces.append(out)
         if hit:

@@ -6,6 +6,7 @@ The streaming detokenizer only ever returns complete UTF-8 text: a token that en
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -38,6 +39,12 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the chat template renders a ``tools`` list itself (Qwen2.5's does; SmolLM2's does not: tools then
+        get the generic rendering of ``tool_messages``)."""
+        return bool(self.spec.chat_template) and "tools" in (self.spec.chat_template or "")
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tk.encode(text, add_special_tokens=add_special_tokens).ids)
 
@@ -47,23 +54,34 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
 
-    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The chat through the bundle's template. ``tools``: OpenAI-style tool definitions; messages may then hold
+        assistant ``tool_calls`` and ``tool`` results. A template that does not render tools gets them the generic
+        way (``tool_messages``)."""
         if self._template is None:
             raise ConfigError(
                 "This bundle has no chat template, so it cannot take a list of messages. HINT: pass a plain prompt."
             )
+        messages = [dict(m) for m in messages]
+        if not self.renders_tools and (tools or any(_has_tool_parts(m) for m in messages)):
+            messages, tools = tool_messages(messages, tools or ()), None
         _check_messages(messages)
         specials = {k: v for k, v in self.spec.special_token_strings.items() if v is not None}
-        return _render(self._template, messages=[dict(m) for m in messages],
-                       add_generation_prompt=add_generation_prompt, **specials)
+        extra = {"tools": [dict(t) for t in tools]} if tools else {}
+        return _render(self._template, messages=[_template_message(m) for m in messages],
+                       add_generation_prompt=add_generation_prompt, **extra, **specials)
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids for a plain prompt string, or for a chat (list of {role, content}) through the template."""
+    def encode_prompt(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Token ids for a plain prompt string, or for a chat (list of {role, content}) through the template (with
+        ``tools``, OpenAI-style tool definitions, for a chat)."""
         if isinstance(prompt, str):
+            if tools:
+                raise ConfigError("tools need a chat (a list of messages), not a plain prompt.")
             ids = self.encode(prompt, add_special_tokens=self.spec.add_special_tokens)
         elif isinstance(prompt, Sequence):
             # like transformers' apply_chat_template: the template writes the special tokens itself
-            ids = self.encode(self.render_chat(prompt), add_special_tokens=False)
+            ids = self.encode(self.render_chat(prompt, tools=tools), add_special_tokens=False)
         else:
             raise ConfigError(f"prompt must be a string or a list of messages, got {type(prompt).__name__}.")
         if not ids:
@@ -71,11 +89,83 @@ class Tokenizer:
         return ids
 
 
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"  # Hermes / Qwen2.5's tool-call markup
+_GENERIC_TOOLS = (
+    "You may call functions to answer. The functions, as JSON schemas:\n{tools}\n"
+    "To call one, answer with one line per call, each exactly\n"
+    + TOOL_CALL_OPEN + '\n{{"name": <function name>, "arguments": <arguments object>}}\n' + TOOL_CALL_CLOSE
+    + "\nand nothing else.")
+
+
+def _has_tool_parts(m: Mapping[str, Any]) -> bool:
+    return m.get("role") == "tool" or bool(m.get("tool_calls"))
+
+
+def _call_text(call: Mapping[str, Any]) -> str:
+    fn = call.get("function", call)
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            pass
+    return f"{TOOL_CALL_OPEN}\n{json.dumps({'name': fn.get('name'), 'arguments': args}, ensure_ascii=False)}" \
+           f"\n{TOOL_CALL_CLOSE}"
+
+
+def tool_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The generic rendering of tools for a template that has none: the tool list and the call format in the system
+    message, assistant calls as ``<tool_call>`` lines, tool results as user turns in ``<tool_response>`` tags (the
+    Hermes format Qwen2.5 and many fine-tunes were trained on)."""
+    out: list[dict[str, Any]] = []
+    if tools:
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        head = _GENERIC_TOOLS.format(tools=listing)
+        if messages and messages[0].get("role") == "system":
+            out.append({"role": "system", "content": f"{messages[0].get('content') or ''}\n\n{head}".strip()})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": head})
+    for m in messages:
+        if m.get("role") == "tool":
+            out.append({"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"})
+        elif m.get("tool_calls"):
+            calls = "\n".join(_call_text(c) for c in m["tool_calls"])
+            out.append({"role": "assistant", "content": f"{m.get('content') or ''}\n{calls}".strip()})
+        else:
+            out.append(dict(m))
+    return out
+
+
+def _template_message(m: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as chat templates expect it: tool-call arguments as objects (OpenAI sends them as JSON text)."""
+    out = dict(m)
+    if m.get("tool_calls"):
+        calls = []
+        for call in m["tool_calls"]:
+            call = dict(call)
+            fn = dict(call.get("function") or {})
+            if isinstance(fn.get("arguments"), str):
+                try:
+                    fn["arguments"] = json.loads(fn["arguments"])
+                except json.JSONDecodeError:
+                    pass
+            call["function"] = fn
+            calls.append(call)
+        out["tool_calls"] = calls
+    if out.get("content") is None:
+        out["content"] = ""
+    return out
+
+
 def _check_messages(messages: Sequence[Message]) -> None:
     if not messages:
         raise ConfigError("messages is empty. HINT: pass at least one {'role': 'user', 'content': '...'}.")
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if content is None and isinstance(m, Mapping) and (m.get("tool_calls") or m.get("role") == "tool"):
+            continue
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(content, str):
             raise ConfigError(
                 f"messages[{i}] must be a mapping with string 'role' and 'content', got {m!r}."
             )
@@ -94,10 +184,16 @@ def _compile_template(source: str) -> Any:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
+    env.filters["tojson"] = _tojson  # (transformers' version: plain JSON, not jinja's HTML-escaped one)
     try:
         return env.from_string(source)
     except jinja2.TemplateError as e:
         raise BundleError(f"The bundle's chat template does not compile: {e}. HINT: re-export the bundle.") from None
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 TEMPLATE_BUDGET = 2_000_000  # template lines a chat rendering may execute (real templates: a few thousand)

@@ -145,9 +145,11 @@ def test_stop_strings(server, model):
     ({"messages": CHAT, "max_tokens": 0}, 400, "invalid_value"),
     ({"messages": CHAT, "max_tokens": 500}, 400, "invalid_value"),  # above --max-tokens-cap
     ({"messages": CHAT, "max_tokens": True}, 400, "invalid_type"),
-    ({"messages": CHAT, "n": 2}, 400, "invalid_value"),
+    ({"messages": CHAT, "n": 9}, 400, "invalid_value"),
     ({"messages": CHAT, "stream": "yes"}, 400, "invalid_type"),
-    ({"messages": CHAT, "logprobs": True}, 400, "unsupported_parameter"),
+    ({"messages": CHAT, "top_logprobs": 3}, 400, "invalid_value"),  # (needs logprobs: true)
+    ({"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "invalid_value"),
+    ({"messages": CHAT, "best_of": 2}, 400, "unsupported_parameter"),
     ({"messages": CHAT, "diffusion_steps": 8}, 400, "unsupported_parameter"),
     ({"messages": CHAT, "stop": [1]}, 400, "invalid_value"),
     ({"messages": [{"role": "user", "content": "word " * 300}], "max_tokens": 10}, 400, "context_length_exceeded"),
