@@ -76,6 +76,7 @@ class GenerationRequest:
     tool_mode: str | None = None  # "auto", "required" or a function name: parse calls out of the answer
     constraint_param: str | None = None  # the field the output constraint came from (names it in errors)
     parallel_tool_calls: bool = True
+    return_token_ids: bool = False  # vLLM's extension: each choice's generated token ids, the prompt's
 
     @property
     def forces_call(self) -> bool:
@@ -201,7 +202,7 @@ def parse(body: Any, endpoint: Endpoint, served_model: str, option_names: frozen
     return GenerationRequest(endpoint, served_model, prompt, stream, include_usage, options,
                              float(pace) if pace is not None else None, n or 1, logprobs is not None,
                              tools if tool_mode != "none" else None, tool_mode if tool_mode != "none" else None,
-                             constraint_param, _parallel(body))
+                             constraint_param, _parallel(body), _flag(body, "return_token_ids"))
 
 
 def _constraint(body: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -272,6 +273,13 @@ def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | Non
         return tools, check_choice(body.get("tool_choice"), tools)
     except ToolError as e:
         raise _bad(str(e), e.param) from None
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise _bad(f"'{key}' must be a boolean, got {_short(value)}.", key, "invalid_type")
+    return value
 
 
 def _parallel(body: dict[str, Any]) -> bool:
@@ -378,19 +386,24 @@ class ResponseBuilder:
         return completion_logprobs(entries, offset)
 
     def choice(self, index: int, text: str, finish_reason: str, entries: list[dict[str, Any]] | None = None,
-               calls: list[Any] | None = None) -> dict[str, Any]:
-        """One finished choice; ``calls``: the tool calls parsed out of ``text`` (chat)."""
+               calls: list[Any] | None = None, token_ids: list[int] | None = None) -> dict[str, Any]:
+        """One finished choice; ``calls``: the tool calls parsed out of ``text`` (chat); ``token_ids``: with
+        return_token_ids."""
+        ids = {"token_ids": token_ids} if self.req.return_token_ids and token_ids is not None else {}
         if self.req.endpoint != "chat":
-            return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": self._logprobs(entries)}
+            return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": self._logprobs(entries),
+                    **ids}
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
             message["tool_calls"] = [c.wire() for c in calls]
             finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
         return {"index": index, "message": message, "finish_reason": finish_reason,
-                "logprobs": self._logprobs(entries)}
+                "logprobs": self._logprobs(entries), **ids}
 
-    def full(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
-        return {**self._base(self.object), "choices": choices, "usage": usage}
+    def full(self, choices: list[dict[str, Any]], usage: dict[str, Any], prompt_ids: list[int] | None = None
+             ) -> dict[str, Any]:
+        extra = {"prompt_token_ids": prompt_ids} if self.req.return_token_ids and prompt_ids is not None else {}
+        return {**self._base(self.object), "choices": choices, "usage": usage, **extra}
 
     def chunk(self, text: str | None = None, finish_reason: str | None = None, first: bool = False, index: int = 0,
               entries: list[dict[str, Any]] | None = None, tool_calls: list[dict[str, Any]] | None = None,

@@ -459,8 +459,9 @@ async def _collect(request: HTTPRequest, job: _Job, builder: ResponseBuilder) ->
             if greq.tool_mode:
                 content, calls = parse_calls(text, c.names)
                 text = content  # type: ignore[assignment]
-            out.append(builder.choice(i, text, reason, c.entries, calls))
-        return JSONResponse(builder.full(out, job.usage(ends)))
+            st = ends[i].stats
+            out.append(builder.choice(i, text, reason, c.entries, calls, list(st.token_ids) if st else None))
+        return JSONResponse(builder.full(out, job.usage(ends), job.prompt_ids))
     finally:
         if nxt is not None:
             nxt.cancel()

@@ -13,6 +13,9 @@ import edgekit.runtimes as rt
 model = rt.load(sys.argv[1])
 text = "".join(model.stream([{"role": "user", "content": "Hi"}], max_new_tokens=8, temperature=0.7, top_p=0.9, seed=1))
 assert isinstance(text, str)
+guided = model.stream("Hi", max_new_tokens=8, regex="[a-z]{3}", logprobs=2)  # llguidance needs no torch either
+out = "".join(guided)
+assert len(out) == 3 and out.isalpha() and len(guided.logprobs) == len(guided.stats.token_ids) > 0, out
 loaded = [m for m in ("torch", "transformers", "optimum") if sys.modules.get(m) is not None]
 assert not loaded, loaded
 print("OK", len(text))
