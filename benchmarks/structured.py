@@ -49,7 +49,9 @@ MODES = {"free": {}, "schema": {"json_schema": SCHEMA, "jump_forward": False},
 
 
 def ensure_bundle(path: Path, source: str) -> Path:
-    if not (path / "manifest.json").exists():
+    from edgekit.runtimes.bundle import MANIFEST_FILE
+
+    if not (path / MANIFEST_FILE).exists():
         from edgekit.export.pipeline import ExportConfig, export_bundle
 
         print(f"exporting {source} (int4) to {path} ...", file=sys.stderr, flush=True)

@@ -126,6 +126,17 @@ def _bias_pairs(items: tuple[str, ...]) -> dict[str, float]:
               help="Add BIAS (in [-100, 100]) to token ID's logit (repeatable).")
 @click.option("--seed", type=int, default=None)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--json-schema", "json_schema_file", type=click.Path(path_type=Path), default=None,
+              help="Constrain the answer to JSON matching the schema in this file.")
+@click.option("--json-object", is_flag=True, default=None, help="Constrain the answer to a JSON object.")
+@click.option("--regex", default=None, help="Constrain the answer to match this regex.")
+@click.option("--grammar", "grammar_file", type=click.Path(path_type=Path), default=None,
+              help="Constrain the answer to the grammar in this file (Lark, or llama.cpp's GBNF).")
+@click.option("--no-jump-forward", is_flag=True, help="Under a constraint, draw the tokens it forces one by one.")
+@click.option("--logprobs", type=int, default=None, metavar="K",
+              help="Print each token's log-probability and the K most likely alternatives to stderr.")
+@click.option("-n", "n", type=int, default=1, show_default=True,
+              help="Answers to draw (sharing one prefill of the prompt); needs a temperature to differ.")
 @click.option("--gen-length", type=int, default=None, help="Diffusion: tokens to generate.")
 @click.option("--block-length", type=int, default=None, help="Diffusion: tokens per semi-autoregressive block.")
 @click.option("--diffusion-steps", type=int, default=None, help="Diffusion: denoising steps in total.")
@@ -145,9 +156,19 @@ def _bias_pairs(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--stats", is_flag=True, help="Print token counts, TTFT and decode speed to stderr.")
 def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, providers: tuple[str, ...],
         threads: int | None, stats: bool, stop: tuple[str, ...], logit_bias: tuple[str, ...],
+        json_schema_file: Path | None, grammar_file: Path | None, no_jump_forward: bool, n: int,
         **sampling: Any) -> None:
     """Stream an answer to PROMPT from BUNDLE."""
     from edgekit.runtimes import load
+
+    if json_schema_file is not None:
+        sampling["json_schema"] = _read_text(json_schema_file, "--json-schema")
+    if grammar_file is not None:
+        sampling["grammar"] = _read_text(grammar_file, "--grammar")
+    if no_jump_forward:
+        sampling["jump_forward"] = False
+    if not 1 <= n <= 8:
+        raise ConfigError(f"-n must be between 1 and 8, got {n}.")
 
     model = load(bundle, providers=providers or None, threads=threads)
     use_chat = model.tokenizer.has_chat_template if chat is None else chat
@@ -159,6 +180,9 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, provid
         options["stop"] = stop
     if logit_bias:
         options["logit_bias"] = _bias_pairs(logit_bias)
+    if n > 1:
+        _run_choices(model, messages, options, n, stats)
+        return
     stream = model.stream(messages, **options)
     try:
         for piece in stream:
@@ -166,8 +190,47 @@ def run(bundle: Path, prompt: str, chat: bool | None, system: str | None, provid
     finally:
         stream.close()
     click.echo()
+    if stream.logprobs is not None:
+        _echo_logprobs(model, stream.logprobs)
     if stats:
         click.echo(stream.stats.line(), err=True)
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag}: cannot read '{path}': {e}. HINT: pass a readable UTF-8 file.") from None
+
+
+def _echo_logprobs(model: Any, entries: list[Any]) -> None:
+    def tok(t: int) -> str:
+        return repr(model.vocab.token_bytes(t).decode("utf-8", "replace"))
+
+    for e in entries:
+        alts = "  ".join(f"{tok(t)} {lp:.3f}" for t, lp in e.top)
+        click.echo(f"{tok(e.token):>16} {e.logprob:8.4f}   {alts}", err=True)
+
+
+def _run_choices(model: Any, messages: Any, options: dict[str, Any], n: int, stats: bool) -> None:
+    """``-n``: n answers of one prompt decoded together, the prompt prefilled once (the server's ``n``)."""
+    from edgekit.runtimes.engine import Engine, Request
+
+    ids = model.tokenizer.encode_prompt(messages)
+    params = model.params(len(ids), **options)
+    engine = Engine(model, max_batch=n, prefix_cache_entries=0)
+    reqs = [Request(ids, params, lambda ev: None) for _ in range(n)]
+    engine.submit(*reqs)
+    while engine.running or engine.waiting:
+        engine.step()
+    for i, req in enumerate(reqs):
+        assert req.seq is not None
+        click.echo(f"--- answer {i + 1}/{n}")
+        click.echo(model.tokenizer.decode(req.seq.stats.token_ids))
+        if req.seq.logprobs is not None:
+            _echo_logprobs(model, req.seq.logprobs)
+        if stats:
+            click.echo(req.seq.stats.line(), err=True)
 
 
 @main.command()

@@ -227,31 +227,40 @@ class ARBatch:
         by_slot = {self._cache(s).slot: s for s in seqs}
         rows = max(by_slot) + 1
         held = self.prefix.held()
-        if rows > 1:  # forced tokens of a row go first, in a forward of its own (onnxruntime's GroupQueryAttention
-            for s in seqs:  # takes several new tokens only at batch size 1); then one token a row, batched
-                if len(s.pending) > 1:
+        # Tokens a constraint forced (jump-forward) are fed in one forward where the graph can: a lone row takes them
+        # all in this step. Several rows take one token each (onnxruntime's GroupQueryAttention takes several new
+        # tokens only at batch size 1): a row's forced tokens then ride along one a step without draws, and a run of
+        # at least as many forced tokens as rows goes first in a forward of its own, which pays for itself.
+        if rows > 1:
+            for s in seqs:
+                if len(s.pending) - 1 >= len(seqs):
                     self.model.graph.forward(s.pending[:-1], self._cache(s))
                     self._count(s, len(s.pending) - 1)
                     s.pending = s.pending[-1:]
-        width = max(len(s.pending) for s in seqs)  # > 1 when a constraint forced tokens (jump-forward)
+        width = max(len(s.pending) for s in seqs) if rows == 1 else 1
         fed = np.zeros((rows, width), np.int64)
         for r, s in by_slot.items():
-            fed[r, :] = s.pending[-1]  # (a row with fewer tokens pads with its last: throw-away positions)
-            fed[r, :len(s.pending)] = s.pending
+            fed[r, :] = s.pending[min(width, len(s.pending)) - 1]  # (fewer tokens: pad with the last, throw-away)
+            fed[r, :len(s.pending)] = s.pending[:width]
         lengths = [len(self._cache(by_slot[r])) if r in by_slot else held.get(r, 0) for r in range(rows)]
         if max(lengths) + width > self.model.max_context:  # a held row at the context end: keep it out of the write
             lengths = [n if r in by_slot else 0 for r, n in enumerate(lengths)]
             for r in range(rows):
                 if r not in by_slot and r in held:
                     self.prefix.evict(r)
-        guided = [(s.guide, r) for r, s in by_slot.items() if s.guide is not None and not s.guide.finished]
+        drawing = {r for r, s in by_slot.items() if len(s.pending) <= width}  # rows whose fed tokens all go in now
+        guided = [(s.guide, r) for r, s in by_slot.items()
+                  if r in drawing and s.guide is not None and not s.guide.finished]
         job = MaskJob(self.model.vocab, guided, rows) if guided else None  # (computed while the graph runs)
         logits = self.model.graph.run_rows(fed, self.slots, 0, lengths)  # [B, width, V]
         masks = job.result() if job is not None else None
         for r, seq in sorted(by_slot.items()):
-            n = len(seq.pending)
-            self._cache(seq).tokens.extend(seq.pending)
+            n = min(len(seq.pending), width)
+            self._cache(seq).tokens.extend(seq.pending[:n])
             self._count(seq, n)
+            seq.pending = seq.pending[n:]
+            if r not in drawing:  # more forced tokens to feed: no draw this step
+                continue
             if ARModel.commit(seq, logits[r, n - 1], masks[r] if masks is not None and seq.guide else None):
                 self._retire(seq)
 

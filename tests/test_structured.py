@@ -236,3 +236,29 @@ def test_generic_tool_rendering_for_templates_without_tools(model):
     text = model.tokenizer.render_chat(msgs, tools=tools)
     assert '"name": "f"' in text and "<tool_call>" in text and "<tool_response>\n42\n</tool_response>" in text
     assert '{"name": "f", "arguments": {"a": 1}}' in text
+
+
+def test_the_cli_options(llama_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMAS[1]))
+    r = CliRunner().invoke(main, ["run", str(llama_bundle), "Hi", "--no-chat", "--max-new-tokens", "60",
+                                  "--json-schema", str(schema), "--logprobs", "2", "--stats"])
+    assert r.exit_code == 0, r.output
+    answer = r.stdout.splitlines()[0]
+    jsonschema.validate(json.loads(answer), SCHEMAS[1])
+    assert "tokens forced" in r.stderr and len(r.stderr.splitlines()) > 3  # the logprob lines and the stats
+    grammar = tmp_path / "g.gbnf"
+    grammar.write_text('root ::= "ab" | "cd"')
+    r = CliRunner().invoke(main, ["run", str(llama_bundle), "Hi", "--no-chat", "--grammar", str(grammar), "-n", "3",
+                                  "--temperature", "1", "--seed", "1", "--stats"])
+    assert r.exit_code == 0 and r.stdout.count("--- answer") == 3, r.output
+    assert {ln for ln in r.stdout.splitlines() if not ln.startswith("---")} <= {"ab", "cd"}
+    for args, message in ((["--regex", "(x"], "regex cannot be compiled"),
+                          (["--json-schema", str(tmp_path / "missing.json")], "cannot read"),
+                          (["--regex", "a", "--json-object"], "Give one output constraint")):
+        bad = CliRunner().invoke(main, ["run", str(llama_bundle), "Hi", *args])
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output

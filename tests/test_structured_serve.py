@@ -183,3 +183,19 @@ def test_bad_structured_requests_are_400s_naming_the_field(server, body, param, 
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"regex": "a+"}, "regex"),
+    ({"logprobs": True}, "logprobs"),
+    ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+])
+def test_diffusion_bundles_refuse_constraints_and_logprobs_naming_the_field(body, param):
+    from edgekit.openai_api import APIError, parse
+    from edgekit.runtimes.blocks import BlockDiffusionModel
+
+    with pytest.raises(APIError) as e:
+        parse({"messages": ASK, **body}, "chat", "m", BlockDiffusionModel.option_names, 100, "block-diffusion")
+    assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported_parameter")
+    assert "block-diffusion" in e.value.message
