@@ -21,8 +21,9 @@ from edgekit.runtimes.constraints import MaskJob
 from edgekit.runtimes.errors import ConfigError, ContextLengthError
 from edgekit.runtimes.graph import GraphRunner
 from edgekit.runtimes.kv_cache import KVCache, PrefixCache
-from edgekit.runtimes.sampling import SamplingParams, TokenLogprob, choose
+from edgekit.runtimes.sampling import SamplingParams, TokenLogprob, choose, verify_draft
 from edgekit.runtimes.sequence import Sequence
+from edgekit.runtimes.speculative import DraftLength, LookupDrafter
 from edgekit.runtimes.tokenizer import Prompt
 
 
@@ -73,6 +74,8 @@ class ARModel(mdl.Bundled):
             seq.stats.compile_s = seq.guide.compile_s
         if params.logprobs is not None:
             seq.logprobs = []
+        if params.speculate == "lookup" and seq.guide is None:  # (constrained rows do not speculate)
+            seq.drafter, seq.draft_len = LookupDrafter(), DraftLength()
         return seq
 
     def new_batch(self, max_batch: int = 1, prefix_cache_entries: int = 0) -> ARBatch:
@@ -199,6 +202,44 @@ class ARBatch:
         else:
             self._seqs.append(seq)
 
+    def _draft(self, seq: Sequence) -> None:
+        """Append a speculative draft to the row's pending token (prompt lookup), within the room left."""
+        if seq.drafter is None or len(seq.pending) != 1:
+            return
+        assert isinstance(seq.draft_len, DraftLength) and isinstance(seq.drafter, LookupDrafter)
+        room = min(seq.max_tokens - seq.stats.generated_tokens - 1,
+                   self.model.max_context - len(self._cache(seq)) - 1)
+        k = min(seq.draft_len.next(), room)
+        seq.drafts = seq.drafter.propose(seq.history, k) if k > 0 else []
+        seq.pending = seq.pending + seq.drafts
+
+    def _verify(self, seq: Sequence, logits: np.ndarray) -> bool:
+        """Check the row's drafted tokens on the logits of [last token, drafts...] ([n, V]): commit the kept prefix
+        and the target's own next token, rewind the KV cache past the rejected ones; True when finished."""
+        drafts, seq.drafts = seq.drafts, []
+        cache = self._cache(seq)
+        base = len(cache) - len(drafts)  # valid positions: up to the last committed token
+        p = seq.params
+        assert isinstance(p, SamplingParams)
+        seq.stats.drafted_tokens += len(drafts)
+        kept, finished = 0, False
+        for j, d in enumerate(drafts):
+            ok, token, entry = verify_draft(logits[j], p, seq.rng, d, seq.history if p.needs_history else (),
+                                            len(seq.prompt_ids))
+            kept += ok
+            finished = seq.accept(token, entry)
+            if finished or not ok:
+                break
+        else:
+            token, entry = ARModel._choose(seq, logits[len(drafts)])
+            finished = seq.accept(token, entry)
+        seq.stats.accepted_tokens += kept
+        assert isinstance(seq.draft_len, DraftLength)
+        seq.draft_len.update(len(drafts), kept)
+        cache.rewind_to(base + kept)
+        seq.pending = [seq.stats.token_ids[-1]] if seq.stats.token_ids else []
+        return finished
+
     def _fork(self, seq: Sequence) -> tuple[KVCache, np.ndarray] | None:
         """A sibling choice of an admitted sequence with the same prompt (n > 1): its prompt KV copied into a row
         of its own, and the logits of the prompt's last position; None when that cannot be (the sibling has left,
@@ -226,6 +267,19 @@ class ARBatch:
         seqs = list(self._seqs)
         by_slot = {self._cache(s).slot: s for s in seqs}
         rows = max(by_slot) + 1
+        for s in seqs:
+            self._draft(s)
+        if rows > 1:  # a drafted row is verified in a forward of its own (several new tokens need batch size 1)
+            for s in [s for s in seqs if s.drafts]:
+                n = len(s.pending)
+                out = self.model.graph.forward(s.pending, self._cache(s), logits_to_keep=n)
+                self._count(s, n)
+                del by_slot[self._cache(s).slot]
+                seqs.remove(s)
+                if self._verify(s, out):
+                    self._retire(s)
+            if not seqs:
+                return
         held = self.prefix.held()
         # Tokens a constraint forced (jump-forward) are fed in one forward where the graph can: a lone row takes them
         # all in this step. Several rows take one token each (onnxruntime's GroupQueryAttention takes several new
@@ -261,7 +315,10 @@ class ARBatch:
             seq.pending = seq.pending[n:]
             if r not in drawing:  # more forced tokens to feed: no draw this step
                 continue
-            if ARModel.commit(seq, logits[r, n - 1], masks[r] if masks is not None and seq.guide else None):
+            if seq.drafts:
+                if self._verify(seq, logits[r, :n]):
+                    self._retire(seq)
+            elif ARModel.commit(seq, logits[r, n - 1], masks[r] if masks is not None and seq.guide else None):
                 self._retire(seq)
 
     def remove(self, seq: Sequence) -> None:

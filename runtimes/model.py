@@ -46,6 +46,8 @@ class Stats:
     compile_s: float = 0.0  # compiling the output constraint (0: none, or a compiled one was reused)
     mask_s: float = 0.0  # computing the constraint's masks (much of it overlapped with graph runs)
     shared_prompt: bool = False  # the prompt's KV was copied from a sibling choice (n > 1), not prefilled
+    drafted_tokens: int = 0  # speculative decoding: tokens a drafter proposed ...
+    accepted_tokens: int = 0  # ... and those the target kept
 
     @property
     def decode_s(self) -> float:
@@ -70,6 +72,9 @@ class Stats:
     def line(self) -> str:
         """One human-readable summary line (``edgekit run --stats``)."""
         blocks = f" in {self.blocks} blocks" if self.blocks else ""
+        if self.drafted_tokens:
+            blocks += (f", speculation: {self.accepted_tokens}/{self.drafted_tokens} drafted tokens accepted "
+                       f"({self.accepted_tokens / self.drafted_tokens:.0%})")
         if self.compile_s or self.mask_s or self.forced_tokens:
             blocks += (f", constraint: compile {self.compile_s * 1000:.0f} ms, masks {self.mask_s * 1000:.0f} ms, "
                        f"{self.forced_tokens} tokens forced")

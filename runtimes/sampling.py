@@ -21,6 +21,7 @@ import numpy as np
 
 from edgekit.runtimes.constraints import Constraint, from_options
 from edgekit.runtimes.errors import ConfigError
+from edgekit.runtimes.speculative import accept_draft, check_mode
 
 _NUCLEUS_PROBE = 1024  # candidates examined before falling back to a full sort for top-p
 TEMPERATURE_MAX = 2.0  # the OpenAI API's bound, and the one every model and the server validate against
@@ -47,6 +48,7 @@ class SamplingParams:
     regex: str | None = None
     grammar: str | None = None
     jump_forward: bool = True  # append the tokens a constraint forces without a draw, fed in one forward
+    speculate: str = "off"  # "lookup": prompt-lookup speculative decoding (speculative.py); output unchanged
     logprobs: int | None = None  # None: off; k: the chosen token's log-probability and the k most likely (k <= 20)
 
     def __post_init__(self) -> None:
@@ -153,6 +155,7 @@ def validate(p: SamplingParams) -> None:
         if not isinstance(getattr(p, name), bool):
             raise ConfigError(f"{name} must be a boolean, got {getattr(p, name)!r}.")
     p.constraint  # noqa: B018 (at most one, each of the right type)
+    check_mode(p.speculate)
 
 
 def apply_repetition_penalty(logits: np.ndarray, history: Sequence[int], penalty: float) -> np.ndarray:
@@ -280,6 +283,24 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     if params.logprobs is None:
         return token, None
     return token, logprob_of(logits.astype(np.float64) / (params.temperature or 1.0), token, params.logprobs)
+
+
+def verify_draft(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, draft: int,
+                 history: Sequence[int] = (), prompt_len: int = 0) -> tuple[bool, int, TokenLogprob | None]:
+    """Speculative decoding's check of one drafted token on the target's ``logits`` [V]: greedy keeps it when it is
+    the argmax (else the argmax replaces it); sampling keeps it with probability p(draft) under the distribution a
+    plain draw would use, else draws from that distribution without it (``speculative.accept_draft``). Returns
+    (kept, the token committed, its log-probability entry when asked for)."""
+    logits = adjusted(logits, params, history, prompt_len)
+    if params.temperature == 0:
+        token = int(np.argmax(logits))
+        kept = token == draft
+    else:
+        cand, probs = candidates(logits.astype(np.float64) / params.temperature, params.top_k, params.top_p)
+        kept, token = accept_draft(probs, cand, draft, rng)
+    if params.logprobs is None:
+        return kept, token, None
+    return kept, token, logprob_of(logits.astype(np.float64) / (params.temperature or 1.0), token, params.logprobs)
 
 
 def sample_next(

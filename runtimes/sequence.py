@@ -44,6 +44,9 @@ class Sequence:
         self.fork_of: Sequence | None = None  # a sibling choice (n > 1) whose prompt KV this one may copy
         self.keep_first_logits = False  # keep ``first_logits`` (the prompt's last position) for siblings
         self.first_logits: object = None
+        self.drafter: object = None  # speculative decoding: a drafter (speculative.LookupDrafter) ...
+        self.draft_len: object = None  # ... its adaptive length (speculative.DraftLength)
+        self.drafts: list[int] = []  # drafted tokens at the end of ``pending`` (not committed: verified on feeding)
         self._detok = StreamingDetokenizer(tokenizer)
         self._stops = StopStrings(tuple(stop))
         self._pieces: list[str] = []

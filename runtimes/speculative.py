@@ -1,0 +1,99 @@
+"""Speculative decoding for AR bundles: a drafter proposes the next few tokens, one multi-token forward scores them
+all, and the target keeps the longest prefix its own rule accepts (plus one token of its own), so a forward can
+commit several tokens without changing what is generated.
+
+Greedy: a drafted token is kept when it is the target's argmax, so the output is token-identical to plain decoding.
+Sampling: the standard speculative-sampling rule for a deterministic drafter (its proposal is a point mass q on d):
+keep d with probability min(1, p(d) / q(d)) = p(d), else draw from the residual max(0, p - q), i.e. p without d,
+renormalised; the output distribution is exactly the target's (tests/test_speculative.py checks it with a
+chi-square test that fails for a wrong rule). ``p`` is the distribution a plain draw would use (bias, penalties,
+temperature, top-k, top-p).
+
+Drafters: ``lookup`` (prompt lookup: the tokens that followed the most recent earlier occurrence of the last n-gram
+of prompt + answer; no second model). The draft length adapts per sequence (``DraftLength``): it grows while drafts
+are accepted, shrinks when they are not, down to off, with a probe now and then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgekit.runtimes.errors import ConfigError
+
+MODES = ("off", "lookup")
+MAX_DRAFT = 8
+
+
+def check_mode(value: object) -> str:
+    """The ``speculate`` option: "off" or "lookup" (a draft bundle and self-speculation are not built yet)."""
+    if value in MODES:
+        return str(value)
+    if isinstance(value, str) and (value.startswith("draft=") or value.startswith("self=")):
+        raise ConfigError(f"speculate={value!r}: draft bundles and self-speculation are not implemented yet. "
+                          "HINT: use speculate='lookup' (prompt lookup) or 'off'.")
+    raise ConfigError(f"speculate must be one of {', '.join(MODES)}, got {value!r}.")
+
+
+class LookupDrafter:
+    """Prompt lookup: match the last ``n`` tokens (n from ``max_ngram`` down to ``min_ngram``) at their most recent
+    earlier position in the history and propose what followed there."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, window: int = 4096) -> None:
+        self.max_ngram, self.min_ngram, self.window = max_ngram, min_ngram, window
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        if k <= 0 or len(history) < self.min_ngram + 1:
+            return []
+        h = np.asarray(history[-self.window:], np.int64)
+        for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(h[:-1], n)  # every earlier n-gram with a successor
+            hits = np.flatnonzero((windows == h[-n:]).all(axis=1))
+            if len(hits):
+                s = int(hits[-1]) + n  # the most recent occurrence's continuation
+                return [int(t) for t in h[s:s + k]]
+        return []
+
+
+@dataclass
+class DraftLength:
+    """Per-sequence draft length from recent acceptance: +1 after a fully accepted draft (up to ``MAX_DRAFT``),
+    halved when under half is accepted; at 0 (off) a one-token probe every ``probe_every`` steps."""
+
+    k: int = 4
+    probe_every: int = 16
+    _idle: int = 0
+
+    def next(self) -> int:
+        if self.k > 0:
+            return self.k
+        self._idle += 1
+        return 1 if self._idle % self.probe_every == 0 else 0
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        if accepted == drafted:
+            self.k = min(max(self.k, drafted) + 1, MAX_DRAFT)
+        elif accepted * 2 < drafted:
+            self.k = self.k // 2
+        self._idle = 0
+
+
+def accept_draft(probs: np.ndarray, cand: np.ndarray, draft: int, rng: np.random.Generator) -> tuple[bool, int]:
+    """The sampling rule for one drafted token under the target's distribution (``cand`` ids, ``probs``): keep it
+    with probability p(draft); else a token drawn from p with the draft removed. Returns (kept, token)."""
+    where = np.flatnonzero(cand == draft)
+    p_draft = float(probs[where[0]]) / float(probs.sum()) if len(where) else 0.0
+    if rng.random() < p_draft:
+        return True, draft
+    rest = probs.astype(np.float64, copy=True)
+    if len(where):
+        rest[where[0]] = 0.0
+    total = rest.sum()
+    if total <= 0:  # (p was a point mass on the draft: always kept above)
+        return True, draft
+    idx = int(np.searchsorted(np.cumsum(rest), rng.random() * total, side="right"))
+    return False, int(cand[min(idx, len(cand) - 1)])
