@@ -135,6 +135,8 @@ def _bias_pairs(items: tuple[str, ...]) -> dict[str, float]:
 @click.option("--no-jump-forward", is_flag=True, help="Under a constraint, draw the tokens it forces one by one.")
 @click.option("--logprobs", type=int, default=None, metavar="K",
               help="Print each token's log-probability and the K most likely alternatives to stderr.")
+@click.option("--speculate", default=None, help="Speculative decoding: off or lookup (prompt lookup; the output "
+              "is unchanged, only faster where the answer repeats the prompt).")
 @click.option("-n", "n", type=int, default=1, show_default=True,
               help="Answers to draw (sharing one prefill of the prompt); needs a temperature to differ.")
 @click.option("--gen-length", type=int, default=None, help="Diffusion: tokens to generate.")
@@ -436,6 +438,8 @@ def describe(bundle: Path, m: Any) -> str:
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="Let onnxruntime's threads busy-wait between runs (a little lower latency for one stream; "
                    "takes cores from the HTTP side when they are shared).")
+@click.option("--speculate", default="off", show_default=True,
+              help="Speculative decoding for requests that do not set 'speculate': off or lookup (prompt lookup).")
 @click.option("--provider", "providers", multiple=True)
 def serve(bundle: Path, providers: tuple[str, ...], **opts: Any) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API with streaming."""

@@ -80,11 +80,14 @@ class ServerMetrics:
         self.generation_tokens = Counter("edgekit_generation_tokens_total", "Tokens generated.")
         self.requests = Counter("edgekit_requests_total", "Finished requests by finish reason.")
         self.rejected = Counter("edgekit_requests_rejected_total", "Requests refused, by reason.")
+        self.drafted = Counter("edgekit_spec_drafted_tokens_total", "Speculative decoding: tokens drafted.")
+        self.accepted = Counter("edgekit_spec_accepted_tokens_total", "Speculative decoding: drafted tokens kept.")
         self._all = [
             Gauge("edgekit_requests_running", "Requests decoding now.", running),
             Gauge("edgekit_requests_waiting", "Requests waiting for a batch slot.", waiting),
             self.ttft, self.itl, self.e2e, self.queue,
             self.prompt_tokens, self.cached_tokens, self.generation_tokens, self.requests, self.rejected,
+            self.drafted, self.accepted,
         ]
 
     def observe(self, metric: Histogram, value: float) -> None:

@@ -44,7 +44,7 @@ FIELDS: dict[str, FieldType] = {
     "temperature": "number", "top_p": "number", "top_k": "integer", "seed": "integer",
     "repetition_penalty": "number", "gen_length": "integer", "block_length": "integer",
     "diffusion_steps": "integer", "remasking": "string", "threshold": "number", "entropy_bound": "number",
-    "position_decay": "number", "cache": "string",
+    "position_decay": "number", "cache": "string", "speculate": "string",
 }
 
 
@@ -194,6 +194,8 @@ def parse(body: Any, endpoint: Endpoint, served_model: str, option_names: frozen
         raise _bad(f"'stop' must be a non-empty string or a list of up to 4 of them, got {stop!r}.", "stop")
     options["stop"] = tuple(stop) if stop else None
     options = {k: v for k, v in options.items() if v is not None}
+    if options.get("speculate") == "off" and "speculate" not in option_names:
+        del options["speculate"]  # (off: accepted by every model kind)
     for key in options:
         if key not in option_names:
             field = constraint_param if key in ("json_schema", "json_object", "regex", "grammar") else key

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import sys
@@ -58,6 +59,7 @@ class ServeConfig:
     header_timeout: float = 10.0  # seconds a client has to send a request's headers
     body_timeout: float = 30.0  # ... and its body
     max_connections: int = 256  # open connections beyond this get 503
+    speculate: str = "off"  # the default of requests that do not set "speculate" (AR bundles)
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -69,6 +71,9 @@ class ServeConfig:
         for name in ("max_batch", "max_tokens_cap", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        from edgekit.runtimes.speculative import check_mode
+
+        check_mode(self.speculate)
         if self.max_queue < 0 or self.request_timeout <= 0:
             raise ConfigError(f"max_queue must be >= 0 and request_timeout > 0, got {self.max_queue} and "
                               f"{self.request_timeout}.")
@@ -102,7 +107,10 @@ class ServerState:
         """Validate a request body against what the loaded model takes."""
         model = self.model
         names = model.option_names if model is not None else frozenset()
-        return parse(body, endpoint, self.name, names, self.cfg.max_tokens_cap, self.kind)
+        greq = parse(body, endpoint, self.name, names, self.cfg.max_tokens_cap, self.kind)
+        if self.cfg.speculate != "off" and "speculate" in names and "speculate" not in greq.options:
+            greq = dataclasses.replace(greq, options={**greq.options, "speculate": self.cfg.speculate})
+        return greq
 
     def require_ready(self) -> Engine:
         if self.error:
@@ -217,13 +225,16 @@ class _Job:
                 m.count(m.prompt_tokens, ev.stats.prompt_tokens)
                 m.count(m.cached_tokens, ev.stats.reused_prompt_tokens)
             m.count(m.generation_tokens, ev.stats.generated_tokens)
+            if ev.stats.drafted_tokens:
+                m.count(m.drafted, ev.stats.drafted_tokens)
+                m.count(m.accepted, ev.stats.accepted_tokens)
             m.count(m.requests, finish_reason=str(ev.finish_reason))
         elif ev.type == "error":
             m.count(m.requests, finish_reason="error")
 
     def usage(self, ends: dict[int, Event]) -> dict[str, Any]:
         """Usage over every choice: the prompt once, the completions summed, and the prompt positions prefilled."""
-        gen = prefilled = 0
+        gen = prefilled = drafted = accepted = 0
         cached = None
         for ev in ends.values():
             st = ev.stats
@@ -234,9 +245,13 @@ class _Job:
                 made = len(st.token_ids)  # the stop token itself is not part of the completion
             gen += made
             prefilled += st.prompt_tokens - st.reused_prompt_tokens
+            drafted, accepted = drafted + st.drafted_tokens, accepted + st.accepted_tokens
             if cached is None and not st.shared_prompt:
                 cached = st.reused_prompt_tokens
-        return ResponseBuilder.usage(len(self.prompt_ids), gen, cached or 0, prefilled)
+        usage = ResponseBuilder.usage(len(self.prompt_ids), gen, cached or 0, prefilled)
+        if drafted:  # (an edgekit extension, like prefilled_tokens)
+            usage["speculation"] = {"drafted_tokens": drafted, "accepted_tokens": accepted}
+        return usage
 
 
 def _compile(model: Any, params: Any, greq: GenerationRequest) -> None:

@@ -206,11 +206,11 @@ class ARBatch:
         """Append a speculative draft to the row's pending token (prompt lookup), within the room left."""
         if seq.drafter is None or len(seq.pending) != 1:
             return
-        assert isinstance(seq.draft_len, DraftLength) and isinstance(seq.drafter, LookupDrafter)
+        assert isinstance(seq.draft_len, DraftLength)
         room = min(seq.max_tokens - seq.stats.generated_tokens - 1,
                    self.model.max_context - len(self._cache(seq)) - 1)
         k = min(seq.draft_len.next(), room)
-        seq.drafts = seq.drafter.propose(seq.history, k) if k > 0 else []
+        seq.drafts = seq.drafter.propose(seq.history, k) if k > 0 else []  # type: ignore[attr-defined]
         seq.pending = seq.pending + seq.drafts
 
     def _verify(self, seq: Sequence, logits: np.ndarray) -> bool:
@@ -280,7 +280,10 @@ class ARBatch:
                     self._retire(s)
             if not seqs:
                 return
+            rows = max(by_slot) + 1
         held = self.prefix.held()
+        # rows outside this run (kept prefixes, rows verified alone above) take a throw-away token at their own length
+        held.update({self._cache(s).slot: len(self._cache(s)) for s in self._seqs if s not in seqs})
         # Tokens a constraint forced (jump-forward) are fed in one forward where the graph can: a lone row takes them
         # all in this step. Several rows take one token each (onnxruntime's GroupQueryAttention takes several new
         # tokens only at batch size 1): a row's forced tokens then ride along one a step without draws, and a run of

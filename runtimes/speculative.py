@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -35,6 +36,12 @@ def check_mode(value: object) -> str:
         raise ConfigError(f"speculate={value!r}: draft bundles and self-speculation are not implemented yet. "
                           "HINT: use speculate='lookup' (prompt lookup) or 'off'.")
     raise ConfigError(f"speculate must be one of {', '.join(MODES)}, got {value!r}.")
+
+
+class Drafter(Protocol):
+    """Proposes up to ``k`` tokens to follow ``history`` (prompt + answer so far); deterministic in its input."""
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]: ...
 
 
 class LookupDrafter:
