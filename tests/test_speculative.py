@@ -174,7 +174,7 @@ def test_the_server_field_flag_usage_and_metrics(llama_bundle, model):
     import httpx
     from test_serve import KEY, Server, post
 
-    prompt = "Once upon a time"
+    prompt = "a b c a b c a b c a b"  # (the last bigram is in the prompt: lookup drafts at once)
     plain = model.generate(prompt, max_new_tokens=24)
     s = Server(llama_bundle, "--api-key", KEY, "--speculate", "lookup")
     try:
