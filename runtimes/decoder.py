@@ -7,6 +7,7 @@ token per sequence, one graph run over the rows of a shared KV buffer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -165,6 +166,7 @@ class ARBatch:
         self.slots = model.graph.new_slots(capacity + max(prefix_cache_entries, 0))
         self.prefix = PrefixCache(prefix_cache_entries)
         self._seqs: list[Sequence] = []
+        self._costs: dict[str, float] = {}  # running means of forward times (speculation's break-even)
 
     @property
     def active(self) -> list[Sequence]:
@@ -209,9 +211,21 @@ class ARBatch:
         assert isinstance(seq.draft_len, DraftLength)
         room = min(seq.max_tokens - seq.stats.generated_tokens - 1,
                    self.model.max_context - len(self._cache(seq)) - 1)
-        k = min(seq.draft_len.next(), room)
+        k = min(seq.draft_len.next(self._verify_cost()), room)
         seq.drafts = seq.drafter.propose(seq.history, k) if k > 0 else []  # type: ignore[attr-defined]
         seq.pending = seq.pending + seq.drafts
+
+    def _timed(self, key: str, seconds: float) -> None:
+        """A running mean of what a kind of forward takes ("plain": a step of one token a row, per row; "verify": a
+        forward of several tokens)."""
+        old = self._costs.get(key)
+        self._costs[key] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def _verify_cost(self) -> float:
+        """What verifying a draft costs in plain per-row steps: a lone row's multi-token forward against one row's
+        share of a batched step (2.0 until both were measured: the exact int4 kernels' measured ratio)."""
+        plain, verify = self._costs.get("plain"), self._costs.get("verify")
+        return verify / plain if plain and verify else 2.0
 
     def _verify(self, seq: Sequence, logits: np.ndarray) -> bool:
         """Check the row's drafted tokens on the logits of [last token, drafts...] ([n, V]): commit the kept prefix
@@ -272,7 +286,9 @@ class ARBatch:
         if rows > 1:  # a drafted row is verified in a forward of its own (several new tokens need batch size 1)
             for s in [s for s in seqs if s.drafts]:
                 n = len(s.pending)
+                t0 = time.perf_counter()
                 out = self.model.graph.forward(s.pending, self._cache(s), logits_to_keep=n)
+                self._timed("verify", time.perf_counter() - t0)
                 self._count(s, n)
                 del by_slot[self._cache(s).slot]
                 seqs.remove(s)
@@ -309,7 +325,9 @@ class ARBatch:
         guided = [(s.guide, r) for r, s in by_slot.items()
                   if r in drawing and s.guide is not None and not s.guide.finished]
         job = MaskJob(self.model.vocab, guided, rows) if guided else None  # (computed while the graph runs)
+        t0 = time.perf_counter()
         logits = self.model.graph.run_rows(fed, self.slots, 0, lengths)  # [B, width, V]
+        self._timed("plain" if width == 1 else "verify", (time.perf_counter() - t0) / (len(seqs) if width == 1 else 1))
         masks = job.result() if job is not None else None
         for r, seq in sorted(by_slot.items()):
             n = min(len(seq.pending), width)

@@ -11,7 +11,8 @@ temperature, top-k, top-p).
 
 Drafters: ``lookup`` (prompt lookup: the tokens that followed the most recent earlier occurrence of the last n-gram
 of prompt + answer; no second model). The draft length adapts per sequence (``DraftLength``): it grows while drafts
-are accepted, shrinks when they are not, down to off, with a probe now and then.
+are accepted and shrinks when they are not, and nothing is drafted while the expected tokens per verification are
+below what the verifying forward costs in plain steps (the batch measures both), with a probe now and then.
 """
 
 from __future__ import annotations
@@ -66,26 +67,36 @@ class LookupDrafter:
 
 @dataclass
 class DraftLength:
-    """Per-sequence draft length from recent acceptance: +1 after a fully accepted draft (up to ``MAX_DRAFT``),
-    halved when under half is accepted; at 0 (off) a one-token probe every ``probe_every`` steps."""
+    """Per-sequence draft length from recent acceptance, gated by what a verification costs.
+
+    ``k`` grows by one after a fully accepted draft (up to ``MAX_DRAFT``) and halves when under half is accepted;
+    ``alpha`` is a running estimate of the chance a drafted token is kept. A draft of k tokens is expected to commit
+    E(k) = 1 + alpha + ... + alpha^k tokens in one verifying forward, which costs ``cost`` plain steps (measured by
+    the batch: a multi-token forward is not free on a CPU, and a row verified beside a batch costs a forward of its
+    own); below that break-even nothing is drafted but a one-token probe every ``probe_every`` steps."""
 
     k: int = 4
+    alpha: float = 0.6
     probe_every: int = 16
     _idle: int = 0
 
-    def next(self) -> int:
-        if self.k > 0:
+    def expected(self, k: int) -> float:
+        return sum(self.alpha ** i for i in range(k + 1))
+
+    def next(self, cost: float = 1.0) -> int:
+        if self.k > 0 and self.expected(self.k) >= cost:
             return self.k
         self._idle += 1
-        return 1 if self._idle % self.probe_every == 0 else 0
+        return max(self.k, 1) if self._idle % self.probe_every == 0 else 0
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted <= 0:
             return
+        self.alpha = 0.7 * self.alpha + 0.3 * (accepted / drafted)
         if accepted == drafted:
             self.k = min(max(self.k, drafted) + 1, MAX_DRAFT)
         elif accepted * 2 < drafted:
-            self.k = self.k // 2
+            self.k = max(self.k // 2, 1)
         self._idle = 0
 
 

@@ -113,11 +113,13 @@ def test_the_drafter_and_the_adaptive_length():
     assert d.propose([5, 6, 7], 2) == [] and d.propose([1, 2, 1], 5) == [2, 1]
     k = DraftLength(k=4)
     k.update(4, 4)
-    assert k.k == 5
+    assert k.k == 5 and k.next(cost=2.0) == 5
     k.update(5, 1)
     k.update(2, 0)
     k.update(1, 0)
-    assert k.k == 0 and [k.next() for _ in range(16)].count(1) == 1  # off, with a probe
+    assert k.k == 1 and k.alpha < 0.3
+    assert [k.next(cost=2.0) for _ in range(16)].count(0) == 15  # below break-even: off, with a probe
+    assert k.next(cost=1.0) == 1  # (a verification as cheap as a step: always worth a draft)
     with pytest.raises(ConfigError, match="not implemented yet"):
         sampling.SamplingParams(speculate="draft=bundles/x")
     with pytest.raises(ConfigError, match="speculate must be one of"):
