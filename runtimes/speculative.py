@@ -49,7 +49,7 @@ class LookupDrafter:
     """Prompt lookup: match the last ``n`` tokens (n from ``max_ngram`` down to ``min_ngram``) at their most recent
     earlier position in the history and propose what followed there."""
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, window: int = 4096) -> None:
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, window: int = 4096) -> None:
         self.max_ngram, self.min_ngram, self.window = max_ngram, min_ngram, window
 
     def propose(self, history: Sequence[int], k: int) -> list[int]:

@@ -110,7 +110,8 @@ def test_batched_rows_with_and_without_speculation_match_single_streams(model):
 def test_the_drafter_and_the_adaptive_length():
     d = LookupDrafter()
     assert d.propose([1, 2, 3, 4, 5, 1, 2, 3], 4) == [4, 5, 1, 2]  # the longest n-gram's most recent match
-    assert d.propose([5, 6, 7], 2) == [] and d.propose([1, 2, 1], 5) == [2, 1]
+    assert d.propose([5, 6, 7], 2) == [] and d.propose([1, 2, 1], 5) == []  # (one token is too weak a match)
+    assert LookupDrafter(min_ngram=1).propose([1, 2, 1], 5) == [2, 1]
     k = DraftLength(k=4)
     k.update(4, 4)
     assert k.k == 5 and k.next(cost=2.0) == 5
