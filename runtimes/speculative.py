@@ -73,26 +73,33 @@ class DraftLength:
     ``alpha`` is a running estimate of the chance a drafted token is kept. A draft of k tokens is expected to commit
     E(k) = 1 + alpha + ... + alpha^k tokens in one verifying forward, which costs ``cost`` plain steps (measured by
     the batch: a multi-token forward is not free on a CPU, and a row verified beside a batch costs a forward of its
-    own); below that break-even nothing is drafted but a one-token probe every ``probe_every`` steps."""
+    own); below that break-even nothing is drafted but a probe every ``probe_every`` steps, an interval that doubles
+    after each failed probe (up to 256 steps) and resets when one pays."""
 
     k: int = 4
     alpha: float = 0.6
     probe_every: int = 16
     _idle: int = 0
+    _probing: bool = False
 
     def expected(self, k: int) -> float:
         return sum(self.alpha ** i for i in range(k + 1))
 
     def next(self, cost: float = 1.0) -> int:
         if self.k > 0 and self.expected(self.k) >= cost:
+            self._probing = False
             return self.k
         self._idle += 1
-        return max(self.k, 1) if self._idle % self.probe_every == 0 else 0
+        self._probing = self._idle % self.probe_every == 0
+        return max(self.k, 1) if self._probing else 0
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted <= 0:
             return
         self.alpha = 0.7 * self.alpha + 0.3 * (accepted / drafted)
+        if self._probing:
+            self.probe_every = 16 if accepted * 2 >= drafted else min(self.probe_every * 2, 256)
+            self._probing = False
         if accepted == drafted:
             self.k = min(max(self.k, drafted) + 1, MAX_DRAFT)
         elif accepted * 2 < drafted:
