@@ -300,7 +300,7 @@ class ARBatch:
             rows = max(by_slot) + 1
         held = self.prefix.held()
         # rows outside this run (kept prefixes, rows verified alone above) take a throw-away token at their own length
-        held.update({self._cache(s).slot: len(self._cache(s)) for s in self._seqs if s not in seqs})
+        alone = {self._cache(s).slot: len(self._cache(s)) for s in self._seqs if s not in seqs}
         # Tokens a constraint forced (jump-forward) are fed in one forward where the graph can: a lone row takes them
         # all in this step. Several rows take one token each (onnxruntime's GroupQueryAttention takes several new
         # tokens only at batch size 1): a row's forced tokens then ride along one a step without draws, and a run of
@@ -316,9 +316,9 @@ class ARBatch:
         for r, s in by_slot.items():
             fed[r, :] = s.pending[min(width, len(s.pending)) - 1]  # (fewer tokens: pad with the last, throw-away)
             fed[r, :len(s.pending)] = s.pending[:width]
-        lengths = [len(self._cache(by_slot[r])) if r in by_slot else held.get(r, 0) for r in range(rows)]
+        lengths = [len(self._cache(by_slot[r])) if r in by_slot else alone.get(r, held.get(r, 0)) for r in range(rows)]
         if max(lengths) + width > self.model.max_context:  # a held row at the context end: keep it out of the write
-            lengths = [n if r in by_slot else 0 for r, n in enumerate(lengths)]
+            lengths = [n if r in by_slot or r in alone else 0 for r, n in enumerate(lengths)]
             for r in range(rows):
                 if r not in by_slot and r in held:
                     self.prefix.evict(r)
