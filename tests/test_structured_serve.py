@@ -199,3 +199,29 @@ def test_diffusion_bundles_refuse_constraints_and_logprobs_naming_the_field(body
         parse({"messages": ASK, **body}, "chat", "m", BlockDiffusionModel.option_names, 100, "block-diffusion")
     assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported_parameter")
     assert "block-diffusion" in e.value.message
+
+
+def test_the_websocket_route_carries_n_logprobs_and_tool_calls(server):
+    import asyncio
+
+    import websockets
+
+    url = server.url.replace("http", "ws") + f"/v1/ws?api_key={KEY}"
+
+    async def run(body):
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps(body))
+            out = []
+            while (msg := await ws.recv()) != "[DONE]":
+                out.append(json.loads(msg))
+            return out
+
+    chunks = asyncio.run(run({"type": "chat.completions", "messages": ASK, "max_tokens": 4, "n": 2,
+                              "logprobs": True, "top_logprobs": 2}))
+    ends = {c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]}
+    assert ends == {0, 1} and any(c["choices"][0]["logprobs"] for c in chunks)
+    chunks = asyncio.run(run({"type": "chat.completions", "messages": ASK, "max_tokens": 80, "tools": [WEATHER],
+                              "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}))
+    calls = [tc for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    args = "".join(tc["function"].get("arguments", "") for tc in calls)
+    jsonschema.validate(json.loads(args), WEATHER["function"]["parameters"])
