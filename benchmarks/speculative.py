@@ -7,7 +7,10 @@ JSON, markdown and a PNG plot to benchmarks/results/ (``speculative-<bundle>``).
     python benchmarks/speculative.py --bundle bundles/smollm2-int4
     python benchmarks/speculative.py --bundle bundles/qwen-int4 --source qwen2.5-coder-0.5b-instruct --runs 3
 
-Not here yet: llama.cpp beside it (llama-cpp-python's prompt lookup), the draft-bundle and self-speculation drafters.
+With ``--llama-cpp GGUF`` (llama-cpp-python installed), llama.cpp on the same GGUF runs beside it in the same
+interleaved loop, single stream, plain and with its own prompt lookup (``LlamaPromptLookupDecoding``); its decode
+rate counts streamed chunks (one per token) from the first to the last.
+Not here yet: the draft-bundle and self-speculation drafters.
 """
 
 from __future__ import annotations
@@ -70,6 +73,22 @@ def run(model, c: int, workload: str, speculate: str, new_tokens: int) -> dict:
             "ids": list(st.token_ids)}
 
 
+def llama_cpp(gguf: str, threads: int) -> dict:
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    kw = dict(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048, verbose=False)
+    return {"off": Llama(**kw), "lookup": Llama(**kw, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))}
+
+
+def run_llama(llm, workload: str, new_tokens: int) -> dict:
+    times = []
+    for chunk in llm.create_chat_completion(WORKLOADS[workload], max_tokens=new_tokens, temperature=0.0, stream=True):
+        if chunk["choices"][0]["delta"].get("content"):
+            times.append(time.perf_counter())
+    return {"tok_s": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0, "tokens": len(times)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=Path("bundles/smollm2-int4"))
@@ -78,6 +97,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--llama-cpp", default=None, metavar="GGUF", help="Also run llama.cpp on this GGUF.")
     args = ap.parse_args()
 
     import edgekit.runtimes as rt
@@ -86,8 +106,14 @@ def main() -> None:
     for mode in ("off", "lookup"):  # warm-up
         run(model, 1, "sky", mode, 8)
     trials: dict = {}
+    llamas = llama_cpp(args.llama_cpp, args.threads) if args.llama_cpp else {}
+    for llm in llamas.values():  # warm-up
+        run_llama(llm, "sky", 8)
     for r in range(args.runs):
         print(f"run {r + 1}/{args.runs} ...", file=sys.stderr, flush=True)
+        for w in WORKLOADS if llamas else ():
+            for mode, llm in llamas.items():
+                trials.setdefault(("llama.cpp", w, mode), []).append(run_llama(llm, w, args.new_tokens))
         for c in (1, args.streams):
             for w in WORKLOADS:
                 for mode in ("off", "lookup"):
@@ -104,10 +130,22 @@ def main() -> None:
                          "tokens_per_forward": statistics.median(t["per_forward"] for t in on),
                          "tokens": statistics.median(t["tokens"] for t in on),
                          "identical": all(a["ids"] == b["ids"] for a, b in zip(off, on))})
+            if c == 1 and llamas:
+                lo = statistics.median(t["tok_s"] for t in trials[("llama.cpp", w, "off")])
+                ll = statistics.median(t["tok_s"] for t in trials[("llama.cpp", w, "lookup")])
+                rows[-1].update({"llama_plain_tok_s": lo, "llama_lookup_tok_s": ll,
+                                 "vs_llama_lookup": med["lookup"] / ll if ll else 0.0})
+    if llamas:
+        from importlib import metadata
+
+        result_versions = {"llama_cpp_python": metadata.version("llama_cpp_python")}
+    else:
+        result_versions = {}
     result = {"benchmark": "speculative", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "bundle": args.bundle.name,
               "source": args.source, "machine": {**machine(), "cpu_features": _features()},
               "settings": {"runs": args.runs, "new_tokens": args.new_tokens, "threads": args.threads,
-                           "streams": args.streams}, "rows": rows}
+                           "streams": args.streams, "llama_cpp": args.llama_cpp}, "rows": rows}
+    result["machine"]["versions"].update(result_versions)
     RESULTS.mkdir(exist_ok=True)
     name = f"speculative-{args.bundle.name}"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
@@ -129,6 +167,14 @@ def render(r: dict) -> str:
                      f"{x['plain_tok_s']:.1f} | {x['lookup_tok_s']:.1f} | {x['speedup']:.2f}x | "
                      f"{x['acceptance'] * 100:.0f}% | {x['tokens_per_forward']:.2f} | {x['tokens']:.0f} | "
                      f"{'yes' if x['identical'] else 'NO'} |")
+    llama = [x for x in r["rows"] if "llama_lookup_tok_s" in x]
+    if llama:
+        lines += ["", f"llama.cpp on {r['settings']['llama_cpp']} (single stream, same loop):", "",
+                  "| workload | llama.cpp plain tok/s | llama.cpp lookup tok/s | edgekit lookup vs llama.cpp lookup |",
+                  "|---|---|---|---|"]
+        for x in llama:
+            lines.append(f"| {x['workload']} | {x['llama_plain_tok_s']:.1f} | {x['llama_lookup_tok_s']:.1f} | "
+                         f"{x['vs_llama_lookup']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
