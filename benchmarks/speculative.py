@@ -15,7 +15,6 @@ Not here yet: the draft-bundle and self-speculation drafters.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import machine  # noqa: E402
-from structured import _features, ensure_bundle  # noqa: E402
+from structured import _features, bundle_arguments, ensure_bundle  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CODE = '''def moving_average(values, window):
@@ -90,13 +89,7 @@ def run_llama(llm, workload: str, new_tokens: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path, default=Path("bundles/smollm2-int4"))
-    ap.add_argument("--source", default="smollm2-135m-instruct")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--streams", type=int, default=4)
+    ap = bundle_arguments(__doc__, runs=3, new_tokens=128)
     ap.add_argument("--llama-cpp", default=None, metavar="GGUF", help="Also run llama.cpp on this GGUF.")
     args = ap.parse_args()
 

@@ -159,14 +159,21 @@ def engines(model, answers: list[list[int]], runs: int) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bundle_arguments(doc: str, runs: int, new_tokens: int) -> argparse.ArgumentParser:
+    """The options every structured / speculative run takes: the int4 bundle (and its source, to export it), runs,
+    new tokens, threads, concurrent streams."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=Path("bundles/smollm2-int4"))
     ap.add_argument("--source", default="smollm2-135m-instruct")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--new-tokens", type=int, default=160)
+    ap.add_argument("--runs", type=int, default=runs)
+    ap.add_argument("--new-tokens", type=int, default=new_tokens)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--streams", type=int, default=4)
+    return ap
+
+
+def main() -> None:
+    ap = bundle_arguments(__doc__, runs=5, new_tokens=160)
     ap.add_argument("--no-engines", action="store_true", help="skip the llguidance / xgrammar comparison")
     args = ap.parse_args()
 

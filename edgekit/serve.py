@@ -157,8 +157,7 @@ class _Job:
         engine = state.require_ready()
         model = state.model
         try:
-            ids = model.tokenizer.encode_prompt(greq.prompt, tools=greq.tools) if greq.tools else \
-                model.tokenizer.encode_prompt(greq.prompt)
+            ids = model.tokenizer.encode_prompt(greq.prompt, tools=greq.tools)
             options = greq.options
             if greq.forces_call:
                 assert greq.tools is not None and greq.tool_mode is not None

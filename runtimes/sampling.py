@@ -280,9 +280,14 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         u = rng.random()
         idx = int(np.searchsorted(np.cumsum(probs), u * probs.sum(), side="right"))
         token = int(cand[min(idx, len(cand) - 1)])
+    return token, _entry(logits, params, token)
+
+
+def _entry(logits: np.ndarray, params: SamplingParams, token: int) -> TokenLogprob | None:
+    """``token``'s log-probability entry under the drawn distribution (``logits`` adjusted and masked), if asked."""
     if params.logprobs is None:
-        return token, None
-    return token, logprob_of(logits.astype(np.float64) / (params.temperature or 1.0), token, params.logprobs)
+        return None
+    return logprob_of(logits.astype(np.float64) / (params.temperature or 1.0), token, params.logprobs)
 
 
 def verify_draft(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, draft: int,
@@ -298,9 +303,7 @@ def verify_draft(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     else:
         cand, probs = candidates(logits.astype(np.float64) / params.temperature, params.top_k, params.top_p)
         kept, token = accept_draft(probs, cand, draft, rng)
-    if params.logprobs is None:
-        return kept, token, None
-    return kept, token, logprob_of(logits.astype(np.float64) / (params.temperature or 1.0), token, params.logprobs)
+    return kept, token, _entry(logits, params, token)
 
 
 def sample_next(

@@ -101,16 +101,20 @@ def _has_tool_parts(m: Mapping[str, Any]) -> bool:
     return m.get("role") == "tool" or bool(m.get("tool_calls"))
 
 
-def _call_text(call: Mapping[str, Any]) -> str:
-    fn = call.get("function", call)
-    args = fn.get("arguments", {})
+def _arguments(args: Any) -> Any:
+    """A call's arguments as an object (OpenAI sends them as JSON text; text that is not JSON stays text)."""
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            return json.loads(args)
         except json.JSONDecodeError:
             pass
-    return f"{TOOL_CALL_OPEN}\n{json.dumps({'name': fn.get('name'), 'arguments': args}, ensure_ascii=False)}" \
-           f"\n{TOOL_CALL_CLOSE}"
+    return args
+
+
+def _call_text(call: Mapping[str, Any]) -> str:
+    fn = call.get("function", call)
+    body = {"name": fn.get("name"), "arguments": _arguments(fn.get("arguments", {}))}
+    return f"{TOOL_CALL_OPEN}\n{json.dumps(body, ensure_ascii=False)}\n{TOOL_CALL_CLOSE}"
 
 
 def tool_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -143,15 +147,10 @@ def _template_message(m: Mapping[str, Any]) -> dict[str, Any]:
     if m.get("tool_calls"):
         calls = []
         for call in m["tool_calls"]:
-            call = dict(call)
             fn = dict(call.get("function") or {})
-            if isinstance(fn.get("arguments"), str):
-                try:
-                    fn["arguments"] = json.loads(fn["arguments"])
-                except json.JSONDecodeError:
-                    pass
-            call["function"] = fn
-            calls.append(call)
+            if "arguments" in fn:
+                fn["arguments"] = _arguments(fn["arguments"])
+            calls.append({**call, "function": fn})
         out["tool_calls"] = calls
     if out.get("content") is None:
         out["content"] = ""
